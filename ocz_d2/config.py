@@ -1,0 +1,143 @@
+"""Config keys of ocz_d2, added to a Detectron2 ``CfgNode`` by :func:`add_ocz_config`.
+
+Every key has a one-line comment: what it means and which values it takes. A test checks that
+each key added here is read somewhere in the package or the tools.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_ocz_config(cfg: CN) -> None:
+    """Add the ocz_d2 keys (``cfg.MODEL.OCZ``, input, solver and dataset extras) to ``cfg``."""
+    _add_data_config(cfg)
+    _add_model_config(cfg)
+    _add_solver_config(cfg)
+
+
+def _add_data_config(cfg: CN) -> None:
+    # YAML split files (see ocz_d2/data/split_file.py) registered before the datasets are built;
+    # relative paths are resolved against the working directory.
+    cfg.DATASETS.SPLIT_FILES = []
+
+    # Training setting: "inductive" (unseen pixels -> ignore, seen vocabulary only) or
+    # "transductive" (unseen names known; unseen pixels still ignored in the labels).
+    cfg.INPUT.ZERO_SHOT_SETTING = "inductive"
+    # Random rescale: the image is scaled to fit RESIZE_TARGET (h, w) times a factor drawn from
+    # RESIZE_SCALE (min, max); RESIZE_SCALE = (1.0, 1.0) keeps the fitted size.
+    cfg.INPUT.RESIZE_SCALE = (0.5, 2.0)
+    # (height, width) that the random rescale fits the image into before scaling (mmseg: 512x2048).
+    cfg.INPUT.RESIZE_TARGET = (512, 2048)
+    # Crop: reuse cfg.INPUT.CROP.{ENABLED, SIZE}; a crop is redrawn (up to 10 times) while one
+    # category covers more than this fraction of it (1.0 disables the constraint).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.75
+    # Photometric distortion (brightness, contrast, saturation, hue jitter) in training: bool.
+    cfg.INPUT.COLOR_AUG = True
+    # Horizontal flip probability in training (0 disables).
+    cfg.INPUT.FLIP_PROB = 0.5
+    # Pad images (with 0) and labels (with ignore) to a multiple of this; 0 disables.
+    cfg.INPUT.SIZE_DIVISIBILITY = 0
+
+
+def _add_model_config(cfg: CN) -> None:
+    cfg.MODEL.OCZ = CN()
+    ocz = cfg.MODEL.OCZ
+
+    # --- CLIP backbone (MODEL.BACKBONE.NAME = "CLIPPromptBackbone") ---
+    ocz.CLIP = CN()
+    # open_clip model name ("ViT-B-16", ...) or a tiny config shipped with ocz_d2 ("OCZ-Tiny-ViT").
+    ocz.CLIP.MODEL_NAME = "ViT-B-16"
+    # open_clip pretrained tag (e.g. "openai"; downloads once) or "" for none (random weights).
+    ocz.CLIP.PRETRAINED = ""
+    # Local CLIP weights file (a state dict); used instead of PRETRAINED when set. Must exist.
+    ocz.CLIP.WEIGHTS = ""
+    # Number of deep visual prompt tokens per transformer layer (VPT-deep); 0 disables prompts.
+    ocz.CLIP.NUM_PROMPTS = 10
+    # Indices (0-based) of transformer layers whose patch tokens feed the pixel decoder.
+    ocz.CLIP.OUT_LAYERS = [3, 5, 7, 11]
+    # Keep CLIP's own weights frozen (only prompts train): bool.
+    ocz.CLIP.FROZEN = True
+
+    # --- text side: class-name embeddings ---
+    ocz.TEXT = CN()
+    # Prompt templates: "single" ("a photo of a {}.") or "imagenet" (the template ensemble).
+    ocz.TEXT.TEMPLATES = "single"
+    # File of precomputed class embeddings (.npz with "classes" and "embeddings"); when set it
+    # replaces the text encoder for every dataset. "" uses the dataset's own file, if its
+    # metadata names one, else the CLIP text encoder.
+    ocz.TEXT.EMBEDDINGS_FILE = ""
+    # Number of prompts encoded per text-encoder call (memory bound for large vocabularies).
+    ocz.TEXT.CHUNK_SIZE = 256
+
+    # --- pixel decoder (MODEL.SEM_SEG_HEAD.NAME) uses MODEL.SEM_SEG_HEAD.{CONVS_DIM, MASK_DIM,
+    # NORM}; its OCZ extras:
+    ocz.PIXEL_DECODER = CN()
+    # Output strides of the feature pyramid given to the transformer decoder, coarse to fine.
+    ocz.PIXEL_DECODER.DECODER_STRIDES = [32, 16, 8]
+    # Stride of the mask features (4 or 8).
+    ocz.PIXEL_DECODER.MASK_STRIDE = 4
+
+    # --- transformer decoder ---
+    ocz.DECODER = CN()
+    # Registered name in ocz_d2's TRANSFORMER_DECODER_REGISTRY.
+    ocz.DECODER.NAME = "ZeroShotMaskDecoder"
+    # Total number of queries.
+    ocz.DECODER.NUM_QUERIES = 100
+    # Width of the decoder.
+    ocz.DECODER.HIDDEN_DIM = 256
+    # Attention heads.
+    ocz.DECODER.NHEADS = 8
+    # Hidden width of the feed-forward blocks.
+    ocz.DECODER.DIM_FEEDFORWARD = 2048
+    # Number of decoder layers (each yields a prediction for deep supervision).
+    ocz.DECODER.DEC_LAYERS = 6
+    # Dropout in attention and feed-forward blocks.
+    ocz.DECODER.DROPOUT = 0.0
+    # Pre-norm (True) or post-norm (False) blocks.
+    ocz.DECODER.PRE_NORM = False
+    # Mask each query's cross-attention to its predicted mask (Mask2Former): bool.
+    ocz.DECODER.MASKED_ATTENTION = True
+    # Initial temperature of the class logits (logits = scale * cosine); learned in log space.
+    ocz.DECODER.LOGIT_SCALE = 50.0
+
+    # --- losses and matching ---
+    ocz.LOSS = CN()
+    # Weight of the classification loss (and of the class cost in matching).
+    ocz.LOSS.CLASS_WEIGHT = 2.0
+    # Weight of the sigmoid binary cross-entropy mask loss (and cost).
+    ocz.LOSS.MASK_WEIGHT = 5.0
+    # Weight of the dice loss (and cost).
+    ocz.LOSS.DICE_WEIGHT = 5.0
+    # Relative weight of the no-object class in the classification loss.
+    ocz.LOSS.NO_OBJECT_WEIGHT = 0.1
+    # Add the losses of every intermediate decoder layer: bool.
+    ocz.LOSS.DEEP_SUPERVISION = True
+    # Points sampled per mask for matching costs and mask losses (from valid, non-ignore pixels).
+    ocz.LOSS.TRAIN_NUM_POINTS = 12544
+    # Oversampling ratio of candidate points for uncertainty-based point selection (>= 1).
+    ocz.LOSS.OVERSAMPLE_RATIO = 3.0
+    # Fraction of points chosen by uncertainty; the rest are uniform over valid pixels.
+    ocz.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    # --- inference ---
+    ocz.TEST = CN()
+    # Calibration gamma subtracted from seen-class scores at test time (inductive: 0.1).
+    ocz.TEST.CALIBRATION = 0.1
+    # "whole" (one forward per image) or "slide" (sliding window, logits averaged).
+    ocz.TEST.MODE = "whole"
+    # Sliding-window crop size (h, w) in input pixels.
+    ocz.TEST.WINDOW_SIZE = (512, 512)
+    # Sliding-window stride (h, w).
+    ocz.TEST.WINDOW_STRIDE = (426, 426)
+
+
+def _add_solver_config(cfg: CN) -> None:
+    # "ADAMW" or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Exponent of the poly schedule (LR_SCHEDULER_NAME = "WarmupPolyLR").
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    # LR multiplier of the visual prompts (module prefix "backbone.").
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    # LR multiplier of the heads (pixel decoder, transformer decoder): ZegCLIP-style x10.
+    cfg.SOLVER.HEAD_MULTIPLIER = 10.0
+    # Weight decay of normalisation layers, embeddings and prompts.
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
