@@ -19,7 +19,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ocz_d2", "ocz_d2.*"]),
-    package_data={"ocz_d2": ["data/splits/*.yaml", "model_zoo/*.json"]},
+    package_data={"ocz_d2": ["data/splits/*.yaml", "modeling/backbone/clip_configs/*.json"]},
     python_requires=">=3.10",
     # torch, torchvision and detectron2 are deliberately not listed: pip would replace a working
     # CUDA/CPU build by another one. INSTALL.md says how to install them.

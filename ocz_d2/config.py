@@ -68,8 +68,11 @@ def _add_model_config(cfg: CN) -> None:
     # Number of prompts encoded per text-encoder call (memory bound for large vocabularies).
     ocz.TEXT.CHUNK_SIZE = 256
 
-    # --- pixel decoder (MODEL.SEM_SEG_HEAD.NAME) uses MODEL.SEM_SEG_HEAD.{CONVS_DIM, MASK_DIM,
-    # NORM}; its OCZ extras:
+    # --- pixel decoder (MODEL.SEM_SEG_HEAD.NAME) uses MODEL.SEM_SEG_HEAD.{IN_FEATURES,
+    # CONVS_DIM, NORM} and this key:
+    # Channels of the mask features (the space query mask embeddings are compared in).
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    # The pixel decoder's OCZ extras:
     ocz.PIXEL_DECODER = CN()
     # Output strides of the feature pyramid given to the transformer decoder, coarse to fine.
     ocz.PIXEL_DECODER.DECODER_STRIDES = [32, 16, 8]

@@ -1,0 +1,69 @@
+"""Zero-shot data: split registration, split files, the dataset mapper, the synthetic benchmark.
+
+Importing this package registers the builtin splits (``ocz_synthetic_train``,
+``ocz_synthetic_val``) lazily, with roots under ``$DETECTRON2_DATASETS``.
+"""
+
+from . import builtin as _builtin
+from .augmentations import (
+    PhotometricDistortionTransform,
+    RandomPhotometricDistortion,
+    RandomResizeScale,
+    build_zero_shot_augmentations,
+)
+from .builtin import SYNTHETIC_SPLIT_FILE, register_all_synthetic
+from .dataset_mapper import ZERO_SHOT_SETTINGS, ZeroShotSemSegDatasetMapper, read_label_map
+from .register_zero_shot import (
+    EVALUATOR_TYPE,
+    IGNORE_LABEL,
+    datasets_root,
+    is_zero_shot_split,
+    load_class_embeddings,
+    register_zero_shot_split,
+    resolve_unseen,
+    unregister_zero_shot_split,
+)
+from .split_file import load_split_file, register_split_file, register_split_files_from_config
+from .synthetic import (
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_UNSEEN,
+    SyntheticBenchmark,
+    default_synthetic_root,
+    ensure_synthetic_benchmark,
+    generate_synthetic_benchmark,
+    synthetic_class_embeddings,
+    synthetic_split_config,
+)
+
+_builtin.register_all_synthetic()
+
+__all__ = [
+    "EVALUATOR_TYPE",
+    "IGNORE_LABEL",
+    "PhotometricDistortionTransform",
+    "RandomPhotometricDistortion",
+    "RandomResizeScale",
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_SPLIT_FILE",
+    "SYNTHETIC_UNSEEN",
+    "SyntheticBenchmark",
+    "ZERO_SHOT_SETTINGS",
+    "ZeroShotSemSegDatasetMapper",
+    "build_zero_shot_augmentations",
+    "datasets_root",
+    "default_synthetic_root",
+    "ensure_synthetic_benchmark",
+    "generate_synthetic_benchmark",
+    "is_zero_shot_split",
+    "load_class_embeddings",
+    "load_split_file",
+    "read_label_map",
+    "register_all_synthetic",
+    "register_split_file",
+    "register_split_files_from_config",
+    "register_zero_shot_split",
+    "resolve_unseen",
+    "synthetic_class_embeddings",
+    "synthetic_split_config",
+    "unregister_zero_shot_split",
+]

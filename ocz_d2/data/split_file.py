@@ -1,0 +1,181 @@
+"""Declarative YAML split files: a new zero-shot split is a data file, no code.
+
+Format (relative paths resolve against ``$DETECTRON2_DATASETS``, default ``"datasets"``)::
+
+    dataset: synthetic            # registered names are ocz_<dataset>_<split>
+    classes: [red plain, ...]     # K class names in the label order
+    unseen: [red striped, ...]    # unseen classes: names or indices (may be empty)
+    class_embeddings: ocz_synthetic/class_embeddings.npz   # optional
+    splits:
+      train: {image_root: ocz_synthetic/images/train, label_root: ocz_synthetic/labels/train}
+      val:   {image_root: ocz_synthetic/images/val, label_root: ocz_synthetic/labels/val}
+
+Each split entry may also set ``image_ext``, ``label_ext`` and ``extra_label_roots`` (a mapping
+``key -> folder``, see :func:`~ocz_d2.data.register_zero_shot.register_zero_shot_split`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+
+from .register_zero_shot import register_zero_shot_split
+
+__all__ = [
+    "load_split_file",
+    "register_split_file",
+    "register_split_files_from_config",
+]
+
+# key -> required?
+_TOP_KEYS = {
+    "dataset": True,
+    "classes": True,
+    "unseen": True,
+    "class_embeddings": False,
+    "splits": True,
+}
+_SPLIT_KEYS = {
+    "image_root": True,
+    "label_root": True,
+    "image_ext": False,
+    "label_ext": False,
+    "extra_label_roots": False,
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _check_keys(where: str, data: dict, allowed: dict[str, bool]) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)} "
+            f"(required: {sorted(k for k, req in allowed.items() if req)})."
+        )
+    missing = sorted(k for k, req in allowed.items() if req and k not in data)
+    if missing:
+        raise ValueError(f"{where}: missing required key(s) {missing}.")
+
+
+def load_split_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate the structure of a YAML split file.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The parsed mapping (keys ``dataset``, ``classes``, ``unseen``, ``splits`` and optionally
+        ``class_embeddings``). Class names and paths are checked later, at registration.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: on a malformed file, an unknown or missing key.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Split file {path} does not exist (relative paths resolve against the working "
+            f"directory {os.getcwd()})."
+        )
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"Split file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"Split file {path} must hold a mapping at the top level.")
+    _check_keys(f"Split file {path}", data, _TOP_KEYS)
+    if not isinstance(data["dataset"], str) or not _NAME_RE.match(data["dataset"]):
+        raise ValueError(
+            f"Split file {path}: 'dataset' must be a name of letters, digits, '_', '-' or '.', "
+            f"got {data['dataset']!r}."
+        )
+    if not isinstance(data["classes"], list):
+        raise ValueError(f"Split file {path}: 'classes' must be a list of class names.")
+    if not isinstance(data["unseen"], list):
+        raise ValueError(f"Split file {path}: 'unseen' must be a list (names or indices).")
+    splits = data["splits"]
+    if not isinstance(splits, dict) or not splits:
+        raise ValueError(
+            f"Split file {path}: 'splits' must map split names (e.g. train, val) to "
+            "{image_root, label_root}."
+        )
+    for split, entry in splits.items():
+        where = f"Split file {path}, split {split!r}"
+        if not isinstance(split, str) or not _NAME_RE.match(split):
+            raise ValueError(f"{where}: split names must be letters, digits, '_', '-' or '.'.")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be a mapping with image_root and label_root.")
+        _check_keys(where, entry, _SPLIT_KEYS)
+        extra = entry.get("extra_label_roots")
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"{where}: 'extra_label_roots' must map keys to folders.")
+    return data
+
+
+def register_split_file(
+    path: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    lazy: bool = False,
+) -> list[str]:
+    """Register every split of a YAML split file.
+
+    Args:
+        path: the YAML split file (a relative path resolves against the working directory).
+        root: base of the relative paths inside the file; ``None`` uses
+            ``$DETECTRON2_DATASETS`` (default ``"datasets"``).
+        dataset: overrides the file's ``dataset`` (the registered names become
+            ``ocz_<dataset>_<split>``), e.g. to register a second copy of the data.
+        lazy: defer file-system checks to the first ``DatasetCatalog.get`` (see
+            :func:`~ocz_d2.data.register_zero_shot.register_zero_shot_split`).
+
+    Returns:
+        The registered names, in the file's split order. Idempotent like
+        :func:`~ocz_d2.data.register_zero_shot.register_zero_shot_split`.
+    """
+    data = load_split_file(path)
+    base = dataset if dataset is not None else data["dataset"]
+    if base.startswith("ocz_"):
+        base = base[len("ocz_") :]
+    names = []
+    for split, entry in data["splits"].items():
+        kwargs = {k: entry[k] for k in ("image_ext", "label_ext") if k in entry}
+        names.append(
+            register_zero_shot_split(
+                f"ocz_{base}_{split}",
+                image_root=entry["image_root"],
+                label_root=entry["label_root"],
+                classes=data["classes"],
+                unseen=data["unseen"],
+                class_embeddings=data.get("class_embeddings"),
+                extra_label_roots=entry.get("extra_label_roots"),
+                split_file=path,
+                lazy=lazy,
+                root=root,
+                **kwargs,
+            )
+        )
+    return names
+
+
+def register_split_files_from_config(cfg, *, lazy: bool = False) -> list[str]:
+    """Register the split files listed in ``cfg.DATASETS.SPLIT_FILES``.
+
+    Args:
+        cfg: a Detectron2 config with the ocz_d2 keys.
+        lazy: see :func:`register_split_file`.
+
+    Returns:
+        All registered names.
+    """
+    files: Iterable[str] = cfg.DATASETS.SPLIT_FILES
+    names: list[str] = []
+    for path in files:
+        names.extend(register_split_file(path, lazy=lazy))
+    return names

@@ -1,0 +1,19 @@
+"""Backbones of ocz_d2 (registered in Detectron2's ``BACKBONE_REGISTRY`` on import)."""
+
+from .clip_prompt import (
+    TINY_CLIP_MODELS,
+    CLIPPromptBackbone,
+    available_clip_models,
+    create_clip_model,
+    register_tiny_clip_configs,
+)
+
+register_tiny_clip_configs()
+
+__all__ = [
+    "CLIPPromptBackbone",
+    "TINY_CLIP_MODELS",
+    "available_clip_models",
+    "create_clip_model",
+    "register_tiny_clip_configs",
+]

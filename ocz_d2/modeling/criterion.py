@@ -1,0 +1,316 @@
+"""Set-prediction losses of the zero-shot mask decoder (classification, mask BCE, dice)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.utils import comm
+
+from .matcher import HungarianMatcher
+from .point_utils import point_sample, sample_uncertain_points
+
+__all__ = ["SetCriterion", "dice_loss", "expand_weight_dict", "sigmoid_ce_loss"]
+
+_LOSS_KEYS = {"labels": ("loss_ce",), "masks": ("loss_mask", "loss_dice")}
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over masks of the mean-over-points sigmoid BCE.
+
+    Args:
+        logits: [M, P] predicted logits; targets: [M, P] values in [0, 1].
+
+    Returns:
+        Scalar, ``sum_m mean_p BCE``; 0 (still in the graph) when M or P is 0.
+    """
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.mean(1).sum()
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over masks of ``1 - (2 |p t| + 1) / (|p| + |t| + 1)``, ``p = sigmoid(logits)``.
+
+    Args:
+        logits: [M, P] predicted logits; targets: [M, P] values in [0, 1].
+
+    Returns:
+        Scalar; 0 (still in the graph) when M or P is 0.
+    """
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    probs = logits.sigmoid()
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum()
+
+
+def expand_weight_dict(base: dict[str, float], num_aux_layers: int) -> dict[str, float]:
+    """Add the weights of the auxiliary (per-layer) losses, keys suffixed ``_{i}``.
+
+    Args:
+        base: weight per loss key, e.g. {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}.
+        num_aux_layers: number of auxiliary predictions (0 without deep supervision).
+
+    Returns:
+        ``base`` plus ``{f"{k}_{i}": w}`` for i in 0..num_aux_layers-1.
+    """
+    out = dict(base)
+    for i in range(num_aux_layers):
+        out.update({f"{k}_{i}": w for k, w in base.items()})
+    return out
+
+
+def _count_aux_layers(weight_dict: dict[str, float], base_keys: set[str]) -> int:
+    """Number of auxiliary layers named by ``{key}_{i}`` entries; they must be 0..n-1."""
+    suffixes = set()
+    for key in weight_dict:
+        for base in base_keys:
+            suffix = key[len(base) + 1 :]
+            if key.startswith(base + "_") and suffix.isdigit():
+                suffixes.add(int(suffix))
+    if suffixes != set(range(len(suffixes))):
+        raise ValueError(
+            f"SetCriterion: auxiliary weight keys have suffixes {sorted(suffixes)}; expected "
+            "0..n-1 (see expand_weight_dict)."
+        )
+    return len(suffixes)
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched losses of a set of mask predictions, with ignore-aware mask losses.
+
+    Per prediction set (the final one and, with deep supervision, each auxiliary one, re-matched
+    independently; auxiliary keys get the suffix ``_{i}``):
+
+    - ``loss_ce``: cross-entropy over the current K classes + no-object (index K). Matched
+      queries target their label, every other query targets no-object; class weights are 1 with
+      ``no_object_weight`` for no-object, built for the current K at every call (the vocabulary
+      may change between batches).
+    - ``loss_mask`` / ``loss_dice``: sigmoid BCE and dice of each matched (query, target) pair on
+      points chosen by uncertainty among the image's VALID pixels; summed over pairs and divided
+      by the number of target masks (all-reduced over ranks, at least 1).
+
+    Ignore semantics (seen group): pixels with ``valid == False`` (label 255 — unannotated
+    pixels and, in inductive training, pixels of unseen classes — and padding) are never sampled,
+    so they are neither foreground nor background for any mask loss: a seen query is not taught
+    that an unseen object is background, and nothing is learnt about those pixels from the
+    seen-class targets. The classification loss is unaffected by pixels. A candidate group that
+    gives pseudo-masks a meaning on ignore pixels passes its own ``valid`` maps.
+
+    An image without targets contributes only no-object class terms; the mask losses are then 0
+    but connected to the graph, so backward works with an all-ignore batch.
+
+    ``forward`` returns the unweighted losses; ``self.weight_dict`` maps every key (suffixed ones
+    included) to its weight: ``total = sum(losses[k] * weight_dict[k] for k in losses)``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float],
+        no_object_weight: float = 0.1,
+        losses: tuple[str, ...] = ("labels", "masks"),
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        num_aux_layers: int | None = None,
+    ):
+        """
+        Args:
+            matcher: assigns queries to targets.
+            weight_dict: weight of each base loss key ("loss_ce", "loss_mask", "loss_dice");
+                suffixed keys already present are kept, missing ones are added for
+                ``num_aux_layers`` auxiliary predictions.
+            no_object_weight: class weight of no-object in the cross-entropy.
+            losses: subset of ("labels", "masks").
+            num_points: points per mask for the mask losses.
+            oversample_ratio: candidate points per point for uncertainty sampling (>= 1).
+            importance_sample_ratio: fraction of points chosen by uncertainty (in [0, 1]).
+            num_aux_layers: auxiliary predictions supervised (0: auxiliary outputs ignored);
+                None infers it from the suffixed keys of ``weight_dict`` (``loss_ce_0`` ...).
+        """
+        super().__init__()
+        unknown = set(losses) - set(_LOSS_KEYS)
+        if unknown:
+            raise ValueError(f"SetCriterion: unknown losses {sorted(unknown)}; use {_LOSS_KEYS}.")
+        base_keys = {k for name in losses for k in _LOSS_KEYS[name]}
+        missing = base_keys - set(weight_dict)
+        if missing:
+            raise ValueError(f"SetCriterion: weight_dict lacks weights for {sorted(missing)}.")
+        if num_aux_layers is None:
+            num_aux_layers = _count_aux_layers(weight_dict, base_keys)
+        self.matcher = matcher
+        base = {k: v for k, v in weight_dict.items() if k in base_keys}
+        self.weight_dict = {**expand_weight_dict(base, num_aux_layers), **weight_dict}
+        self.no_object_weight = no_object_weight
+        self.losses = tuple(losses)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.num_aux_layers = num_aux_layers
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        loss = cfg.MODEL.OCZ.LOSS
+        weight_dict = {
+            "loss_ce": loss.CLASS_WEIGHT,
+            "loss_mask": loss.MASK_WEIGHT,
+            "loss_dice": loss.DICE_WEIGHT,
+        }
+        # The decoder yields one auxiliary prediction before its first layer and one after each
+        # layer but the last.
+        num_aux = cfg.MODEL.OCZ.DECODER.DEC_LAYERS if loss.DEEP_SUPERVISION else 0
+        return {
+            "matcher": HungarianMatcher(cfg),
+            "weight_dict": weight_dict,
+            "no_object_weight": loss.NO_OBJECT_WEIGHT,
+            "losses": ("labels", "masks"),
+            "num_points": loss.TRAIN_NUM_POINTS,
+            "oversample_ratio": loss.OVERSAMPLE_RATIO,
+            "importance_sample_ratio": loss.IMPORTANCE_SAMPLE_RATIO,
+            "num_aux_layers": num_aux,
+        }
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict[str, torch.Tensor]],
+        query_indices: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Compute the losses.
+
+        Args:
+            outputs: "pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h, w] and optionally
+                "aux_outputs" (list of dicts with the same keys).
+            targets: B dicts: "labels" int64 [T] in 0..K-1, "masks" bool/float [T, H, W],
+                optional "valid" bool [H, W] (usable pixels; all True when absent).
+            query_indices: optional int64 [Q'] subset of queries the losses apply to (matching,
+                no-object targets and masks all restricted to it); default all.
+
+        Returns:
+            Unweighted scalar losses: "loss_ce", "loss_mask", "loss_dice" (those selected by
+            ``losses``) and the same keys suffixed ``_{i}`` for the auxiliary predictions.
+        """
+        aux_outputs = outputs.get("aux_outputs") or []
+        if self.num_aux_layers and len(aux_outputs) != self.num_aux_layers:
+            raise ValueError(
+                f"SetCriterion expects {self.num_aux_layers} auxiliary outputs (deep supervision) "
+                f"but got {len(aux_outputs)}; check MODEL.OCZ.DECODER.DEC_LAYERS and "
+                "MODEL.OCZ.LOSS.DEEP_SUPERVISION."
+            )
+        num_masks = self._num_masks(targets, outputs["pred_logits"].device)
+        losses = self._losses_of(outputs, targets, num_masks, query_indices)
+        for i, aux in enumerate(aux_outputs[: self.num_aux_layers]):
+            aux_losses = self._losses_of(aux, targets, num_masks, query_indices)
+            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        return losses
+
+    def _losses_of(
+        self,
+        outputs: dict,
+        targets: list[dict[str, torch.Tensor]],
+        num_masks: float,
+        query_indices: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        pred = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
+        if query_indices is not None:
+            query_indices = query_indices.to(device=pred["pred_logits"].device, dtype=torch.long)
+            pred = {k: v[:, query_indices] for k, v in pred.items()}
+        indices = self.matcher(pred, targets)
+        losses = {}
+        if "labels" in self.losses:
+            losses.update(self.loss_labels(pred, targets, indices))
+        if "masks" in self.losses:
+            losses.update(self.loss_masks(pred, targets, indices, num_masks))
+        return losses
+
+    def loss_labels(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        indices: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """Weighted cross-entropy over K+1 classes; unmatched queries target no-object (K)."""
+        logits = outputs["pred_logits"].float()
+        batch, num_queries, num_classes_plus_one = logits.shape
+        no_object = num_classes_plus_one - 1
+        target_classes = torch.full(
+            (batch, num_queries), no_object, dtype=torch.int64, device=logits.device
+        )
+        for b, (query_idx, target_idx) in enumerate(indices):
+            labels = targets[b]["labels"].to(logits.device)
+            target_classes[b, query_idx.to(logits.device)] = labels[target_idx.to(logits.device)]
+        empty_weight = logits.new_ones(num_classes_plus_one)
+        empty_weight[-1] = self.no_object_weight
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=empty_weight)
+        return {"loss_ce": loss}
+
+    def loss_masks(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        indices: list[tuple[torch.Tensor, torch.Tensor]],
+        num_masks: float,
+    ) -> dict[str, torch.Tensor]:
+        """BCE and dice of matched pairs on uncertain points among valid pixels, per image."""
+        pred_masks = outputs["pred_masks"]
+        # Keeps both losses in the graph when no image has a matched pair.
+        loss_mask = pred_masks.sum() * 0.0
+        loss_dice = pred_masks.sum() * 0.0
+        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+            for b, (query_idx, target_idx) in enumerate(indices):
+                if query_idx.numel() == 0:
+                    continue
+                src = pred_masks[b, query_idx.to(pred_masks.device)].float()  # [M, h, w]
+                tgt = targets[b]["masks"].to(device=src.device)[target_idx.to(src.device)].float()
+                valid = targets[b].get("valid")
+                if valid is not None:
+                    valid = valid.to(src.device)
+                else:
+                    valid = torch.ones(tgt.shape[-2:], dtype=torch.bool, device=src.device)
+                coords = sample_uncertain_points(
+                    src,
+                    valid,
+                    self.num_points,
+                    self.oversample_ratio,
+                    self.importance_sample_ratio,
+                )
+                if coords.shape[1] == 0:
+                    continue
+                src_points = point_sample(src.unsqueeze(1), coords).squeeze(1)  # [M, P]
+                tgt_points = point_sample(tgt.unsqueeze(1), coords).squeeze(1)  # [M, P]
+                loss_mask = loss_mask + sigmoid_ce_loss(src_points, tgt_points)
+                loss_dice = loss_dice + dice_loss(src_points, tgt_points)
+        return {"loss_mask": loss_mask / num_masks, "loss_dice": loss_dice / num_masks}
+
+    @staticmethod
+    def _num_masks(targets: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+        """Number of target masks in the global batch per rank, at least 1."""
+        total = torch.as_tensor(
+            float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
+        )
+        world_size = comm.get_world_size()
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        return max(total.item() / world_size, 1.0)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"matcher: {self.matcher!r}",
+            f"losses: {list(self.losses)}",
+            f"weight_dict: {self.weight_dict}",
+            f"no_object_weight: {self.no_object_weight}",
+            f"num_points: {self.num_points}",
+            f"oversample_ratio: {self.oversample_ratio}",
+            f"importance_sample_ratio: {self.importance_sample_ratio}",
+            f"num_aux_layers: {self.num_aux_layers}",
+        ]
+        body = "\n".join("    " + line for line in lines)
+        return f"{self.__class__.__name__}(\n{body}\n)"

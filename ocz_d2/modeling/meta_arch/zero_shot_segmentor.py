@@ -1,0 +1,370 @@
+"""The zero-shot segmentation meta-architecture: CLIP backbone, pixel decoder, query decoder."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from detectron2.utils.memory import retry_if_cuda_oom
+from torch import nn
+
+from ..criterion import SetCriterion
+from ..matcher import HungarianMatcher
+from ..text import TextEmbedder, load_class_embeddings
+from ..transformer_decoder import build_transformer_decoder
+
+logger = logging.getLogger(__name__)
+
+ZERO_SHOT_SETTINGS = ("inductive", "transductive")
+TEST_MODES = ("whole", "slide")
+
+
+def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores from mask classification.
+
+    Args:
+        pred_logits: [Q, K+1] class logits of each query (the last column is no-object).
+        pred_masks: [Q, H, W] mask logits.
+    Returns:
+        [K, H, W] scores: sum over queries of softmax class probability times mask sigmoid.
+    """
+    probs = pred_logits.softmax(-1)[:, :-1]
+    return torch.einsum("qk,qhw->khw", probs, pred_masks.sigmoid())
+
+
+def calibrate(scores: torch.Tensor, seen_classes: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Subtract ``gamma`` from the scores of the seen classes ([K, H, W] or [B, K, H, W])."""
+    if gamma == 0 or seen_classes.numel() == 0:
+        return scores
+    scores = scores.clone()
+    scores[..., seen_classes, :, :] -= gamma
+    return scores
+
+
+def sliding_windows(height: int, width: int, window: tuple[int, int], stride: tuple[int, int]):
+    """Top-left corners ``(y, x)`` of windows covering an ``height x width`` image.
+
+    Windows are clipped to the image (an image smaller than the window gets one window); the last
+    window in each direction is aligned to the border so every pixel is covered.
+    """
+
+    def starts(size: int, win: int, step: int) -> list[int]:
+        if size <= win:
+            return [0]
+        n = math.ceil((size - win) / step) + 1
+        return sorted({min(i * step, size - win) for i in range(n)})
+
+    return [(y, x) for y in starts(height, window[0], stride[0]) for x in starts(width, window[1], stride[1])]
+
+
+@META_ARCH_REGISTRY.register()
+class OCZeroShotSegmentor(nn.Module):
+    """Zero-shot semantic segmentation by mask classification against text embeddings.
+
+    Training: the vocabulary is the seen classes of the batch's dataset (inductive) or all its
+    classes (transductive); targets are one binary mask per class present, with ignore pixels
+    excluded from the mask losses (see :class:`SetCriterion`). Inference: per-pixel scores over the
+    dataset's full vocabulary (seen + unseen), seen-class calibration, whole image or sliding
+    window. A sample dict may carry ``"class_names"`` to segment with any vocabulary
+    (open-vocabulary inference; no calibration then).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pixel_decoder: nn.Module,
+        transformer_decoder: nn.Module,
+        criterion: SetCriterion,
+        text_embedder: TextEmbedder,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+        size_divisibility: int,
+        zero_shot_setting: str = "inductive",
+        calibration: float = 0.1,
+        test_mode: str = "whole",
+        window_size: tuple[int, int] = (512, 512),
+        window_stride: tuple[int, int] = (426, 426),
+        embeddings_file: str = "",
+    ):
+        """
+        Args:
+            backbone: a :class:`CLIPPromptBackbone` (or any backbone with the same outputs).
+            pixel_decoder: maps backbone features to ``(mask_features, multi_scale_features)``.
+            transformer_decoder: query decoder (see ``ZeroShotMaskDecoder``).
+            criterion: matching-based loss.
+            text_embedder: class names -> normalised text embeddings.
+            pixel_mean, pixel_std: per-channel normalisation of the input (0..255 scale).
+            size_divisibility: pad the batch to a multiple of this.
+            zero_shot_setting: "inductive" or "transductive".
+            calibration: gamma subtracted from seen-class scores at test (inductive only).
+            test_mode: "whole" or "slide".
+            window_size, window_stride: sliding-window geometry (h, w) in input pixels.
+            embeddings_file: class-embedding file overriding every dataset's own ("" = none).
+        """
+        super().__init__()
+        if zero_shot_setting not in ZERO_SHOT_SETTINGS:
+            raise ValueError(
+                f"INPUT.ZERO_SHOT_SETTING={zero_shot_setting!r}: use one of {ZERO_SHOT_SETTINGS}"
+            )
+        if test_mode not in TEST_MODES:
+            raise ValueError(f"MODEL.OCZ.TEST.MODE={test_mode!r}: use one of {TEST_MODES}")
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.transformer_decoder = transformer_decoder
+        self.criterion = criterion
+        self.text_embedder = text_embedder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = size_divisibility
+        self.zero_shot_setting = zero_shot_setting
+        self.calibration = calibration
+        self.test_mode = test_mode
+        self.window_size = tuple(window_size)
+        self.window_stride = tuple(window_stride)
+        self.embeddings_file = embeddings_file or None
+
+    @classmethod
+    def from_config(cls, cfg):
+        ocz = cfg.MODEL.OCZ
+        backbone = build_backbone(cfg)
+        pixel_decoder = build_sem_seg_head(cfg, backbone.output_shape())
+        clip_model = backbone.clip_model if getattr(backbone, "has_text_tower", False) else None
+        text_embedder = TextEmbedder(cfg, clip_model=clip_model, dim=_file_dim(cfg))
+        if text_embedder.dim is None:
+            raise ValueError(
+                "no source of class embeddings: the CLIP text tower was dropped and neither "
+                "MODEL.OCZ.TEXT.EMBEDDINGS_FILE nor the datasets' class_embeddings is set"
+            )
+        text_dim = text_embedder.dim
+        transformer_decoder = build_transformer_decoder(
+            cfg,
+            in_channels=cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
+            mask_dim=cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            text_dim=text_dim,
+        )
+        weights = {
+            "loss_ce": ocz.LOSS.CLASS_WEIGHT,
+            "loss_mask": ocz.LOSS.MASK_WEIGHT,
+            "loss_dice": ocz.LOSS.DICE_WEIGHT,
+        }
+        matcher = HungarianMatcher(
+            cost_class=ocz.LOSS.CLASS_WEIGHT,
+            cost_mask=ocz.LOSS.MASK_WEIGHT,
+            cost_dice=ocz.LOSS.DICE_WEIGHT,
+            num_points=ocz.LOSS.TRAIN_NUM_POINTS,
+        )
+        num_aux = ocz.DECODER.DEC_LAYERS if ocz.LOSS.DEEP_SUPERVISION else 0
+        weight_dict = dict(weights)
+        for i in range(num_aux):
+            weight_dict.update({f"{k}_{i}": v for k, v in weights.items()})
+        criterion = SetCriterion(
+            matcher=matcher,
+            weight_dict=weight_dict,
+            no_object_weight=ocz.LOSS.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=ocz.LOSS.TRAIN_NUM_POINTS,
+            oversample_ratio=ocz.LOSS.OVERSAMPLE_RATIO,
+            importance_sample_ratio=ocz.LOSS.IMPORTANCE_SAMPLE_RATIO,
+        )
+        _check_pixel_stats(cfg, backbone)
+        divisibility = max(
+            cfg.INPUT.SIZE_DIVISIBILITY,
+            max(ocz.PIXEL_DECODER.DECODER_STRIDES),
+            backbone.patch_size,
+        )
+        return {
+            "backbone": backbone,
+            "pixel_decoder": pixel_decoder,
+            "transformer_decoder": transformer_decoder,
+            "criterion": criterion,
+            "text_embedder": text_embedder,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": divisibility,
+            "zero_shot_setting": cfg.INPUT.ZERO_SHOT_SETTING,
+            "calibration": ocz.TEST.CALIBRATION,
+            "test_mode": ocz.TEST.MODE,
+            "window_size": ocz.TEST.WINDOW_SIZE,
+            "window_stride": ocz.TEST.WINDOW_STRIDE,
+            "embeddings_file": ocz.TEXT.EMBEDDINGS_FILE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ vocabulary
+    def vocabulary(self, sample: dict, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The classes a sample is segmented with.
+
+        Returns:
+            class_ids: int64 [K'] indices into the dataset's class list (the vocabulary order),
+            text: [K', D] normalised class embeddings,
+            seen: int64 indices into ``class_ids`` of the seen classes (for calibration).
+        """
+        if "class_names" in sample:  # open vocabulary: any names, nothing is "seen"
+            names = list(sample["class_names"])
+            text = self.text_embedder.get(names, embeddings_file=self.embeddings_file)
+            ids = torch.arange(len(names), device=self.device)
+            return ids, text, ids.new_zeros(0)
+        name = sample.get("dataset_name")
+        if name is None:
+            raise KeyError(
+                "a sample has neither 'dataset_name' nor 'class_names': use the ocz_d2 dataset "
+                "mapper, or pass class_names for open-vocabulary inference"
+            )
+        meta = MetadataCatalog.get(name)
+        classes = list(meta.stuff_classes)
+        seen = torch.as_tensor(meta.get("seen_classes", list(range(len(classes)))), dtype=torch.long)
+        text = self.text_embedder.get(
+            classes,
+            dataset_name=name,
+            embeddings_file=self.embeddings_file or meta.get("class_embeddings", None),
+        )
+        if training and self.zero_shot_setting == "inductive":
+            return seen.to(self.device), text[seen.to(text.device)], torch.arange(len(seen), device=self.device)
+        return torch.arange(len(classes), device=self.device), text, seen.to(self.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: list[dict]):
+        """
+        Args:
+            batched_inputs: list of mapper outputs (see ZeroShotSemSegDatasetMapper): "image"
+                uint8 [3, H, W]; in training "instances" (gt_classes in the dataset's class
+                indices, gt_masks) and "sem_seg" ([H, W], 255 = ignore); "height"/"width" for
+                the output size at inference; "dataset_name" or "class_names".
+        Returns:
+            training: dict of weighted losses; inference: list of {"sem_seg": [K, height, width]}.
+        """
+        if self.training:
+            return self._forward_train(batched_inputs)
+        return [self._inference_one(x) for x in batched_inputs]
+
+    def _normalize(self, batched_inputs: list[dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def _predict(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        features = self.backbone(images)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return self.transformer_decoder(multi_scale, mask_features, text)
+
+    def _forward_train(self, batched_inputs: list[dict]) -> dict:
+        names = {x.get("dataset_name") for x in batched_inputs}
+        if len(names) != 1:
+            raise ValueError(
+                f"a training batch mixes datasets {sorted(map(str, names))} with different "
+                "vocabularies; use one dataset per batch (DATALOADER.ASPECT_RATIO_GROUPING off and "
+                "one entry in DATASETS.TRAIN, or datasets that share a class list)"
+            )
+        class_ids, text, _ = self.vocabulary(batched_inputs[0], training=True)
+        images = self._normalize(batched_inputs)
+        outputs = self._predict(images.tensor, text)
+        targets = self._prepare_targets(batched_inputs, images.tensor.shape[-2:], class_ids)
+        losses = self.criterion(outputs, targets)
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+    def _prepare_targets(self, batched_inputs, padded_hw, class_ids: torch.Tensor) -> list[dict]:
+        """Per image: vocabulary labels, binary masks and the valid (non-ignore) region, padded."""
+        num_classes = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
+        to_vocab = torch.full((max(num_classes, 1),), -1, dtype=torch.long, device=self.device)
+        to_vocab[class_ids] = torch.arange(len(class_ids), device=self.device)
+        h_pad, w_pad = padded_hw
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            gt_classes = inst.gt_classes
+            masks = inst.gt_masks
+            masks = masks.tensor if hasattr(masks, "tensor") else masks
+            if gt_classes.numel() and (gt_classes.max() >= len(to_vocab) or (to_vocab[gt_classes] < 0).any()):
+                raise ValueError(
+                    f"{x.get('file_name', 'a sample')}: target classes {gt_classes.tolist()} are not "
+                    f"all in the training vocabulary {class_ids.tolist()}; unseen classes must be "
+                    "ignore (255) in inductive training"
+                )
+            sem_seg = x["sem_seg"].to(self.device)
+            h, w = sem_seg.shape
+            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad), dtype=torch.float32)
+            padded[:, :h, :w] = masks.float()
+            valid = torch.zeros((h_pad, w_pad), dtype=torch.bool, device=self.device)
+            valid[:h, :w] = sem_seg != 255
+            labels = to_vocab[gt_classes] if gt_classes.numel() else gt_classes
+            targets.append({"labels": labels, "masks": padded, "valid": valid})
+        return targets
+
+    # ------------------------------------------------------------------ inference
+    def _inference_one(self, sample: dict) -> dict:
+        class_ids, text, seen = self.vocabulary(sample, training=False)
+        image = (sample["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+        if self.test_mode == "slide":
+            scores = self._slide_scores(image, text)
+        else:
+            scores = self._scores(image[None], text)[0]
+        if self.zero_shot_setting == "inductive":
+            scores = calibrate(scores, seen, self.calibration)
+        height = sample.get("height", image.shape[-2])
+        width = sample.get("width", image.shape[-1])
+        scores = retry_if_cuda_oom(sem_seg_postprocess)(scores, image.shape[-2:], height, width)
+        return {"sem_seg": scores}
+
+    def _scores(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[B, 3, h, w] normalised images -> [B, K, h, w] class scores (padding handled here)."""
+        h, w = images.shape[-2:]
+        padded = ImageList.from_tensors(list(images), self.size_divisibility).tensor
+        outputs = self._predict(padded, text)
+        masks = F.interpolate(
+            outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
+        )[..., :h, :w]
+        return torch.stack(
+            [retry_if_cuda_oom(semantic_inference)(lg, mk) for lg, mk in zip(outputs["pred_logits"], masks)]
+        )
+
+    def _slide_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Average of window scores over a sliding window; [3, H, W] -> [K, H, W]."""
+        height, width = image.shape[-2:]
+        scores = image.new_zeros((text.shape[0], height, width))
+        counts = image.new_zeros((1, height, width))
+        wh, ww = self.window_size
+        for y, x in sliding_windows(height, width, self.window_size, self.window_stride):
+            crop = image[:, y : y + wh, x : x + ww]
+            ch, cw = crop.shape[-2:]
+            scores[:, y : y + ch, x : x + cw] += self._scores(crop[None], text)[0]
+            counts[:, y : y + ch, x : x + cw] += 1
+        return scores / counts
+
+
+def _file_dim(cfg) -> int | None:
+    """D of the class-embedding files the configured datasets use (None: text encoder only)."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    files = [MetadataCatalog.get(n).get("class_embeddings", None) for n in names]
+    files = [cfg.MODEL.OCZ.TEXT.EMBEDDINGS_FILE] + files
+    for path in files:
+        if path:
+            return load_class_embeddings(path)[1].shape[1]
+    return None
+
+
+def _check_pixel_stats(cfg, backbone) -> None:
+    expected = getattr(backbone, "pixel_mean", None)
+    if expected is None:
+        return
+    for key, want in (("PIXEL_MEAN", backbone.pixel_mean), ("PIXEL_STD", backbone.pixel_std)):
+        got = list(getattr(cfg.MODEL, key))
+        if len(got) != 3 or any(abs(a - b) > 1e-2 for a, b in zip(got, want)):
+            logger.warning(
+                "MODEL.%s=%s differs from CLIP's %s: CLIP features degrade with other "
+                "normalisation (the ocz_d2 base configs set CLIP's values)",
+                key,
+                got,
+                [round(v, 3) for v in want],
+            )

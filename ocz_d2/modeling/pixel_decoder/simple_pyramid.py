@@ -1,0 +1,203 @@
+"""A ViTDet-style simple feature pyramid from single-scale ViT features, with FPN fusion."""
+
+from __future__ import annotations
+
+import logging
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+__all__ = ["SimplePyramidPixelDecoder"]
+
+logger = logging.getLogger(__name__)
+
+
+def _log2_ratio(stride: int, base: int) -> int:
+    """Signed log2 of ``stride / base``; raises unless the ratio is a power of 2."""
+    big, small = max(stride, base), min(stride, base)
+    ratio = big // small
+    if big % small or ratio & (ratio - 1):
+        raise ValueError(
+            f"SimplePyramidPixelDecoder: stride {stride} is not a power-of-2 multiple or fraction "
+            f"of the backbone stride {base}; choose MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES and "
+            "MASK_STRIDE among base * 2**k."
+        )
+    steps = ratio.bit_length() - 1
+    return steps if stride >= base else -steps
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, norm: str, activation=None) -> Conv2d:
+    conv = Conv2d(
+        in_ch,
+        out_ch,
+        kernel_size=kernel,
+        padding=kernel // 2,
+        bias=not norm,
+        norm=get_norm(norm, out_ch),
+        activation=activation,
+    )
+    weight_init.c2_xavier_fill(conv)
+    return conv
+
+
+class _ScaleBlock(nn.Sequential):
+    """Resample a stride-p map to stride ``p * 2**steps`` (ViTDet): 2x2 deconvs (steps < 0) or
+    2x2 max-pools (steps > 0), then a 1x1 and a 3x3 conv, each followed by the norm."""
+
+    def __init__(self, dim: int, steps: int, norm: str):
+        layers: list[nn.Module] = []
+        for i in range(-steps):
+            layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+            if i < -steps - 1:
+                norm_layer = get_norm(norm, dim)
+                if norm_layer is not None:
+                    layers.append(norm_layer)
+                layers.append(nn.GELU())
+        for _ in range(steps):
+            # ceil_mode: odd grids keep their border row/column (33 -> 17, like a strided conv).
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+        layers.append(_conv(dim, dim, 1, norm))
+        layers.append(_conv(dim, dim, 3, norm))
+        super().__init__(*layers)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class SimplePyramidPixelDecoder(nn.Module):
+    """Multi-scale pixel features from the single-stride feature maps of a plain ViT.
+
+    1. Fuse: every input map (e.g. several CLIP layers and the refined patch features, all at
+       backbone stride p) is projected by a 1x1 conv (+ norm) to ``conv_dim``; the projections
+       are summed (choice: one shared base map, as in ViTDet's single-input pyramid, with the
+       intermediate layers adding detail).
+    2. Pyramid: per output stride s (``decoder_strides`` and ``mask_stride``, powers of 2 times
+       p), ``log2(p / s)`` 2x2 deconvolutions or ``log2(s / p)`` 2x2 max-pools, then 1x1 and 3x3
+       convs.
+    3. FPN: top-down from the coarsest level, each finer level adds the nearest-upsampled coarser
+       output and goes through a 3x3 conv + norm + ReLU; the finest (``mask_stride``) output
+       gives ``mask_features`` by a 1x1 conv.
+
+    Any input size works: from an h x w input grid, a level 2**k times finer is
+    (h * 2**k) x (w * 2**k) and a level 2**k times coarser is ceil(h / 2**k) x ceil(w / 2**k).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        mask_dim: int,
+        norm: str = "GN",
+        decoder_strides: tuple[int, ...] = (32, 16, 8),
+        mask_stride: int = 4,
+    ):
+        """
+        Args:
+            input_shape: name -> ShapeSpec(channels, stride) of the features used, in order;
+                all strides must be equal.
+            conv_dim: width of the pyramid and of ``multi_scale_features``.
+            mask_dim: channels of ``mask_features``.
+            norm: "GN" (32 groups: ``conv_dim`` must be a multiple of 32), "BN", "" (none), ...
+                as accepted by ``detectron2.layers.get_norm``.
+            decoder_strides: strides of the levels given to the transformer decoder, in the order
+                returned (coarse to fine by convention).
+            mask_stride: stride of ``mask_features``; at most min(decoder_strides).
+        """
+        super().__init__()
+        if not input_shape:
+            raise ValueError("SimplePyramidPixelDecoder: no input features; set IN_FEATURES.")
+        strides = {spec.stride for spec in input_shape.values()}
+        if len(strides) != 1:
+            raise ValueError(
+                "SimplePyramidPixelDecoder expects single-stride ViT features, got strides "
+                f"{ {k: v.stride for k, v in input_shape.items()} }."
+            )
+        self.in_features = list(input_shape)
+        self.backbone_stride = strides.pop()
+        self.decoder_strides = [int(s) for s in decoder_strides]
+        self.mask_stride = int(mask_stride)
+        if not self.decoder_strides:
+            raise ValueError("SimplePyramidPixelDecoder: DECODER_STRIDES is empty.")
+        if self.mask_stride > min(self.decoder_strides):
+            raise ValueError(
+                f"SimplePyramidPixelDecoder: MASK_STRIDE {self.mask_stride} must not exceed the "
+                f"finest decoder stride {min(self.decoder_strides)}."
+            )
+        self.conv_dim = conv_dim
+        self.mask_dim = mask_dim
+
+        self.input_proj = nn.ModuleDict(
+            {name: _conv(spec.channels, conv_dim, 1, norm) for name, spec in input_shape.items()}
+        )
+        # All pyramid levels, coarse to fine; the mask stride is the finest.
+        self.level_strides = sorted(set(self.decoder_strides) | {self.mask_stride}, reverse=True)
+        self.scale_blocks = nn.ModuleList(
+            _ScaleBlock(conv_dim, _log2_ratio(s, self.backbone_stride), norm)
+            for s in self.level_strides
+        )
+        self.fpn_convs = nn.ModuleList(
+            _conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in self.level_strides[1:]
+        )
+        self.mask_proj = Conv2d(conv_dim, mask_dim, kernel_size=1)
+        weight_init.c2_xavier_fill(self.mask_proj)
+        logger.debug(
+            "SimplePyramidPixelDecoder: inputs %s at stride %d, levels %s, mask stride %d",
+            self.in_features,
+            self.backbone_stride,
+            self.level_strides,
+            self.mask_stride,
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
+        head = cfg.MODEL.SEM_SEG_HEAD
+        names = list(head.IN_FEATURES)
+        missing = [n for n in names if n not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not "
+                f"output; it outputs {sorted(input_shape)}."
+            )
+        return {
+            "input_shape": {n: input_shape[n] for n in names},
+            "conv_dim": head.CONVS_DIM,
+            "mask_dim": head.MASK_DIM,
+            "norm": head.NORM,
+            "decoder_strides": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES),
+            "mask_stride": cfg.MODEL.OCZ.PIXEL_DECODER.MASK_STRIDE,
+        }
+
+    def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """
+        Args:
+            features: name -> [B, C_name, H/p, W/p]; must contain every name of
+                ``self.in_features`` (others are ignored).
+
+        Returns:
+            mask_features: [B, mask_dim, h_m, w_m] at ``mask_stride``.
+            multi_scale_features: one [B, conv_dim, h_i, w_i] per ``decoder_strides`` entry, in
+                that order.
+        """
+        missing = [n for n in self.in_features if n not in features]
+        if missing:
+            raise KeyError(f"SimplePyramidPixelDecoder: missing input features {missing}.")
+        sizes = {tuple(features[n].shape[-2:]) for n in self.in_features}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"SimplePyramidPixelDecoder: input features differ in spatial size: {sizes}."
+            )
+        base = sum(self.input_proj[n](features[n]) for n in self.in_features)
+        levels = [block(base) for block in self.scale_blocks]
+
+        outputs = [levels[0]]
+        for level, conv in zip(levels[1:], self.fpn_convs):
+            top_down = F.interpolate(outputs[-1], size=level.shape[-2:], mode="nearest")
+            outputs.append(conv(level + top_down))
+        by_stride = dict(zip(self.level_strides, outputs))
+        mask_features = self.mask_proj(by_stride[self.mask_stride])
+        return mask_features, [by_stride[s] for s in self.decoder_strides]

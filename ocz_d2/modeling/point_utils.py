@@ -1,0 +1,146 @@
+"""Point sampling for the matcher and the mask losses.
+
+Costs and losses are computed on a few thousand points per mask instead of full-resolution masks
+(memory). Every point lies at the centre of a *valid* (not ignore, not padding) pixel of the label
+grid, so that ignore pixels never enter a cost or a loss, and so that sampling a label map at a
+point with bilinear interpolation returns exactly that pixel's value (nearest-consistent).
+
+Coordinates are normalised ``(x, y)`` in ``[0, 1]``: pixel ``(row i, col j)`` of an ``H x W`` grid
+has its centre at ``((j + 0.5) / W, (i + 0.5) / H)``. This is the convention of
+``F.grid_sample(..., align_corners=False)`` and of ``F.interpolate(..., align_corners=False)``, so
+a prediction at a coarser resolution is sampled where its upsampled version would be.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["point_sample", "sample_uncertain_points", "sample_valid_points"]
+
+
+def point_sample(features: torch.Tensor, coords: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Sample ``features`` bilinearly at normalised point coordinates.
+
+    Args:
+        features: [N, C, H, W] feature maps.
+        coords: [N, P, 2] point coordinates ``(x, y)`` in ``[0, 1]`` (0 and 1 are the outer edges
+            of the first and last pixel).
+        **kwargs: passed to ``F.grid_sample``; defaults ``mode="bilinear"``,
+            ``align_corners=False`` and ``padding_mode="border"`` (near the edges a coarser map
+            is extended, not faded towards 0, exactly as ``F.interpolate`` upsamples it).
+
+    Returns:
+        [N, C, P] sampled values.
+    """
+    if features.dim() != 4 or coords.dim() != 3 or coords.shape[-1] != 2:
+        raise ValueError(
+            "point_sample expects features [N, C, H, W] and coords [N, P, 2]; got "
+            f"{tuple(features.shape)} and {tuple(coords.shape)}."
+        )
+    kwargs.setdefault("align_corners", False)
+    kwargs.setdefault("padding_mode", "border")
+    grid = (2.0 * coords - 1.0).to(features.dtype).unsqueeze(2)  # [N, P, 1, 2] in [-1, 1]
+    return F.grid_sample(features, grid, **kwargs).squeeze(3)
+
+
+def _valid_pixel_centres(valid: torch.Tensor) -> torch.Tensor:
+    """[n, 2] normalised ``(x, y)`` centres of the True pixels of ``valid`` [H, W]."""
+    height, width = valid.shape
+    rows, cols = torch.nonzero(valid, as_tuple=True)
+    xs = (cols.to(torch.float32) + 0.5) / width
+    ys = (rows.to(torch.float32) + 0.5) / height
+    return torch.stack([xs, ys], dim=1)
+
+
+def sample_valid_points(
+    valid: torch.Tensor, num_points: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw points uniformly (i.i.d., with replacement) over the valid pixels of a grid.
+
+    Args:
+        valid: [H, W] bool, True where a pixel may be used (not ignore, not padding).
+        num_points: number of points P to draw.
+        generator: optional ``torch.Generator`` on ``valid.device`` for reproducible draws.
+
+    Returns:
+        [P, 2] float32 ``(x, y)`` pixel-centre coordinates in ``[0, 1]`` on ``valid.device``;
+        [0, 2] when ``valid`` has no True pixel.
+    """
+    if valid.dim() != 2:
+        raise ValueError(f"valid must be a [H, W] mask, got shape {tuple(valid.shape)}.")
+    centres = _valid_pixel_centres(valid.bool())
+    if centres.shape[0] == 0 or num_points <= 0:
+        return centres.new_zeros((0, 2))
+    # With replacement: an unbiased uniform estimate whatever the number of valid pixels, and
+    # cheaper than a permutation of a large grid.
+    idx = torch.randint(centres.shape[0], (num_points,), generator=generator, device=centres.device)
+    return centres[idx]
+
+
+def sample_uncertain_points(
+    mask_logits: torch.Tensor,
+    valid: torch.Tensor | None,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose points per mask, favouring uncertain predictions, among valid pixels only.
+
+    For each mask, ``ceil(P * oversample_ratio)`` candidate points are drawn uniformly over the
+    valid pixels; the ``int(P * importance_sample_ratio)`` candidates whose logits are closest
+    to 0 are kept, and the remaining points are drawn uniformly over the valid pixels again (as
+    in PointRend / Mask2Former training, but never from ignore pixels).
+
+    Args:
+        mask_logits: [N, h, w] predicted mask logits (any resolution; sampled bilinearly).
+        valid: [H, W] bool label-grid mask of usable pixels, or None (every pixel of the
+            ``mask_logits`` grid is valid). Points are centres of pixels of this grid.
+        num_points: points per mask P.
+        oversample_ratio: candidates per point, >= 1.
+        importance_sample_ratio: fraction of the points chosen by uncertainty, in [0, 1].
+        generator: optional ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        [N, P, 2] float32 ``(x, y)`` coordinates in ``[0, 1]`` (no gradient);
+        [N, 0, 2] when ``valid`` has no True pixel.
+    """
+    if oversample_ratio < 1:
+        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}.")
+    if not 0.0 <= importance_sample_ratio <= 1.0:
+        raise ValueError(
+            f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}."
+        )
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must be [N, h, w], got {tuple(mask_logits.shape)}.")
+    num_masks = mask_logits.shape[0]
+    if valid is None:
+        valid = torch.ones(mask_logits.shape[-2:], dtype=torch.bool, device=mask_logits.device)
+    num_uncertain = int(num_points * importance_sample_ratio)
+    num_random = num_points - num_uncertain
+    num_candidates = max(math.ceil(num_points * oversample_ratio), num_uncertain)
+
+    with torch.no_grad():
+        centres = _valid_pixel_centres(valid.bool())
+        if centres.shape[0] == 0 or num_masks == 0 or num_points <= 0:
+            return centres.new_zeros((num_masks, 0, 2))
+
+        def draw(count: int) -> torch.Tensor:
+            idx = torch.randint(
+                centres.shape[0], (num_masks, count), generator=generator, device=centres.device
+            )
+            return centres[idx]  # [N, count, 2]
+
+        parts = []
+        if num_uncertain > 0:
+            candidates = draw(num_candidates)
+            logits = point_sample(mask_logits.detach().float().unsqueeze(1), candidates)
+            uncertainty = -logits.squeeze(1).abs()  # [N, num_candidates]
+            top = uncertainty.topk(num_uncertain, dim=1).indices
+            parts.append(torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2)))
+        if num_random > 0:
+            parts.append(draw(num_random))
+        return torch.cat(parts, dim=1)

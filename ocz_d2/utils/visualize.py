@@ -1,0 +1,90 @@
+"""Pictures of predictions: input | ground truth | prediction, unseen classes marked."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IGNORE_COLOR = (0, 0, 0)
+
+
+def class_palette(num_classes: int, seed: int = 0) -> np.ndarray:
+    """[K, 3] uint8 colours, well separated in hue, deterministic."""
+    rng = np.random.default_rng(seed)
+    hues = (np.arange(num_classes) * 0.618034 + rng.uniform()) % 1.0
+    colors = [colorsys.hsv_to_rgb(h, 0.65 + 0.35 * (i % 2), 0.95) for i, h in enumerate(hues)]
+    return (np.array(colors) * 255).astype(np.uint8)
+
+
+def colorize(label: np.ndarray, palette: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+    """[H, W] class indices -> [H, W, 3] colours; ignore pixels black."""
+    out = np.zeros((*label.shape, 3), dtype=np.uint8)
+    valid = (label != ignore_label) & (label < len(palette))
+    out[valid] = palette[label[valid]]
+    out[~valid] = IGNORE_COLOR
+    return out
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a boolean mask (4-neighbourhood)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def mark_unseen(rgb: np.ndarray, label: np.ndarray, unseen: list[int]) -> np.ndarray:
+    """Draw a white outline around the pixels of unseen classes."""
+    rgb = rgb.copy()
+    rgb[_outline(np.isin(label, unseen))] = 255
+    return rgb
+
+
+def prediction_panel(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    class_names: list[str],
+    unseen: list[int],
+    scale: int = 2,
+) -> Image.Image:
+    """A grid: one row per image (input, ground truth, prediction) and a legend.
+
+    Args:
+        rows: (image [H, W, 3] uint8 RGB, ground truth [H, W], prediction [H, W]) per row.
+        class_names: K names; unseen: indices of the unseen classes (outlined, "*" in legend).
+        scale: nearest-neighbour upscaling factor of every tile.
+    """
+    palette = class_palette(len(class_names))
+    tiles = []
+    for image, gt, pred in rows:
+        cells = [
+            image,
+            mark_unseen(colorize(gt, palette), gt, unseen),
+            mark_unseen(colorize(pred, palette), pred, unseen),
+        ]
+        tiles.append(np.concatenate([_pad(c) for c in cells], axis=1))
+    width = max(t.shape[1] for t in tiles)
+    grid = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles])
+    grid = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+    header, line = 16, 14
+    legend_h = line * ((len(class_names) + 1) // 2) + 8
+    canvas = Image.new("RGB", (grid.width, grid.height + header + legend_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    col_w = grid.width // 3
+    for i, title in enumerate(["input", "ground truth", "prediction"]):
+        draw.text((i * col_w + 4, 2), title, fill=(0, 0, 0))
+    canvas.paste(grid, (0, header))
+    y0 = header + grid.height + 4
+    for k, name in enumerate(class_names):
+        x, y = (k % 2) * (grid.width // 2) + 4, y0 + (k // 2) * line
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(c) for c in palette[k]))
+        draw.text((x + 14, y), name + (" * unseen" if k in unseen else ""), fill=(0, 0, 0))
+    return canvas
+
+
+def _pad(cell: np.ndarray, border: int = 2) -> np.ndarray:
+    return np.pad(cell, ((border, border), (border, border), (0, 0)), constant_values=255)

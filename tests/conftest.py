@@ -1,0 +1,91 @@
+"""Shared pytest fixtures of the ocz_d2 tests.
+
+Data fixtures (session-scoped: generated once per test session, in a temporary folder; the
+process-wide ``DETECTRON2_DATASETS`` is not changed):
+
+``synthetic_benchmark``
+    A tiny synthetic benchmark (:func:`ocz_d2.data.generate_synthetic_benchmark`: 8 train and
+    4 val images of 64x64 px, seed 0, 16 classes, 4 unseen) registered as
+    ``ocz_test_synthetic_train`` / ``ocz_test_synthetic_val``. Returns a :class:`SyntheticData`
+    with ``root``, ``split_file``, ``class_embeddings`` (paths), ``classes``, ``unseen`` (names),
+    ``seen_ids`` / ``unseen_ids`` (class indices), ``train_name``, ``val_name``,
+    ``image_size``, ``num_train``, ``num_val``. Use it read-only: other tests share it.
+
+``synthetic_benchmark_factory``
+    ``factory(name, **generate_kwargs) -> SyntheticData``: generates and registers another
+    benchmark as ``ocz_test_<name>_{train,val}`` (cached per ``name``; asking again for a name
+    with other arguments is an error). Example: ``factory("big", num_train=64, image_size=96)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ocz_d2.data import generate_synthetic_benchmark, register_split_file
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """A generated and registered synthetic benchmark (see the module docstring)."""
+
+    root: Path
+    split_file: Path
+    class_embeddings: Path
+    classes: tuple[str, ...]
+    unseen: tuple[str, ...]
+    seen_ids: tuple[int, ...]
+    unseen_ids: tuple[int, ...]
+    train_name: str
+    val_name: str
+    image_size: int
+    num_train: int
+    num_val: int
+
+
+_DEFAULTS = {"num_train": 8, "num_val": 4, "image_size": 64, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def synthetic_benchmark_factory(tmp_path_factory):
+    """``factory(name, **generate_kwargs)``: generate and register a synthetic benchmark."""
+    base = tmp_path_factory.mktemp("ocz_datasets")
+    made: dict[str, tuple[dict, SyntheticData]] = {}
+
+    def factory(name: str, **kwargs) -> SyntheticData:
+        kwargs = {**_DEFAULTS, **kwargs}
+        if name in made:
+            if made[name][0] != kwargs:
+                raise ValueError(f"synthetic benchmark {name!r} already made with {made[name][0]}")
+            return made[name][1]
+        info = generate_synthetic_benchmark(
+            base / f"ocz_test_{name}", dataset_name=f"test_{name}", **kwargs
+        )
+        train_name, val_name = register_split_file(info.split_file, root=base)
+        unseen_ids = tuple(info.classes.index(c) for c in info.unseen)
+        data = SyntheticData(
+            root=info.root,
+            split_file=info.split_file,
+            class_embeddings=info.class_embeddings,
+            classes=info.classes,
+            unseen=info.unseen,
+            seen_ids=tuple(i for i in range(len(info.classes)) if i not in unseen_ids),
+            unseen_ids=unseen_ids,
+            train_name=train_name,
+            val_name=val_name,
+            image_size=info.image_size,
+            num_train=info.num_train,
+            num_val=info.num_val,
+        )
+        made[name] = (kwargs, data)
+        return data
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def synthetic_benchmark(synthetic_benchmark_factory) -> SyntheticData:
+    """The default tiny benchmark: ``ocz_test_synthetic_{train,val}`` (8 / 4 images, 64 px)."""
+    return synthetic_benchmark_factory("synthetic")

@@ -1,0 +1,173 @@
+"""The synthetic compositional benchmark: determinism, Latin square, factorised embeddings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from ocz_d2.data import (
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_UNSEEN,
+    generate_synthetic_benchmark,
+    load_class_embeddings,
+)
+from ocz_d2.data.synthetic import (
+    HUES,
+    TEXTURES,
+    UNSEEN_CELLS,
+    default_synthetic_root,
+    ensure_synthetic_benchmark,
+    render_synthetic_sample,
+    synthetic_class_embeddings,
+)
+
+TINY = {"num_train": 3, "num_val": 2, "image_size": 48}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    a = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", seed=3, **TINY)
+    b = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", seed=3, **TINY)
+    files_a, files_b = _files(a.root), _files(b.root)
+    assert len(files_a) == 2 * (3 + 2) + 3  # images, labels, embeddings, split file, marker
+    assert files_a == files_b
+    c = generate_synthetic_benchmark(tmp_path / "c" / "ocz_synth", seed=4, **TINY)
+    files_c = _files(c.root)
+    assert files_c["images/train/00000.png"] != files_a["images/train/00000.png"]
+    assert files_c["class_embeddings.npz"] != files_a["class_embeddings.npz"]
+    # Image i depends on (seed, split, i) only.
+    d = generate_synthetic_benchmark(tmp_path / "d" / "ocz_synth", seed=3, **{**TINY, "num_val": 5})
+    files_d = _files(d.root)
+    assert all(files_d[k] == v for k, v in files_a.items() if k.startswith(("images", "labels")))
+
+
+def test_latin_square_split():
+    assert len(SYNTHETIC_CLASSES) == 16 and len(set(SYNTHETIC_CLASSES)) == 16
+    assert SYNTHETIC_CLASSES[4 * 2 + 1] == "blue striped"
+    unseen_ids = sorted(SYNTHETIC_CLASSES.index(c) for c in SYNTHETIC_UNSEEN)
+    assert unseen_ids == [1, 7, 8, 14]
+    assert sorted({h for h, _ in UNSEEN_CELLS}) == [0, 1, 2, 3]  # one per hue
+    assert sorted({t for _, t in UNSEEN_CELLS}) == [0, 1, 2, 3]  # one per texture
+    seen = [c for c in SYNTHETIC_CLASSES if c not in SYNTHETIC_UNSEEN]
+    for hue in HUES:
+        assert sum(c.split()[0] == hue for c in seen) == 3
+    for texture in TEXTURES:
+        assert sum(c.split()[1] == texture for c in seen) == 3
+
+
+def test_embeddings_are_factorised(tmp_path):
+    info = generate_synthetic_benchmark(tmp_path / "ocz_synth", embedding_dim=32, **TINY)
+    classes, emb = load_class_embeddings(info.class_embeddings)
+    assert classes == list(SYNTHETIC_CLASSES) and emb.shape == (16, 32)
+    assert emb.dtype == np.float32
+    with np.load(info.class_embeddings, allow_pickle=False) as f:
+        hue_vecs, tex_vecs = f["hue_vectors"], f["texture_vectors"]
+    attrs = np.concatenate([hue_vecs, tex_vecs]).astype(np.float64)
+    np.testing.assert_allclose(attrs @ attrs.T, np.eye(8), atol=1e-6)
+    for i, name in enumerate(SYNTHETIC_CLASSES):
+        hue, texture = name.split()
+        h, t = list(HUES).index(hue), TEXTURES.index(texture)
+        expected = (hue_vecs[h] + tex_vecs[t]) / np.sqrt(2)
+        np.testing.assert_allclose(emb[i], expected, atol=1e-6)
+    # Cosine similarity: 1 for the same class, 1/2 when one attribute is shared, 0 otherwise.
+    cos = emb.astype(np.float64) @ emb.T.astype(np.float64)
+    for i, a in enumerate(SYNTHETIC_CLASSES):
+        for j, b in enumerate(SYNTHETIC_CLASSES):
+            shared = sum(x == y for x, y in zip(a.split(), b.split()))
+            assert cos[i, j] == pytest.approx(shared / 2, abs=1e-6)
+    # Analogy: an unseen class is exactly reachable from seen ones.
+    idx = {c: i for i, c in enumerate(SYNTHETIC_CLASSES)}
+    analogy = emb[idx["orange plain"]] + emb[idx["green striped"]] - emb[idx["green plain"]]
+    np.testing.assert_allclose(analogy, emb[idx["orange striped"]], atol=1e-6)
+    with pytest.raises(ValueError, match="at least 8"):
+        synthetic_class_embeddings(dim=7)
+
+
+def test_rendered_content():
+    hues = list(HUES.values())
+    dark_fraction = {t: [] for t in TEXTURES}
+    for i in range(12):
+        image, label = render_synthetic_sample(np.random.default_rng([0, 0, i]), 128)
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        assert label.shape == (128, 128) and label.dtype == np.uint8
+        assert (label == 255).mean() > 0.2  # background
+        values = set(np.unique(label).tolist()) - {255}
+        assert values and values <= set(range(16))
+        hsv = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
+        # The background has a low saturation, objects a high one.
+        assert np.median(hsv[..., 1][label == 255]) < 0.2
+        for cls in values:
+            region = label == cls
+            if region.sum() < 150:
+                continue  # a mostly occluded object
+            hue_idx, tex_idx = divmod(cls, 4)
+            bright = region & (hsv[..., 2] > 0.55)
+            diff = np.abs(np.mod(hsv[..., 0][bright] - hues[hue_idx] + 180, 360) - 180)
+            assert np.median(diff) < 12, (i, cls)
+            dark_fraction[TEXTURES[tex_idx]].append((hsv[..., 2][region] < 0.5).mean())
+    means = {t: np.mean(v) for t, v in dark_fraction.items()}
+    assert all(dark_fraction.values()), means
+    assert means["plain"] < 0.05
+    assert 0.1 < means["dotted"] < 0.4
+    assert 0.35 < means["striped"] < 0.65 and 0.35 < means["checkered"] < 0.65
+
+
+def test_complete_folders_are_reused_and_broken_ones_regenerated(tmp_path):
+    root = tmp_path / "ocz_synthetic"
+    info = generate_synthetic_benchmark(root, **TINY)
+    assert info.generated and info.dataset == "synthetic"
+    marker = json.loads((root / "generation_complete.json").read_text())
+    assert marker["num_train"] == 3 and marker["seed"] == 0
+    original = _files(root)
+    # Complete: reused without writing.
+    (root / "images" / "train" / "00000.png").write_bytes(b"edited")
+    assert not generate_synthetic_benchmark(root, **TINY).generated
+    assert (root / "images" / "train" / "00000.png").read_bytes() == b"edited"
+    # Half-written (no marker): regenerated.
+    (root / "generation_complete.json").unlink()
+    assert generate_synthetic_benchmark(root, **TINY).generated
+    assert _files(root) == original
+    # Other arguments: regenerated, stale images removed; user files kept.
+    (root / "notes.txt").write_text("mine")
+    generate_synthetic_benchmark(root, **{**TINY, "num_train": 2})
+    assert not (root / "images" / "train" / "00002.png").exists()
+    assert (root / "notes.txt").read_text() == "mine"
+    assert generate_synthetic_benchmark(root, force=True, **{**TINY, "num_train": 2}).generated
+    label = Image.open(root / "labels" / "val" / "00001.png")
+    assert label.mode == "L" and label.size == (48, 48)
+    with pytest.raises(ValueError, match="image_size >= 16"):
+        generate_synthetic_benchmark(root, image_size=8)
+
+
+def test_prepare_script(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "tools" / "prepare_synthetic.py"
+    spec = importlib.util.spec_from_file_location("prepare_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = tmp_path / "ocz_prep"
+    argv = ["--root", str(root), "--num-train", "4", "--num-val", "2", "--image-size", "32"]
+    assert module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train: 4/4 images" in out and "val: 2/2 images" in out
+    assert "16 classes (4 unseen" in out and f"DETECTRON2_DATASETS={tmp_path}" in out
+    assert len(list((root / "images" / "train").glob("*.png"))) == 4
+    assert module.main(argv) == 0
+    assert "Already complete" in capsys.readouterr().out
+
+
+def test_ensure_synthetic_benchmark_uses_detectron2_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    assert default_synthetic_root() == tmp_path / "ocz_synthetic"
+    root = ensure_synthetic_benchmark(**TINY)
+    assert root == tmp_path / "ocz_synthetic"
+    assert (root / "generation_complete.json").is_file()
+    assert ensure_synthetic_benchmark(**TINY) == root  # reused
