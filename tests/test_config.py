@@ -34,13 +34,17 @@ def _sources():
 
 
 def test_every_added_key_is_read():
-    sources = "\n".join(_sources().values())
+    sources = list(_sources().values())
     unread = []
     for key in _added_keys():
-        parts = key.split(".")
-        # read as attribute chain, e.g. ocz.LOSS.CLASS_WEIGHT or cfg.INPUT.CROP.SIZE
-        tail = ".".join(parts[-2:]) if len(parts) > 1 else parts[-1]
-        if not re.search(rf"\b{re.escape(tail)}\b", sources):
+        parent, leaf = key.split(".")[-2:]
+        # read as an attribute chain (ocz.LOSS.CLASS_WEIGHT), or through an alias of its node
+        # (dec = cfg.MODEL.OCZ.DECODER; dec.NUM_QUERIES) in a file that names the node
+        direct = re.compile(rf"\b{parent}\.{leaf}\b")
+        aliased = re.compile(rf"\.{leaf}\b")
+        if not any(
+            direct.search(src) or (parent in src and aliased.search(src)) for src in sources
+        ):
             unread.append(key)
     assert not unread, f"config keys that nothing reads: {unread}"
 

@@ -111,7 +111,7 @@ def main() -> int:
     if not metrics_path.is_file():
         print(f"[demo] error: no evaluation results at {metrics_path}", file=sys.stderr)
         return 1
-    res = json.loads(metrics_path.read_text())["sem_seg"]
+    res = json.loads(metrics_path.read_text())
     chance = chance_metrics(dataset)
     picture = out / "demo_predictions.png"
     write_picture(cfg, str(out / "model_final.pth"), dataset, picture)

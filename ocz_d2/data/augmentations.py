@@ -203,34 +203,34 @@ def build_zero_shot_augmentations(
     Returns:
         The augmentations, in application order.
     """
-    inp = cfg.INPUT
     if not is_train:
-        if inp.MIN_SIZE_TEST > 0:
-            return [T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST)]
+        if cfg.INPUT.MIN_SIZE_TEST > 0:
+            return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
         return []
-    min_scale, max_scale = (float(v) for v in inp.RESIZE_SCALE)
-    target_h, target_w = (int(v) for v in inp.RESIZE_TARGET)
+    min_scale, max_scale = (float(v) for v in cfg.INPUT.RESIZE_SCALE)
+    target_h, target_w = (int(v) for v in cfg.INPUT.RESIZE_TARGET)
     if not 0 < min_scale <= max_scale or target_h <= 0 or target_w <= 0:
         raise ValueError(
-            f"INPUT.RESIZE_SCALE must be (min, max) with 0 < min <= max and INPUT.RESIZE_TARGET "
-            f"positive (h, w); got {tuple(inp.RESIZE_SCALE)} and {tuple(inp.RESIZE_TARGET)}."
+            "INPUT.RESIZE_SCALE must be (min, max) with 0 < min <= max and INPUT.RESIZE_TARGET "
+            f"positive (h, w); got {tuple(cfg.INPUT.RESIZE_SCALE)} and "
+            f"{tuple(cfg.INPUT.RESIZE_TARGET)}."
         )
     augs: list[T.Augmentation] = [
         RandomResizeScale(
             min_scale, max_scale, target_h, target_w, match_orientation=match_orientation
         )
     ]
-    if inp.CROP.ENABLED:
+    if cfg.INPUT.CROP.ENABLED:
         augs.append(
             T.RandomCrop_CategoryAreaConstraint(
-                inp.CROP.TYPE,
-                inp.CROP.SIZE,
-                inp.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.INPUT.CROP.TYPE,
+                cfg.INPUT.CROP.SIZE,
+                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
                 IGNORE_LABEL,
             )
         )
-    if inp.FLIP_PROB > 0:
-        augs.append(T.RandomFlip(prob=inp.FLIP_PROB, horizontal=True, vertical=False))
-    if inp.COLOR_AUG:
-        augs.append(RandomPhotometricDistortion(image_format=inp.FORMAT))
+    if cfg.INPUT.FLIP_PROB > 0:
+        augs.append(T.RandomFlip(prob=cfg.INPUT.FLIP_PROB, horizontal=True, vertical=False))
+    if cfg.INPUT.COLOR_AUG:
+        augs.append(RandomPhotometricDistortion(image_format=cfg.INPUT.FORMAT))
     return augs

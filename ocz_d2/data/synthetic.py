@@ -72,7 +72,7 @@ SYNTHETIC_UNSEEN: tuple[str, ...] = tuple(
 )
 
 # Bump when the rendering changes, so that folders made by an older generator are regenerated.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _MARKER = "generation_complete.json"
 _SPLITS = ("train", "val")
 _HUE_JITTER = 6.0  # degrees, per object
@@ -172,7 +172,9 @@ def _texture_pattern(rng: np.random.Generator, texture: int, xx: np.ndarray, yy:
     name = TEXTURES[texture]
     if name == "plain":
         return np.zeros(xx.shape, dtype=bool)
-    theta = rng.uniform(0, np.pi)
+    # A checkerboard turned by ~45 degrees is a lattice of dark diamonds that looks like dots:
+    # keep it within 15 degrees of the axes. Stripes and dots take any orientation.
+    theta = rng.uniform(-np.pi / 12, np.pi / 12) if name == "checkered" else rng.uniform(0, np.pi)
     u = xx * np.cos(theta) + yy * np.sin(theta) + rng.uniform(0, 32)
     v = -xx * np.sin(theta) + yy * np.cos(theta) + rng.uniform(0, 32)
     if name == "striped":

@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from torch import nn
 
+from ...data.register_zero_shot import load_class_embeddings as read_class_embedding_file
 from .templates import clean_class_name, get_templates
 
 __all__ = ["TextEmbedder", "load_class_embeddings"]
@@ -29,39 +29,20 @@ _GLOBAL_FILE_KEY = "MODEL.OCZ.TEXT.EMBEDDINGS_FILE"
 
 
 def load_class_embeddings(path: str) -> tuple[list[str], torch.Tensor]:
-    """Read a class-embedding file.
-
-    Args:
-        path: .npz with "classes" (unicode [K]) and "embeddings" (float [K, D]).
+    """Read a class-embedding file (see :func:`ocz_d2.data.load_class_embeddings`).
 
     Returns:
         (class names, float32 tensor [K, D] as stored).
     """
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ("classes", "embeddings") if k not in data.files]
-        if missing:
-            raise ValueError(
-                f"Class-embedding file {path} lacks {missing}; it needs 'classes' [K] and "
-                f"'embeddings' [K, D] (found {data.files})."
-            )
-        classes = [str(c) for c in data["classes"].tolist()]
-        embeddings = torch.from_numpy(np.asarray(data["embeddings"], dtype=np.float32))
-    if embeddings.dim() != 2 or embeddings.shape[0] != len(classes):
-        raise ValueError(
-            f"Class-embedding file {path}: 'embeddings' must be [K={len(classes)}, D], got "
-            f"{tuple(embeddings.shape)}."
-        )
+    classes, embeddings = read_class_embedding_file(path)
     duplicates = sorted({c for c in classes if classes.count(c) > 1})
     if duplicates:
         raise ValueError(f"Class-embedding file {path} lists classes twice: {duplicates}.")
-    return classes, embeddings
+    return classes, torch.from_numpy(embeddings)
 
 
 def _embedding_dim_of_file(path: str) -> int:
-    with np.load(path, allow_pickle=False) as data:
-        if "embeddings" not in data.files or data["embeddings"].ndim != 2:
-            raise ValueError(f"Class-embedding file {path} has no 2-D 'embeddings' array.")
-        return int(data["embeddings"].shape[1])
+    return int(read_class_embedding_file(path)[1].shape[1])
 
 
 def _text_output_dim(clip_model: nn.Module) -> int:
