@@ -1,4 +1,4 @@
-"""tools/train_net.py end to end on CPU: train + eval, --eval-only, resume after a kill, 2 processes.
+"""tools/train_net.py end to end on CPU: train + eval, --eval-only, resume after a kill, DDP.
 
 Each test runs train_net.py as a user would (a subprocess), on a generated 64-pixel synthetic
 benchmark registered through its split file (DATASETS.SPLIT_FILES).

@@ -16,7 +16,11 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,

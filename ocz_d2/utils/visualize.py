@@ -68,7 +68,9 @@ def prediction_panel(
         tiles.append(np.concatenate([_pad(c) for c in cells], axis=1))
     width = max(t.shape[1] for t in tiles)
     grid = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles])
-    grid = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    grid = Image.fromarray(grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
+    )
 
     header, line = 16, 14
     legend_h = line * ((len(class_names) + 1) // 2) + 8

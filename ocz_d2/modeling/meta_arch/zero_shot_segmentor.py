@@ -61,7 +61,11 @@ def sliding_windows(height: int, width: int, window: tuple[int, int], stride: tu
         n = math.ceil((size - win) / step) + 1
         return sorted({min(i * step, size - win) for i in range(n)})
 
-    return [(y, x) for y in starts(height, window[0], stride[0]) for x in starts(width, window[1], stride[1])]
+    return [
+        (y, x)
+        for y in starts(height, window[0], stride[0])
+        for x in starts(width, window[1], stride[1])
+    ]
 
 
 @META_ARCH_REGISTRY.register()
@@ -203,7 +207,9 @@ class OCZeroShotSegmentor(nn.Module):
         return self.pixel_mean.device
 
     # ------------------------------------------------------------------ vocabulary
-    def vocabulary(self, sample: dict, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def vocabulary(
+        self, sample: dict, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The classes a sample is segmented with.
 
         Returns:
@@ -224,14 +230,20 @@ class OCZeroShotSegmentor(nn.Module):
             )
         meta = MetadataCatalog.get(name)
         classes = list(meta.stuff_classes)
-        seen = torch.as_tensor(meta.get("seen_classes", list(range(len(classes)))), dtype=torch.long)
+        seen = torch.as_tensor(
+            meta.get("seen_classes", list(range(len(classes)))), dtype=torch.long
+        )
         text = self.text_embedder.get(
             classes,
             dataset_name=name,
             embeddings_file=self.embeddings_file or meta.get("class_embeddings", None),
         )
         if training and self.zero_shot_setting == "inductive":
-            return seen.to(self.device), text[seen.to(text.device)], torch.arange(len(seen), device=self.device)
+            return (
+                seen.to(self.device),
+                text[seen.to(text.device)],
+                torch.arange(len(seen), device=self.device),
+            )
         return torch.arange(len(classes), device=self.device), text, seen.to(self.device)
 
     # ------------------------------------------------------------------ forward
@@ -250,7 +262,9 @@ class OCZeroShotSegmentor(nn.Module):
         return [self._inference_one(x) for x in batched_inputs]
 
     def _normalize(self, batched_inputs: list[dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def _predict(self, images: torch.Tensor, text: torch.Tensor) -> dict:
@@ -286,11 +300,13 @@ class OCZeroShotSegmentor(nn.Module):
             gt_classes = inst.gt_classes
             masks = inst.gt_masks
             masks = masks.tensor if hasattr(masks, "tensor") else masks
-            if gt_classes.numel() and (gt_classes.max() >= len(to_vocab) or (to_vocab[gt_classes] < 0).any()):
+            if gt_classes.numel() and (
+                gt_classes.max() >= len(to_vocab) or (to_vocab[gt_classes] < 0).any()
+            ):
                 raise ValueError(
-                    f"{x.get('file_name', 'a sample')}: target classes {gt_classes.tolist()} are not "
-                    f"all in the training vocabulary {class_ids.tolist()}; unseen classes must be "
-                    "ignore (255) in inductive training"
+                    f"{x.get('file_name', 'a sample')}: target classes {gt_classes.tolist()} "
+                    f"are not all in the training vocabulary {class_ids.tolist()}; unseen "
+                    "classes must be ignore (255) in inductive training"
                 )
             sem_seg = x["sem_seg"].to(self.device)
             h, w = sem_seg.shape
@@ -326,7 +342,10 @@ class OCZeroShotSegmentor(nn.Module):
             outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
         )[..., :h, :w]
         return torch.stack(
-            [retry_if_cuda_oom(semantic_inference)(lg, mk) for lg, mk in zip(outputs["pred_logits"], masks)]
+            [
+                retry_if_cuda_oom(semantic_inference)(lg, mk)
+                for lg, mk in zip(outputs["pred_logits"], masks)
+            ]
         )
 
     def _slide_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
