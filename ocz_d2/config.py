@@ -112,6 +112,9 @@ def _add_model_config(cfg: CN) -> None:
     ocz.LOSS.DICE_WEIGHT = 5.0
     # Relative weight of the no-object class in the classification loss.
     ocz.LOSS.NO_OBJECT_WEIGHT = 0.1
+    # Teach no-object to unmatched queries whose predicted mask lies mostly on ignore pixels
+    # (True, Mask2Former) or leave their class free (False): ignore pixels hold unseen objects.
+    ocz.LOSS.NO_OBJECT_ON_IGNORE = True
     # Add the losses of every intermediate decoder layer: bool.
     ocz.LOSS.DEEP_SUPERVISION = True
     # Points sampled per mask for matching costs and mask losses (from valid, non-ignore pixels).

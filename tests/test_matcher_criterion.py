@@ -422,3 +422,29 @@ def test_criterion_from_config():
     cfg.MODEL.OCZ.LOSS.DEEP_SUPERVISION = False
     assert set(SetCriterion(cfg).weight_dict) == {"loss_ce", "loss_mask", "loss_dice"}
     assert "SetCriterion" in repr(criterion) and "HungarianMatcher" in repr(criterion)
+
+
+def test_unmatched_queries_on_ignore_pixels_get_no_class_loss_when_asked():
+    size = (8, 8)
+    valid = torch.ones(size, dtype=torch.bool)
+    valid[:, 4:] = False  # right half: ignore (e.g. an unseen object)
+    target = {
+        "labels": torch.tensor([2]),
+        "masks": torch.zeros(1, *size, dtype=torch.bool),
+        "valid": valid,
+    }
+    target["masks"][0, :, :2] = True
+    masks = torch.full((1, 3, *size), -10.0)
+    masks[0, 0, :, :2] = 10.0  # query 0: the target
+    masks[0, 1, :, 5:] = 10.0  # query 1: on ignore pixels
+    masks[0, 2, :, 2:4] = 10.0  # query 2: on labelled pixels that are no target
+    logits = torch.randn(1, 3, 6)
+    outputs = {"pred_logits": logits, "pred_masks": masks}
+
+    default = _criterion()(outputs, [target])["loss_ce"]
+    free = _criterion(no_object_on_ignore=False)(outputs, [target])["loss_ce"]
+    weight = torch.tensor([1.0] * 5 + [0.1])
+    expected_default = F.cross_entropy(logits[0], torch.tensor([2, 5, 5]), weight=weight)
+    expected_free = F.cross_entropy(logits[0], torch.tensor([2, -100, 5]), weight=weight)
+    torch.testing.assert_close(default, expected_default)
+    torch.testing.assert_close(free, expected_free)

@@ -81,6 +81,10 @@ def _count_aux_layers(weight_dict: dict[str, float], base_keys: set[str]) -> int
     return len(suffixes)
 
 
+# Target value of a query that gets no classification loss (F.cross_entropy's ignore_index).
+_NO_CLASS_LOSS = -100
+
+
 class SetCriterion(nn.Module):
     """Hungarian-matched losses of a set of mask predictions, with ignore-aware mask losses.
 
@@ -121,6 +125,7 @@ class SetCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         num_aux_layers: int | None = None,
+        no_object_on_ignore: bool = True,
     ):
         """
         Args:
@@ -135,6 +140,10 @@ class SetCriterion(nn.Module):
             importance_sample_ratio: fraction of points chosen by uncertainty (in [0, 1]).
             num_aux_layers: auxiliary predictions supervised (0: auxiliary outputs ignored);
                 None infers it from the suffixed keys of ``weight_dict`` (``loss_ce_0`` ...).
+            no_object_on_ignore: whether an unmatched query whose predicted mask lies mostly on
+                ignore pixels is taught no-object. False leaves its class free (no class loss):
+                in inductive training ignore pixels include unseen objects, and teaching the
+                queries that find them "no-object" suppresses unseen classes at test time.
         """
         super().__init__()
         unknown = set(losses) - set(_LOSS_KEYS)
@@ -155,6 +164,7 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.num_aux_layers = num_aux_layers
+        self.no_object_on_ignore = no_object_on_ignore
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -176,6 +186,7 @@ class SetCriterion(nn.Module):
             "oversample_ratio": loss.OVERSAMPLE_RATIO,
             "importance_sample_ratio": loss.IMPORTANCE_SAMPLE_RATIO,
             "num_aux_layers": num_aux,
+            "no_object_on_ignore": loss.NO_OBJECT_ON_IGNORE,
         }
 
     def forward(
@@ -247,10 +258,34 @@ class SetCriterion(nn.Module):
         for b, (query_idx, target_idx) in enumerate(indices):
             labels = targets[b]["labels"].to(logits.device)
             target_classes[b, query_idx.to(logits.device)] = labels[target_idx.to(logits.device)]
+        if not self.no_object_on_ignore:
+            on_ignore = self._mostly_on_ignore(outputs["pred_masks"], targets)
+            target_classes[on_ignore & (target_classes == no_object)] = _NO_CLASS_LOSS
         empty_weight = logits.new_ones(num_classes_plus_one)
         empty_weight[-1] = self.no_object_weight
-        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=empty_weight)
+        if (target_classes == _NO_CLASS_LOSS).all():  # nothing to learn: zero, in the graph
+            return {"loss_ce": logits.sum() * 0.0}
+        loss = F.cross_entropy(
+            logits.transpose(1, 2), target_classes, weight=empty_weight, ignore_index=_NO_CLASS_LOSS
+        )
         return {"loss_ce": loss}
+
+    @staticmethod
+    @torch.no_grad()
+    def _mostly_on_ignore(pred_masks: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+        """bool [B, Q]: more than half of the query's soft mask lies on ignore pixels."""
+        probs = pred_masks.float().sigmoid()
+        out = torch.zeros(probs.shape[:2], dtype=torch.bool, device=probs.device)
+        for b, target in enumerate(targets):
+            valid = target.get("valid")
+            if valid is None:
+                continue
+            valid = F.interpolate(
+                valid[None, None].float().to(probs.device), size=probs.shape[-2:], mode="area"
+            )[0, 0]
+            mass = probs[b].flatten(1).sum(1).clamp(min=1e-6)
+            out[b] = (probs[b] * (1 - valid)).flatten(1).sum(1) / mass > 0.5
+        return out
 
     def loss_masks(
         self,

@@ -16,7 +16,6 @@ from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
 from ..criterion import SetCriterion
-from ..matcher import HungarianMatcher
 from ..text import TextEmbedder, load_class_embeddings
 from ..transformer_decoder import build_transformer_decoder
 
@@ -155,30 +154,7 @@ class OCZeroShotSegmentor(nn.Module):
             mask_dim=cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             text_dim=text_dim,
         )
-        weights = {
-            "loss_ce": ocz.LOSS.CLASS_WEIGHT,
-            "loss_mask": ocz.LOSS.MASK_WEIGHT,
-            "loss_dice": ocz.LOSS.DICE_WEIGHT,
-        }
-        matcher = HungarianMatcher(
-            cost_class=ocz.LOSS.CLASS_WEIGHT,
-            cost_mask=ocz.LOSS.MASK_WEIGHT,
-            cost_dice=ocz.LOSS.DICE_WEIGHT,
-            num_points=ocz.LOSS.TRAIN_NUM_POINTS,
-        )
-        num_aux = ocz.DECODER.DEC_LAYERS if ocz.LOSS.DEEP_SUPERVISION else 0
-        weight_dict = dict(weights)
-        for i in range(num_aux):
-            weight_dict.update({f"{k}_{i}": v for k, v in weights.items()})
-        criterion = SetCriterion(
-            matcher=matcher,
-            weight_dict=weight_dict,
-            no_object_weight=ocz.LOSS.NO_OBJECT_WEIGHT,
-            losses=["labels", "masks"],
-            num_points=ocz.LOSS.TRAIN_NUM_POINTS,
-            oversample_ratio=ocz.LOSS.OVERSAMPLE_RATIO,
-            importance_sample_ratio=ocz.LOSS.IMPORTANCE_SAMPLE_RATIO,
-        )
+        criterion = SetCriterion(cfg)
         _check_pixel_stats(cfg, backbone)
         divisibility = max(
             cfg.INPUT.SIZE_DIVISIBILITY,
