@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--root", default=default_root, help=f"output folder (default: {default_root})"
     )
-    parser.add_argument("--num-train", type=int, default=400, help="training images")
+    parser.add_argument("--num-train", type=int, default=1000, help="training images")
     parser.add_argument("--num-val", type=int, default=100, help="validation images")
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

@@ -283,7 +283,7 @@ def _split_yaml(dataset: str, folder: str) -> str:
 def generate_synthetic_benchmark(
     root: str | os.PathLike,
     *,
-    num_train: int = 400,
+    num_train: int = 1000,
     num_val: int = 100,
     image_size: int = 128,
     seed: int = 0,
@@ -399,7 +399,7 @@ def ensure_synthetic_benchmark(root: str | os.PathLike | None = None, **kwargs) 
 
     Args:
         root: output folder; ``None`` uses :func:`default_synthetic_root`.
-        kwargs: arguments of :func:`generate_synthetic_benchmark` (defaults: 400 / 100 images
+        kwargs: arguments of :func:`generate_synthetic_benchmark` (defaults: 1000 / 100 images
             of 128 px, seed 0).
 
     Returns:
