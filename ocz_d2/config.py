@@ -99,9 +99,6 @@ def _add_model_config(cfg: CN) -> None:
     ocz.DECODER.PRE_NORM = False
     # Mask each query's cross-attention to its predicted mask (Mask2Former): bool.
     ocz.DECODER.MASKED_ATTENTION = True
-    # Add a linear read-out of the mask features pooled under each query's mask to its class
-    # embedding (helps compositional transfer): bool.
-    ocz.DECODER.CLASS_FROM_REGION = False
     # Initial temperature of the class logits (logits = scale * cosine); learned in log space.
     ocz.DECODER.LOGIT_SCALE = 50.0
 

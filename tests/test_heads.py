@@ -282,34 +282,3 @@ def test_decoder_registry_and_input_checks():
         decoder(levels, mask_features, torch.randn(3, TEXT_DIM + 1))
     with pytest.raises(ValueError, match="logit_scale_init"):
         _decoder(logit_scale_init=0.0)
-
-
-def test_decoder_class_from_region_pools_mask_features():
-    torch.manual_seed(0)
-    decoder = _decoder(class_from_region=True, dec_layers=1)
-    levels, mask_features, text = _decoder_inputs()
-    out = decoder(levels, mask_features, text)
-    assert out["pred_embeds"].shape == (2, 6, TEXT_DIM)
-    out["pred_logits"].sum().backward()
-    assert decoder.region_class_embed.weight.grad.abs().sum() > 0
-    # With the read-out zeroed, the decoder equals the plain one with the same weights.
-    plain = _decoder(dec_layers=1)
-    plain.load_state_dict(
-        {k: v for k, v in decoder.state_dict().items() if not k.startswith("region_")}
-    )
-    with torch.no_grad():
-        decoder.region_class_embed.weight.zero_()
-        decoder.region_class_embed.bias.zero_()
-        torch.testing.assert_close(
-            decoder(levels, mask_features, text)["pred_embeds"],
-            plain(levels, mask_features, text)["pred_embeds"],
-        )
-        # Features equal to a constant vector c everywhere pool to c under any mask.
-        c = torch.randn(MASK_DIM)
-        const = c.view(1, -1, 1, 1).expand_as(mask_features).contiguous()
-        decoder.region_class_embed.weight.normal_()
-        decoder.region_class_embed.bias.copy_(-decoder.region_class_embed.weight @ c)
-        torch.testing.assert_close(
-            decoder(levels, const, text)["pred_embeds"],
-            plain(levels, const, text)["pred_embeds"],
-        )

@@ -200,7 +200,6 @@ class ZeroShotMaskDecoder(nn.Module):
         masked_attention: bool = True,
         logit_scale_init: float = 50.0,
         num_feature_levels: int = 3,
-        class_from_region: bool = False,
     ):
         """
         Args:
@@ -217,10 +216,6 @@ class ZeroShotMaskDecoder(nn.Module):
             masked_attention: restrict cross-attention to the previously predicted masks.
             logit_scale_init: initial class-logit scale, in (0, 100].
             num_feature_levels: number of multi-scale feature maps given to ``forward``.
-            class_from_region: add to each query's class embedding a linear map of the mask
-                features averaged under its (detached) predicted mask. A linear read-out of
-                pixel features keeps attributes that combine additively in the pixel features
-                additive in the class embedding, which helps transfer to unseen combinations.
         """
         super().__init__()
         if hidden_dim % nheads or hidden_dim % 2:
@@ -266,7 +261,6 @@ class ZeroShotMaskDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.mask_embed = _MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.class_embed = nn.Linear(hidden_dim, text_dim)
-        self.region_class_embed = nn.Linear(mask_dim, text_dim) if class_from_region else None
         # An Embedding so that Detectron2's optimiser treats it as one (WEIGHT_DECAY_EMBED).
         self.no_object_embed = nn.Embedding(1, text_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
@@ -288,7 +282,6 @@ class ZeroShotMaskDecoder(nn.Module):
             "masked_attention": dec.MASKED_ATTENTION,
             "logit_scale_init": dec.LOGIT_SCALE,
             "num_feature_levels": len(cfg.MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES),
-            "class_from_region": dec.CLASS_FROM_REGION,
         }
 
     def forward(
@@ -378,13 +371,7 @@ class ZeroShotMaskDecoder(nn.Module):
         decoded = self.decoder_norm(queries)
         mask_embed = self.mask_embed(decoded)
         pred_masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        class_embeds = self.class_embed(decoded)
-        if self.region_class_embed is not None:
-            weights = pred_masks.detach().sigmoid()
-            area = weights.sum(dim=(-2, -1)).clamp(min=1e-6).unsqueeze(-1)
-            pooled = torch.einsum("bqhw,bchw->bqc", weights, mask_features) / area
-            class_embeds = class_embeds + self.region_class_embed(pooled)
-        pred_embeds = F.normalize(class_embeds, dim=-1)
+        pred_embeds = F.normalize(self.class_embed(decoded), dim=-1)
         scale = self.logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
         pred_logits = scale * pred_embeds @ class_targets.to(pred_embeds).t()
         pred = {"pred_logits": pred_logits, "pred_masks": pred_masks, "pred_embeds": pred_embeds}
