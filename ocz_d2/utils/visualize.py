@@ -49,6 +49,7 @@ def prediction_panel(
     class_names: list[str],
     unseen: list[int],
     scale: int = 2,
+    ignore_label: int = 255,
 ) -> Image.Image:
     """A grid: one row per image (input, ground truth, prediction) and a legend.
 
@@ -56,14 +57,19 @@ def prediction_panel(
         rows: (image [H, W, 3] uint8 RGB, ground truth [H, W], prediction [H, W]) per row.
         class_names: K names; unseen: indices of the unseen classes (outlined, "*" in legend).
         scale: nearest-neighbour upscaling factor of every tile.
+        ignore_label: label value of unlabeled pixels (not evaluated, not coloured).
     """
     palette = class_palette(len(class_names))
     tiles = []
     for image, gt, pred in rows:
+        # Ignore pixels are not evaluated: show the prediction only where the label is valid,
+        # and a darkened input elsewhere.
+        valid = (gt != ignore_label)[..., None]
+        shown = np.where(valid, colorize(pred, palette), (image * 0.35).astype(np.uint8))
         cells = [
             image,
-            mark_unseen(colorize(gt, palette), gt, unseen),
-            mark_unseen(colorize(pred, palette), pred, unseen),
+            mark_unseen(colorize(gt, palette, ignore_label), gt, unseen),
+            mark_unseen(shown, np.where(valid[..., 0], pred, ignore_label), unseen),
         ]
         tiles.append(np.concatenate([_pad(c) for c in cells], axis=1))
     width = max(t.shape[1] for t in tiles)
@@ -77,7 +83,7 @@ def prediction_panel(
     canvas = Image.new("RGB", (grid.width, grid.height + header + legend_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     col_w = grid.width // 3
-    for i, title in enumerate(["input", "ground truth", "prediction"]):
+    for i, title in enumerate(["input", "ground truth", "prediction (labelled pixels)"]):
         draw.text((i * col_w + 4, 2), title, fill=(0, 0, 0))
     canvas.paste(grid, (0, header))
     y0 = header + grid.height + 4
