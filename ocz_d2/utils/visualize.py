@@ -11,7 +11,13 @@ IGNORE_COLOR = (0, 0, 0)
 
 
 def class_palette(num_classes: int, seed: int = 0) -> np.ndarray:
-    """[K, 3] uint8 colours, well separated in hue, deterministic."""
+    """[K, 3] uint8 colours, deterministic: matplotlib's tab20 (distinct) for up to 20 classes,
+    golden-ratio hue steps beyond."""
+    if num_classes <= 20:
+        from matplotlib import colormaps
+
+        colors = colormaps["tab20"].colors[:num_classes]
+        return (np.array(colors) * 255).round().astype(np.uint8)
     rng = np.random.default_rng(seed)
     hues = (np.arange(num_classes) * 0.618034 + rng.uniform()) % 1.0
     colors = [colorsys.hsv_to_rgb(h, 0.65 + 0.35 * (i % 2), 0.95) for i, h in enumerate(hues)]
