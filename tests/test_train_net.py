@@ -7,6 +7,7 @@ benchmark registered through its split file (DATASETS.SPLIT_FILES).
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,6 +115,17 @@ def test_resume_after_kill_continues_from_last_checkpoint(synthetic_benchmark, t
 def test_two_process_cpu_training(synthetic_benchmark, tmp_path):
     data = synthetic_benchmark
     out = tmp_path / "ddp"
-    proc = _run(data, out, "--num-gpus", "2", **{"SOLVER.MAX_ITER": 2, "TEST.EVAL_PERIOD": 0})
+    with socket.socket() as sock:  # a free port, not the launcher's fixed per-user default
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    proc = _run(
+        data,
+        out,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        url,
+        **{"SOLVER.MAX_ITER": 2, "TEST.EVAL_PERIOD": 0},
+    )
     assert (out / "model_final.pth").is_file()
     assert "World size: 2" in proc.stdout + proc.stderr
