@@ -354,6 +354,10 @@ def _dist_worker(name, root, result_prefix):
     results = _evaluate_records(name, mine)
     with open(f"{result_prefix}.rank{rank}.json", "w") as f:
         json.dump(results, f)
+    # Leave together and close the group: a rank exiting while gloo's threads still run aborts
+    # ("terminate called without an active exception").
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 
 def _free_port():

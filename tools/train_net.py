@@ -133,6 +133,16 @@ def setup(args):
 
 
 def main(args):
+    result = run(args)
+    if comm.get_world_size() > 1:
+        # Leave together and close the group: a process exiting while gloo's threads still run
+        # can abort ("terminate called without an active exception").
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def run(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
