@@ -28,11 +28,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 pip_raw=("$py" -m pip --disable-pip-version-check)
-# pip install, without the machine-specific warnings about absent local index folders.
-pip_install() {
-  # pipefail + set -e: a failing pip still stops the script with its status.
-  "${pip_raw[@]}" install "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-}
+# pip's output without the machine-specific warnings about absent local index folders.
+# pipefail + set -e: a failing command in front of it still stops the script with its status.
+drop_index_warnings() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+pip_install() { "${pip_raw[@]}" install "$@" 2>&1 | drop_index_warnings; }
 
 stamp_file="$venv/.ocz_d2_stamp"
 stamp="$(cat "$repo/requirements.txt" "$repo/tools/setup_env.sh" "$repo/tools/install_detectron2.py" \
@@ -47,7 +46,7 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   log "installing requirements.txt"
   pip_install -q -r "$repo/requirements.txt" "${torch_spec[@]}"
   log "installing Detectron2 (kept if one already imports)"
-  "$py" "$repo/tools/install_detectron2.py"
+  "$py" "$repo/tools/install_detectron2.py" 2>&1 | drop_index_warnings
   rm -f "$venv/.ocz_d2_repo"
   echo "$stamp" > "$stamp_file"
   log "environment ready in $(( $(date +%s) - start )) s"
