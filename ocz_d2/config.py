@@ -18,6 +18,9 @@ def _add_data_config(cfg: CN) -> None:
     # YAML split files (see ocz_d2/data/split_file.py) registered before the datasets are built;
     # relative paths are resolved against the working directory.
     cfg.DATASETS.SPLIT_FILES = []
+    # Validation split(s) on which tools/report.py and tools/demo.py tune test-time choices (the
+    # calibration gamma); reported numbers come from DATASETS.TEST. () when there is none.
+    cfg.DATASETS.VAL = ()
 
     # Training setting: "inductive" (unseen pixels -> ignore, seen vocabulary only) or
     # "transductive" (unseen names known; unseen pixels still ignored in the labels).
@@ -128,6 +131,9 @@ def _add_model_config(cfg: CN) -> None:
     ocz.TEST = CN()
     # Calibration gamma subtracted from seen-class scores at test time (inductive: 0.1).
     ocz.TEST.CALIBRATION = 0.1
+    # Gammas tried on DATASETS.VAL by the tuned protocol (ocz_d2/engine/protocol.py); the one
+    # with the highest val hIoU is used on DATASETS.TEST.
+    ocz.TEST.CALIBRATION_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     # "whole" (one forward per image) or "slide" (sliding window, logits averaged).
     ocz.TEST.MODE = "whole"
     # Sliding-window crop size (h, w) in input pixels.

@@ -4,17 +4,19 @@ Data fixtures (session-scoped: generated once per test session, in a temporary f
 process-wide ``DETECTRON2_DATASETS`` is not changed):
 
 ``synthetic_benchmark``
-    A tiny synthetic benchmark (:func:`ocz_d2.data.generate_synthetic_benchmark`: 8 train and
-    4 val images of 64x64 px, seed 0, 16 classes, 4 unseen) registered as
-    ``ocz_test_synthetic_train`` / ``ocz_test_synthetic_val``. Returns a :class:`SyntheticData`
-    with ``root``, ``split_file``, ``class_embeddings`` (paths), ``classes``, ``unseen`` (names),
-    ``seen_ids`` / ``unseen_ids`` (class indices), ``train_name``, ``val_name``,
-    ``image_size``, ``num_train``, ``num_val``. Use it read-only: other tests share it.
+    A tiny synthetic benchmark (:func:`ocz_d2.data.generate_synthetic_benchmark`: 8 train,
+    4 val and 4 test images of 64x64 px, 16 image-caption pairs, seed 0, 16 classes, 4 unseen)
+    registered with its class-embedding file (split file ``split_embeddings.yaml``) as
+    ``ocz_test_synthetic_attr_{train,val,test}``. Returns a :class:`SyntheticData` with ``root``,
+    ``split_file``, ``class_embeddings`` (paths), ``classes``, ``unseen`` (names), ``seen_ids`` /
+    ``unseen_ids`` (class indices), ``train_name``, ``val_name``, ``test_name``, ``image_size``,
+    ``num_train``, ``num_val``, ``num_test``. Use it read-only: other tests share it.
 
 ``synthetic_benchmark_factory``
     ``factory(name, **generate_kwargs) -> SyntheticData``: generates and registers another
-    benchmark as ``ocz_test_<name>_{train,val}`` (cached per ``name``; asking again for a name
-    with other arguments is an error). Example: ``factory("big", num_train=64, image_size=96)``.
+    benchmark as ``ocz_test_<name>_attr_{train,val,test}`` (cached per ``name``; asking again for
+    a name with other arguments is an error). Example:
+    ``factory("big", num_train=64, image_size=96)``.
 """
 
 from __future__ import annotations
@@ -40,12 +42,22 @@ class SyntheticData:
     unseen_ids: tuple[int, ...]
     train_name: str
     val_name: str
+    test_name: str
     image_size: int
     num_train: int
     num_val: int
+    num_test: int
 
 
-_DEFAULTS = {"num_train": 8, "num_val": 4, "image_size": 64, "seed": 0}
+_DEFAULTS = {
+    "num_train": 8,
+    "num_val": 4,
+    "num_test": 4,
+    "num_pretrain": 16,
+    "num_zeroshot_per_class": 1,
+    "image_size": 64,
+    "seed": 0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +75,13 @@ def synthetic_benchmark_factory(tmp_path_factory):
         info = generate_synthetic_benchmark(
             base / f"ocz_test_{name}", dataset_name=f"test_{name}", **kwargs
         )
-        train_name, val_name = register_split_file(info.split_file, root=base)
+        # The variant with the attribute-composed embedding file (ocz_test_<name>_attr_*): tests
+        # need no pretrained CLIP.
+        train_name, val_name, test_name = register_split_file(info.split_file_embeddings, root=base)
         unseen_ids = tuple(info.classes.index(c) for c in info.unseen)
         data = SyntheticData(
             root=info.root,
-            split_file=info.split_file,
+            split_file=info.split_file_embeddings,
             class_embeddings=info.class_embeddings,
             classes=info.classes,
             unseen=info.unseen,
@@ -75,9 +89,11 @@ def synthetic_benchmark_factory(tmp_path_factory):
             unseen_ids=unseen_ids,
             train_name=train_name,
             val_name=val_name,
+            test_name=test_name,
             image_size=info.image_size,
             num_train=info.num_train,
             num_val=info.num_val,
+            num_test=info.num_test,
         )
         made[name] = (kwargs, data)
         return data
@@ -87,5 +103,5 @@ def synthetic_benchmark_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_benchmark(synthetic_benchmark_factory) -> SyntheticData:
-    """The default tiny benchmark: ``ocz_test_synthetic_{train,val}`` (8 / 4 images, 64 px)."""
+    """The default tiny benchmark: ``ocz_test_synthetic_attr_{train,val,test}`` (8/4/4 images)."""
     return synthetic_benchmark_factory("synthetic")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ocz_d2.config import add_ocz_config
 from ocz_d2.data import (
+    SYNTHETIC_ATTR_SPLIT_FILE,
     SYNTHETIC_SPLIT_FILE,
     generate_synthetic_benchmark,
     is_zero_shot_split,
@@ -374,24 +375,34 @@ def test_split_files_from_config(split_dir, names, monkeypatch):
 
 
 def test_builtin_synthetic_splits_match_the_generator(tmp_path, names):
-    for split in ("train", "val"):
-        meta = _meta(f"ocz_synthetic_{split}")
-        assert meta["split_file"] == str(SYNTHETIC_SPLIT_FILE)
-        assert meta["unseen_classes"] == [1, 7, 8, 14]
-        assert meta["image_root"].endswith(f"ocz_synthetic/images/{split}")
+    for prefix, path in (
+        ("ocz_synthetic", SYNTHETIC_SPLIT_FILE),
+        ("ocz_synthetic_attr", SYNTHETIC_ATTR_SPLIT_FILE),
+    ):
+        for split in ("train", "val", "test"):
+            meta = _meta(f"{prefix}_{split}")
+            assert meta["split_file"] == str(path)
+            assert meta["unseen_classes"] == [1, 7, 8, 14]
+            assert meta["image_root"].endswith(f"ocz_synthetic/images/{split}")
+    assert _meta("ocz_synthetic_test")["class_embeddings"] is None  # names through CLIP
+    assert _meta("ocz_synthetic_attr_test")["class_embeddings"].endswith("class_embeddings.npz")
     package = yaml.safe_load(SYNTHETIC_SPLIT_FILE.read_text())
     assert package == synthetic_split_config()
-    # What the generator writes for a folder named ocz_synthetic is the package file, and the
-    # package file registers that folder.
+    package_attr = yaml.safe_load(SYNTHETIC_ATTR_SPLIT_FILE.read_text())
+    assert package_attr == synthetic_split_config("synthetic_attr", with_embeddings=True)
+    # What the generator writes for a folder named ocz_synthetic is the package files, and the
+    # package files register that folder.
     info = generate_synthetic_benchmark(
-        tmp_path / "ocz_synthetic", num_train=2, num_val=1, image_size=32
-    )
+        tmp_path / "ocz_synthetic", num_train=2, num_val=1, num_test=1, num_pretrain=1,
+        num_zeroshot_per_class=1, image_size=32,
+    )  # fmt: skip
     assert yaml.safe_load(info.split_file.read_text()) == package
+    assert yaml.safe_load(info.split_file_embeddings.read_text()) == package_attr
     base = names()
-    registered = register_split_file(SYNTHETIC_SPLIT_FILE, root=tmp_path, dataset=base)
-    assert [len(DatasetCatalog.get(n)) for n in registered] == [2, 1]
+    registered = register_split_file(SYNTHETIC_ATTR_SPLIT_FILE, root=tmp_path, dataset=base)
+    assert [len(DatasetCatalog.get(n)) for n in registered] == [2, 1, 1]
     assert _meta(registered[0]) == {
-        **_meta("ocz_synthetic_train"),
+        **_meta("ocz_synthetic_attr_train"),
         "image_root": str(tmp_path / "ocz_synthetic" / "images" / "train"),
         "sem_seg_root": str(tmp_path / "ocz_synthetic" / "labels" / "train"),
         "class_embeddings": str(tmp_path / "ocz_synthetic" / "class_embeddings.npz"),

@@ -25,7 +25,7 @@ from ocz_d2.modeling.matcher import HungarianMatcher
 from ocz_d2.modeling.meta_arch import calibrate, sliding_windows
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "synthetic" / "ocz_tiny.yaml"
+TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
 
 
 def tiny_cfg(data, **overrides):

@@ -9,7 +9,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "segment.py"
-CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny.yaml"
+CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
 
 
 def _run(*args):

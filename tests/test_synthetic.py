@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -24,10 +26,18 @@ from ocz_d2.data.synthetic import (
     default_synthetic_root,
     ensure_synthetic_benchmark,
     render_synthetic_sample,
+    synthetic_caption,
     synthetic_class_embeddings,
 )
 
-TINY = {"num_train": 3, "num_val": 2, "image_size": 48}
+TINY = {
+    "num_train": 3,
+    "num_val": 2,
+    "num_test": 2,
+    "num_pretrain": 4,
+    "num_zeroshot_per_class": 1,
+    "image_size": 48,
+}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -38,7 +48,9 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     a = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", seed=3, **TINY)
     b = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", seed=3, **TINY)
     files_a, files_b = _files(a.root), _files(b.root)
-    assert len(files_a) == 2 * (3 + 2) + 3  # images, labels, embeddings, split file, marker
+    # images and labels of 3 splits, 3 caption files, pretraining images + captions, 16 zero-shot
+    # images + labels, embeddings, 2 split files, marker
+    assert len(files_a) == 2 * (3 + 2 + 2) + 3 + (4 + 1) + (16 + 1) + 1 + 2 + 1
     assert files_a == files_b
     c = generate_synthetic_benchmark(tmp_path / "c" / "ocz_synth", seed=4, **TINY)
     files_c = _files(c.root)
@@ -96,7 +108,8 @@ def test_rendered_content():
     hues = list(HUES.values())
     dark_fraction = {t: [] for t in TEXTURES}
     for i in range(12):
-        image, label = render_synthetic_sample(np.random.default_rng([0, 0, i]), 128)
+        scene = render_synthetic_sample(np.random.default_rng([0, 0, i]), 128)
+        image, label = scene.image, scene.label
         assert image.shape == (128, 128, 3) and image.dtype == np.uint8
         assert label.shape == (128, 128) and label.dtype == np.uint8
         assert (label == 255).mean() > 0.2  # background
@@ -154,7 +167,8 @@ def test_prepare_script(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     root = tmp_path / "ocz_prep"
-    argv = ["--root", str(root), "--num-train", "4", "--num-val", "2", "--image-size", "32"]
+    argv = ["--root", str(root), "--num-train", "4", "--num-val", "2", "--num-test", "2"]
+    argv += ["--num-pretrain", "4", "--image-size", "32", "--no-clip"]
     assert module.main(argv) == 0
     out = capsys.readouterr().out
     assert "train: 4/4 images" in out and "val: 2/2 images" in out
@@ -167,7 +181,80 @@ def test_prepare_script(tmp_path, capsys):
 def test_ensure_synthetic_benchmark_uses_detectron2_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     assert default_synthetic_root() == tmp_path / "ocz_synthetic"
-    root = ensure_synthetic_benchmark(**TINY)
-    assert root == tmp_path / "ocz_synthetic"
-    assert (root / "generation_complete.json").is_file()
-    assert ensure_synthetic_benchmark(**TINY) == root  # reused
+    info = ensure_synthetic_benchmark(**TINY)
+    assert info.root == tmp_path / "ocz_synthetic" and info.generated
+    assert (info.root / "generation_complete.json").is_file()
+    again = ensure_synthetic_benchmark(**TINY)
+    assert again.root == info.root and not again.generated  # reused
+
+
+# Independent re-derivation of the caption grammar: how a phrase can name (hue, texture).
+_TEXTURE_WORDS = {
+    "plain": r"(?:plain|no pattern|a plain surface|a uniform colour)",
+    "striped": r"(?:striped|stripes|a striped pattern|thin stripes)",
+    "dotted": r"(?:dotted|dots|polka dots|a dotted pattern)",
+    "checkered": r"(?:checkered|checks|a checkerboard pattern|a checkered pattern)",
+}
+
+
+def _names_class(caption: str, cls: int) -> bool:
+    hue, texture = SYNTHETIC_CLASSES[cls].split(" ")
+    tex = _TEXTURE_WORDS[texture]
+    patterns = [
+        rf"\b{hue} {texture} \w+",
+        rf"\b{texture} {hue} \w+",
+        rf"\b{hue} \w+ with {tex}\b",
+        rf"\bthat is {hue} and {texture}\b",
+    ]
+    return any(re.search(p, caption) for p in patterns)
+
+
+def test_captions_name_the_visible_objects():
+    for i in range(20):
+        scene = render_synthetic_sample(np.random.default_rng([0, 0, i]), 128)
+        visible = scene.visible_objects()
+        caption = synthetic_caption(np.random.default_rng([0, 0, i, 1]), visible)
+        # Each object phrase holds exactly one hue word.
+        hue_words = re.findall(r"\b(?:orange|green|blue|magenta)\b", caption)
+        assert len(hue_words) == len(visible), caption
+        for cls, _ in visible:
+            assert _names_class(caption, cls), (caption, SYNTHETIC_CLASSES[cls])
+        # Objects hidden below the area threshold are not named.
+        hidden = [c for c, _, area in scene.objects if area < 0.01 * 128 * 128]
+        assert all(c in [v for v, _ in visible] or not _names_class(caption, c) for c in hidden)
+    assert synthetic_caption(np.random.default_rng(0), []) == "a grey textured background"
+
+
+def test_caption_wording_varies():
+    rng = np.random.default_rng(0)
+    captions = {synthetic_caption(rng, [(1, "star")]) for _ in range(200)}
+    assert len(captions) > 30  # word order, nouns, frames and "with ..." forms vary
+    assert all(_names_class(c, 1) for c in captions)
+    two = [synthetic_caption(rng, [(1, "star"), (8, "ellipse")]) for _ in range(50)]
+    firsts = {c.find("orange") < c.find("blue") for c in two}
+    assert firsts == {True, False}  # both orders occur
+
+
+def test_caption_files_and_pretraining_set(tmp_path):
+    info = generate_synthetic_benchmark(
+        tmp_path / "ocz_synth", **{**TINY, "num_pretrain": 120, "image_size": 64}
+    )
+    with info.pretrain_captions.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 120 and set(rows[0]) == {"filepath", "caption"}
+    assert all((info.pretrain_captions.parent / r["filepath"]).is_file() for r in rows)
+    named = {c for r in rows for c in range(16) if _names_class(r["caption"], c)}
+    assert named == set(range(16))  # unseen classes included: CLIP "has seen" every class
+    with info.captions("val").open() as f:
+        val_rows = list(csv.DictReader(f))
+    assert [r["filepath"] for r in val_rows] == ["images/val/00000.png", "images/val/00001.png"]
+    # A segmentation caption names exactly the classes of the label map's large regions.
+    label = np.asarray(Image.open(info.root / "labels" / "val" / "00000.png"))
+    for cls in np.unique(label[label != 255]):
+        if (label == cls).mean() > 0.05:
+            assert _names_class(val_rows[0]["caption"], int(cls)), val_rows[0]["caption"]
+    with info.zeroshot_labels.open() as f:
+        zs = list(csv.DictReader(f))
+    assert [r["label"] for r in zs] == list(SYNTHETIC_CLASSES)
+    image = np.asarray(Image.open(info.zeroshot_labels.parent / zs[0]["filepath"]))
+    assert image.shape == (64, 64, 3)

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = REPO / "tools" / "train_net.py"
-CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny.yaml"
+CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
 METRICS = "zero_shot_sem_seg_metrics.json"
 
 

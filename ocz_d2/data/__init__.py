@@ -1,7 +1,7 @@
 """Zero-shot data: split registration, split files, the dataset mapper, the synthetic benchmark.
 
-Importing this package registers the builtin splits (``ocz_synthetic_train``,
-``ocz_synthetic_val``) lazily, with roots under ``$DETECTRON2_DATASETS``.
+Importing this package registers the builtin splits (``ocz_synthetic_{train,val,test}`` and
+``ocz_synthetic_attr_{train,val,test}``) lazily, with roots under ``$DETECTRON2_DATASETS``.
 """
 
 from . import builtin as _builtin
@@ -11,7 +11,7 @@ from .augmentations import (
     RandomResizeScale,
     build_zero_shot_augmentations,
 )
-from .builtin import SYNTHETIC_SPLIT_FILE, register_all_synthetic
+from .builtin import SYNTHETIC_ATTR_SPLIT_FILE, SYNTHETIC_SPLIT_FILE, register_all_synthetic
 from .dataset_mapper import ZERO_SHOT_SETTINGS, ZeroShotSemSegDatasetMapper, read_label_map
 from .register_zero_shot import (
     EVALUATOR_TYPE,
@@ -43,6 +43,7 @@ __all__ = [
     "PhotometricDistortionTransform",
     "RandomPhotometricDistortion",
     "RandomResizeScale",
+    "SYNTHETIC_ATTR_SPLIT_FILE",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_SPLIT_FILE",
     "SYNTHETIC_UNSEEN",

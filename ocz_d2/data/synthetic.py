@@ -10,11 +10,22 @@ the attributes from seen classes can recognise the unseen combinations.
 
 Layout written under ``root`` (usually ``$DETECTRON2_DATASETS/ocz_synthetic``)::
 
-    images/{train,val}/NNNNN.png   RGB uint8
-    labels/{train,val}/NNNNN.png   uint8 class indices 0..15, 255 = background / ignore
-    class_embeddings.npz           classes [16], embeddings float32 [16, D] (+ attribute vectors)
-    split.yaml                     split file; paths relative to root's parent
-    generation_complete.json       written last: a folder without it is regenerated
+    images/{train,val,test}/NNNNN.png   RGB uint8
+    labels/{train,val,test}/NNNNN.png   uint8 class indices 0..15, 255 = background / ignore
+    captions/{train,val,test}.csv       filepath,caption: one caption per image (never used to
+                                        train the segmentation model)
+    pretrain/images/NNNNN.png           image-caption pretraining set for the tiny CLIP: another
+    pretrain/captions.csv               random stream, all 16 classes (unseen ones included)
+    zeroshot/images/NNNNN.png           single-object images, balanced over the classes, for
+    zeroshot/labels.csv                 CLIP's zero-shot classification check (filepath,label)
+    class_embeddings.npz                classes [16], embeddings float32 [16, D] (+ attributes)
+    split.yaml                          split file (class names only); relative to root's parent
+    split_embeddings.yaml               the same splits with class_embeddings.npz as text side
+    generation_complete.json            written last: a folder without it is regenerated
+
+The pretraining set mirrors the real premise of zero-shot segmentation: CLIP has seen every
+class, seen or unseen, in image-caption pairs; "unseen" only means that no mask was given. Its
+captions name the objects by their attributes in varied wording and order.
 
 The paths in ``split.yaml`` start with the folder name of ``root``, so the file registers as is
 when ``DETECTRON2_DATASETS`` is ``root``'s parent (or with ``register_split_file(path,
@@ -23,13 +34,14 @@ root=root.parent)``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +62,9 @@ __all__ = [
     "default_synthetic_root",
     "ensure_synthetic_benchmark",
     "generate_synthetic_benchmark",
+    "SyntheticScene",
     "render_synthetic_sample",
+    "synthetic_caption",
     "synthetic_class_embeddings",
     "synthetic_split_config",
 ]
@@ -71,11 +85,18 @@ SYNTHETIC_UNSEEN: tuple[str, ...] = tuple(
     SYNTHETIC_CLASSES[len(TEXTURES) * h + t] for h, t in sorted(UNSEEN_CELLS)
 )
 
-# Bump when the rendering changes, so that folders made by an older generator are regenerated.
-_GENERATOR_VERSION = 2
 _MARKER = "generation_complete.json"
-_SPLITS = ("train", "val")
+# Bump when the rendering changes, so that folders made by an older generator are regenerated.
+_GENERATOR_VERSION = 3
+_SPLITS = ("train", "val", "test")
+# Random stream of each image set: image i of set s is drawn from default_rng([seed, stream, i]).
+_STREAMS = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "zeroshot": 4}
 _HUE_JITTER = 6.0  # degrees, per object
+# An object is named in a caption when at least this fraction of the image shows it.
+_MIN_CAPTION_AREA = 0.01
+
+
+_SHAPE_KINDS = ("ellipse", "rectangle", "star")
 
 
 @dataclass(frozen=True)
@@ -84,40 +105,70 @@ class SyntheticBenchmark:
 
     root: Path
     split_file: Path
+    split_file_embeddings: Path
     class_embeddings: Path
+    pretrain_captions: Path
+    zeroshot_labels: Path
     dataset: str
     classes: tuple[str, ...]
     unseen: tuple[str, ...]
     num_train: int
     num_val: int
+    num_test: int
     image_size: int
     generated: bool
 
+    def captions(self, split: str) -> Path:
+        """The caption CSV of a segmentation split (``"train"``, ``"val"``, ``"test"``)."""
+        return self.root / "captions" / f"{split}.csv"
 
-def synthetic_split_config(dataset: str = "synthetic", folder: str = "ocz_synthetic") -> dict:
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """One rendered image: ``image`` uint8 RGB [S, S, 3], ``label`` uint8 [S, S] (class index,
+    255 elsewhere) and ``objects``: (class index, shape kind, visible pixels) per drawn object,
+    in drawing order (later ones occlude earlier ones)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    objects: tuple[tuple[int, str, int], ...]
+
+    def visible_objects(self, min_fraction: float = _MIN_CAPTION_AREA) -> list[tuple[int, str]]:
+        """(class, shape kind) of the objects covering at least ``min_fraction`` of the image."""
+        min_pixels = min_fraction * self.label.size
+        return [(c, kind) for c, kind, area in self.objects if area >= min_pixels]
+
+
+def synthetic_split_config(
+    dataset: str = "synthetic", folder: str = "ocz_synthetic", with_embeddings: bool = False
+) -> dict:
     """The split-file contents of a synthetic benchmark stored in ``<datasets>/<folder>``.
 
     Args:
         dataset: the split file's ``dataset`` (registered names ``ocz_<dataset>_<split>``).
         folder: the benchmark's folder, relative to the datasets root.
+        with_embeddings: name the attribute-composed ``class_embeddings.npz`` as the text side
+            (the random-CLIP route); without it, class names go through CLIP's text tower.
 
     Returns:
         The mapping that :func:`~ocz_d2.data.split_file.load_split_file` reads.
     """
-    return {
+    config = {
         "dataset": dataset,
         "classes": list(SYNTHETIC_CLASSES),
         "unseen": list(SYNTHETIC_UNSEEN),
-        "class_embeddings": f"{folder}/class_embeddings.npz",
-        "splits": {
-            split: {
-                "image_root": f"{folder}/images/{split}",
-                "label_root": f"{folder}/labels/{split}",
-                "image_ext": ".png",
-            }
-            for split in _SPLITS
-        },
     }
+    if with_embeddings:
+        config["class_embeddings"] = f"{folder}/class_embeddings.npz"
+    config["splits"] = {
+        split: {
+            "image_root": f"{folder}/images/{split}",
+            "label_root": f"{folder}/labels/{split}",
+            "image_ext": ".png",
+        }
+        for split in _SPLITS
+    }
+    return config
 
 
 def synthetic_class_embeddings(dim: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
@@ -189,8 +240,9 @@ def _texture_pattern(rng: np.random.Generator, texture: int, xx: np.ndarray, yy:
     return np.mod(np.floor(u / cell) + np.floor(v / cell), 2) == 0
 
 
-def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Boolean [S, S] mask of a random ellipse, rotated rectangle or star-shaped polygon."""
+def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """Boolean [S, S] mask of a random ellipse, rotated rectangle or star-shaped polygon, and the
+    shape's kind ("ellipse", "rectangle", "star")."""
     mask = np.zeros((size, size), dtype=np.uint8)
     radius = rng.uniform(0.1, 0.22) * size
     cx, cy = rng.uniform(0.15, 0.85, size=2) * size
@@ -208,30 +260,40 @@ def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
         radii = radius * rng.uniform(0.6, 1.0, size=n)
         pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
-    return mask.astype(bool)
+    return mask.astype(bool), _SHAPE_KINDS[kind]
 
 
 def render_synthetic_sample(
-    rng: np.random.Generator, image_size: int = 128, min_objects: int = 2, max_objects: int = 5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image and its label.
+    rng: np.random.Generator,
+    image_size: int = 128,
+    min_objects: int = 2,
+    max_objects: int = 5,
+    classes: Sequence[int] | None = None,
+) -> SyntheticScene:
+    """Render one image, its label and its object list.
 
     Args:
         rng: random generator (all randomness comes from it).
         image_size: side S of the square image.
         min_objects, max_objects: range of the number of objects (later ones occlude earlier).
+        classes: draw exactly these classes, in this order, instead of a random number of random
+            classes (e.g. ``[c]`` for a single-object image).
 
     Returns:
-        ``(image, label)``: uint8 RGB [S, S, 3] and uint8 [S, S] (class index, 255 elsewhere).
+        A :class:`SyntheticScene`.
     """
     size = image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     image = _background(rng, size)
     label = np.full((size, size), IGNORE_LABEL, dtype=np.uint8)
-    for _ in range(rng.integers(min_objects, max_objects + 1)):
-        cls = int(rng.integers(len(SYNTHETIC_CLASSES)))
+    instance = np.full((size, size), -1, dtype=np.int16)
+    if classes is None:
+        count = int(rng.integers(min_objects, max_objects + 1))
+    drawn = []
+    for k in range(len(classes) if classes is not None else count):
+        cls = int(classes[k]) if classes is not None else int(rng.integers(len(SYNTHETIC_CLASSES)))
         hue_idx, tex_idx = divmod(cls, len(TEXTURES))
-        mask = _shape_mask(rng, size)
+        mask, kind = _shape_mask(rng, size)
         hue = np.float32(list(HUES.values())[hue_idx] + rng.uniform(-_HUE_JITTER, _HUE_JITTER))
         sat = np.float32(rng.uniform(0.65, 1.0))
         val = rng.uniform(0.7, 1.0)
@@ -242,8 +304,69 @@ def render_synthetic_sample(
         colors = _hsv_to_rgb(hue, sat, np.clip(value, 0, 1).astype(np.float32))
         image[mask] = colors[mask]
         label[mask] = cls
+        instance[mask] = k
+        drawn.append((cls, kind))
     image += rng.normal(0.0, 2.0, size=image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+    areas = np.bincount(instance[instance >= 0].ravel(), minlength=len(drawn))
+    objects = tuple((c, kind, int(a)) for (c, kind), a in zip(drawn, areas))
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return SyntheticScene(image=image, label=label, objects=objects)
+
+
+# Caption wording. Texture words as adjectives, and as "with ..." phrases.
+_TEXTURE_WITH = {
+    "plain": ("no pattern", "a plain surface", "a uniform colour"),
+    "striped": ("stripes", "a striped pattern", "thin stripes"),
+    "dotted": ("dots", "polka dots", "a dotted pattern"),
+    "checkered": ("checks", "a checkerboard pattern", "a checkered pattern"),
+}
+_NOUNS = ("shape", "object", "thing")
+_JOINERS_2 = ("{} and {}", "{} beside {}", "{} next to {}", "{} with {}", "{} near {}")
+_FRAMES = ("{}", "a photo of {}", "an image of {}", "a picture showing {}", "there is {}")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _object_phrase(rng: np.random.Generator, cls: int, kind: str) -> str:
+    """A description of one object, e.g. "a striped orange star" or "a blue shape with dots"."""
+    hue, texture = SYNTHETIC_CLASSES[cls].split(" ")
+    noun = kind if rng.random() < 0.4 else _NOUNS[rng.integers(len(_NOUNS))]
+    form = rng.integers(4)
+    if form == 0:
+        words = f"{hue} {texture} {noun}"
+    elif form == 1:
+        words = f"{texture} {hue} {noun}"
+    elif form == 2:
+        words = f"{hue} {noun} with {_TEXTURE_WITH[texture][rng.integers(3)]}"
+    else:
+        words = f"{noun} that is {hue} and {texture}"
+    return f"{_article(words)} {words}"
+
+
+def synthetic_caption(rng: np.random.Generator, objects: Sequence[tuple[int, str]]) -> str:
+    """A caption naming every given object by its attributes, in varied wording and order.
+
+    Args:
+        rng: random generator of the wording.
+        objects: (class index, shape kind) of the objects to name (e.g.
+            :meth:`SyntheticScene.visible_objects`); empty gives a caption of the background.
+
+    Returns:
+        E.g. ``"a photo of a striped orange shape beside a blue ellipse with no pattern"``.
+    """
+    if not objects:
+        return "a grey textured background"
+    order = rng.permutation(len(objects))
+    phrases = [_object_phrase(rng, *objects[i]) for i in order]
+    if len(phrases) == 1:
+        body = phrases[0]
+    elif len(phrases) == 2:
+        body = _JOINERS_2[rng.integers(len(_JOINERS_2))].format(*phrases)
+    else:
+        body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return _FRAMES[rng.integers(len(_FRAMES))].format(body)
 
 
 def _dataset_name_for(root: Path) -> str:
@@ -268,16 +391,125 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _split_yaml(dataset: str, folder: str) -> str:
+def _split_yaml(dataset: str, folder: str, with_embeddings: bool) -> str:
+    route = (
+        "class embeddings from class_embeddings.npz (the random-CLIP route)"
+        if with_embeddings
+        else "class names through CLIP's text tower"
+    )
     header = (
         "# Synthetic compositional zero-shot benchmark, written by "
-        "ocz_d2.data.synthetic.generate_synthetic_benchmark.\n"
+        "ocz_d2.data.synthetic.generate_synthetic_benchmark;\n"
+        f"# {route}.\n"
         f"# Paths are relative to DETECTRON2_DATASETS (the folder that holds {folder}/).\n"
     )
-    body = yaml.safe_dump(
-        synthetic_split_config(dataset, folder), sort_keys=False, width=100, allow_unicode=True
-    )
-    return header + body
+    config = synthetic_split_config(dataset, folder, with_embeddings)
+    return header + yaml.safe_dump(config, sort_keys=False, width=100, allow_unicode=True)
+
+
+def _write_csv(path: Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
+    lines = [",".join(header)] + [f"{a},{_csv_field(b)}" for a, b in rows]
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_field(text: str) -> str:
+    return f'"{text}"' if "," in text or '"' in text else text
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    # Level 1: the noisy images barely compress better at higher levels, only slower.
+    Image.fromarray(array).save(path, compress_level=1)
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Everything that determines the generated files (the marker records it)."""
+
+    num_train: int
+    num_val: int
+    num_test: int
+    num_pretrain: int
+    num_zeroshot_per_class: int
+    image_size: int
+    seed: int
+    embedding_dim: int
+    min_objects: int
+    max_objects: int
+    dataset: str
+
+    def marker(self) -> dict:
+        return {"generator_version": _GENERATOR_VERSION, **self.__dict__}
+
+
+def _write_segmentation_split(root: Path, split: str, count: int, p: _Params, progress) -> None:
+    """Images, labels and captions of one segmentation split."""
+    rows = []
+    for i in range(count):
+        scene = render_synthetic_sample(
+            np.random.default_rng([p.seed, _STREAMS[split], i]),
+            p.image_size,
+            p.min_objects,
+            p.max_objects,
+        )
+        name = f"{i:05d}.png"
+        _save_png(scene.image, root / "images" / split / name)
+        _save_png(scene.label, root / "labels" / split / name)
+        caption_rng = np.random.default_rng([p.seed, _STREAMS[split], i, 1])
+        rows.append(
+            (f"images/{split}/{name}", synthetic_caption(caption_rng, scene.visible_objects()))
+        )
+        if progress is not None:
+            progress(split, i + 1, count)
+    _write_csv(root / "captions" / f"{split}.csv", ("filepath", "caption"), rows)
+
+
+def _write_pretraining_set(root: Path, p: _Params, progress) -> None:
+    """Image-caption pairs over all 16 classes: 1 object (60%), 2 (30%) or 3 (10%) per image."""
+    rows = []
+    for i in range(p.num_pretrain):
+        rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
+        count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
+        scene = render_synthetic_sample(rng, p.image_size, count, count)
+        name = f"images/{i:05d}.png"
+        _save_png(scene.image, root / "pretrain" / name)
+        caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
+        rows.append((name, synthetic_caption(caption_rng, scene.visible_objects())))
+        if progress is not None:
+            progress("pretrain", i + 1, p.num_pretrain)
+    _write_csv(root / "pretrain" / "captions.csv", ("filepath", "caption"), rows)
+
+
+def _write_zeroshot_set(root: Path, p: _Params) -> None:
+    """Single-object images, ``num_zeroshot_per_class`` of each class, with their class name."""
+    rows = []
+    for i in range(p.num_zeroshot_per_class * len(SYNTHETIC_CLASSES)):
+        cls = i % len(SYNTHETIC_CLASSES)
+        rng = np.random.default_rng([p.seed, _STREAMS["zeroshot"], i])
+        scene = render_synthetic_sample(rng, p.image_size, classes=[cls])
+        name = f"images/{i:05d}.png"
+        _save_png(scene.image, root / "zeroshot" / name)
+        rows.append((name, SYNTHETIC_CLASSES[cls]))
+    _write_csv(root / "zeroshot" / "labels.csv", ("filepath", "label"), rows)
+
+
+def _reusable(marker: Path, params: _Params) -> bool:
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) == params.marker()
+    except (OSError, ValueError):
+        return False
+
+
+def _clear_generated(root: Path) -> None:
+    """Remove only what the generator writes: ``root`` may hold other files of the user."""
+    (root / _MARKER).unlink(missing_ok=True)
+    folders = [root / kind / split for kind in ("images", "labels") for split in _SPLITS]
+    folders += [root / "captions", root / "pretrain", root / "zeroshot"]
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for folder in ("pretrain", "zeroshot"):
+        (root / folder / "images").mkdir()
 
 
 def generate_synthetic_benchmark(
@@ -285,6 +517,9 @@ def generate_synthetic_benchmark(
     *,
     num_train: int = 1000,
     num_val: int = 100,
+    num_test: int = 200,
+    num_pretrain: int = 6000,
+    num_zeroshot_per_class: int = 25,
     image_size: int = 128,
     seed: int = 0,
     embedding_dim: int = 64,
@@ -296,93 +531,79 @@ def generate_synthetic_benchmark(
 ) -> SyntheticBenchmark:
     """Generate the synthetic benchmark under ``root`` (deterministic given the arguments).
 
-    Image ``i`` of a split depends only on ``(seed, split, i)``, so the first images of a larger
+    Image ``i`` of a set depends only on ``(seed, set, i)``, so the first images of a larger
     set equal those of a smaller one. A complete folder made with the same arguments is reused;
     otherwise (missing, half-written, other arguments, or ``force``) the generated files are
     removed and written again.
 
     Args:
         root: output folder, e.g. ``$DETECTRON2_DATASETS/ocz_synthetic``.
-        num_train, num_val: number of images per split.
+        num_train, num_val, num_test: number of images per segmentation split.
+        num_pretrain: image-caption pairs of the CLIP pretraining set (0 for none).
+        num_zeroshot_per_class: single-object images per class for the zero-shot check.
         image_size: side of the square images, in pixels.
         seed: random seed.
         embedding_dim: dimension D of the class embeddings.
-        min_objects, max_objects: number of objects per image.
+        min_objects, max_objects: number of objects per segmentation image.
         dataset_name: the split file's ``dataset``; default: ``root``'s folder name without
             an ``ocz_`` prefix (``ocz_synthetic`` -> ``synthetic``).
         force: regenerate even if a complete folder exists.
-        progress: called as ``progress(split, done, total)`` after each image.
+        progress: called as ``progress(set, done, total)`` after each image of the segmentation
+            splits and the pretraining set.
 
     Returns:
         A :class:`SyntheticBenchmark` describing the folder.
     """
-    if num_train < 0 or num_val < 0 or image_size < 16 or not 1 <= min_objects <= max_objects:
+    counts = (num_train, num_val, num_test, num_pretrain, num_zeroshot_per_class)
+    if min(counts) < 0 or image_size < 16 or not 1 <= min_objects <= max_objects:
         raise ValueError(
-            "Need num_train, num_val >= 0, image_size >= 16 and 1 <= min_objects <= "
-            f"max_objects; got {num_train}, {num_val}, {image_size}, {min_objects}, {max_objects}."
+            "Need non-negative image counts, image_size >= 16 and 1 <= min_objects <= "
+            f"max_objects; got counts {counts}, image_size {image_size}, objects "
+            f"{min_objects}..{max_objects}."
         )
     root = Path(root).expanduser().absolute()
-    dataset = dataset_name or _dataset_name_for(root)
-    params = {
-        "generator_version": _GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "image_size": image_size,
-        "seed": seed,
-        "embedding_dim": embedding_dim,
-        "min_objects": min_objects,
-        "max_objects": max_objects,
-        "dataset": dataset,
-    }
+    params = _Params(
+        num_train, num_val, num_test, num_pretrain, num_zeroshot_per_class, image_size, seed,
+        embedding_dim, min_objects, max_objects, dataset_name or _dataset_name_for(root),
+    )  # fmt: skip
     info = SyntheticBenchmark(
         root=root,
         split_file=root / "split.yaml",
+        split_file_embeddings=root / "split_embeddings.yaml",
         class_embeddings=root / "class_embeddings.npz",
-        dataset=dataset,
+        pretrain_captions=root / "pretrain" / "captions.csv",
+        zeroshot_labels=root / "zeroshot" / "labels.csv",
+        dataset=params.dataset,
         classes=SYNTHETIC_CLASSES,
         unseen=SYNTHETIC_UNSEEN,
         num_train=num_train,
         num_val=num_val,
+        num_test=num_test,
         image_size=image_size,
         generated=True,
     )
     marker = root / _MARKER
-    if not force and marker.is_file():
-        try:
-            complete = json.loads(marker.read_text(encoding="utf-8")) == params
-        except (OSError, ValueError):
-            complete = False
-        if complete:
-            logger.info("Synthetic benchmark in %s is complete; reusing it.", root)
-            return SyntheticBenchmark(**{**info.__dict__, "generated": False})
+    if not force and _reusable(marker, params):
+        logger.info("Synthetic benchmark in %s is complete; reusing it.", root)
+        return dataclasses.replace(info, generated=False)
 
-    # Remove only what this function writes: root may hold other files of the user.
-    marker.unlink(missing_ok=True)
-    for split in _SPLITS:
-        for kind in ("images", "labels"):
-            shutil.rmtree(root / kind / split, ignore_errors=True)
-            (root / kind / split).mkdir(parents=True)
-
-    for split_idx, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
-        for i in range(count):
-            rng = np.random.default_rng([seed, split_idx, i])
-            image, label = render_synthetic_sample(rng, image_size, min_objects, max_objects)
-            # Level 1: the noisy images barely compress better at higher levels, only slower.
-            Image.fromarray(image).save(root / "images" / split / f"{i:05d}.png", compress_level=1)
-            Image.fromarray(label).save(root / "labels" / split / f"{i:05d}.png", compress_level=1)
-            if progress is not None:
-                progress(split, i + 1, count)
-
+    _clear_generated(root)
+    for split, count in zip(_SPLITS, (num_train, num_val, num_test)):
+        _write_segmentation_split(root, split, count, params, progress)
+    _write_pretraining_set(root, params, progress)
+    _write_zeroshot_set(root, params)
     _write_npz(info.class_embeddings, synthetic_class_embeddings(embedding_dim, seed))
-    _write_text(info.split_file, _split_yaml(dataset, root.name))
-    _write_text(marker, json.dumps(params, indent=2, sort_keys=True) + "\n")
-    logger.info(
-        "Generated the synthetic benchmark in %s: %d train / %d val images of %d px.",
-        root,
-        num_train,
-        num_val,
-        image_size,
+    _write_text(info.split_file, _split_yaml(params.dataset, root.name, with_embeddings=False))
+    _write_text(
+        info.split_file_embeddings,
+        _split_yaml(f"{params.dataset}_attr", root.name, with_embeddings=True),
     )
+    _write_text(marker, json.dumps(params.marker(), indent=2, sort_keys=True) + "\n")
+    logger.info(
+        "Generated the synthetic benchmark in %s: %d train / %d val / %d test images of %d px, "
+        "%d image-caption pairs.",
+        root, num_train, num_val, num_test, image_size, num_pretrain,
+    )  # fmt: skip
     return info
 
 
@@ -394,16 +615,18 @@ def default_synthetic_root() -> Path:
     )
 
 
-def ensure_synthetic_benchmark(root: str | os.PathLike | None = None, **kwargs) -> Path:
+def ensure_synthetic_benchmark(
+    root: str | os.PathLike | None = None, **kwargs
+) -> SyntheticBenchmark:
     """Generate the synthetic benchmark unless a complete one with these arguments exists.
 
     Args:
         root: output folder; ``None`` uses :func:`default_synthetic_root`.
-        kwargs: arguments of :func:`generate_synthetic_benchmark` (defaults: 1000 / 100 images
-            of 128 px, seed 0).
+        kwargs: arguments of :func:`generate_synthetic_benchmark` (defaults: 1000 / 100 / 200
+            segmentation images of 128 px, 6000 image-caption pairs, seed 0).
 
     Returns:
-        The benchmark folder.
+        The :class:`SyntheticBenchmark` (its ``root`` is the folder).
     """
     root = Path(root) if root is not None else default_synthetic_root()
-    return generate_synthetic_benchmark(root, **kwargs).root
+    return generate_synthetic_benchmark(root, **kwargs)

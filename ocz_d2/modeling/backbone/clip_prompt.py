@@ -36,6 +36,7 @@ __all__ = [
     "available_clip_models",
     "create_clip_model",
     "register_tiny_clip_configs",
+    "resolve_weights_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ def create_clip_model(model_name: str, pretrained: str = "", weights: str = "") 
         pretrained: open_clip pretrained tag (``MODEL.OCZ.CLIP.PRETRAINED``, e.g. "openai");
             downloads once, so only where the machine can reach the hub. "" for none.
         weights: local state-dict file (``MODEL.OCZ.CLIP.WEIGHTS``); wins over ``pretrained``.
+            A relative path is looked up in the working directory, then under
+            ``$DETECTRON2_DATASETS`` (see :func:`resolve_weights_path`).
             OpenAI-trained weights need the "-quickgelu" variant of the name (e.g.
             "ViT-B-16-quickgelu") because open_clip's plain configs use exact GELU.
 
@@ -101,12 +104,7 @@ def create_clip_model(model_name: str, pretrained: str = "", weights: str = "") 
     """
     _check_model_name(model_name)
     if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r} does not exist: fix "
-                "MODEL.OCZ.CLIP.WEIGHTS (a local open_clip state-dict file) or set it to '' to "
-                "use MODEL.OCZ.CLIP.PRETRAINED instead."
-            )
+        weights = resolve_weights_path(weights)
         if pretrained:
             logger.info("MODEL.OCZ.CLIP.WEIGHTS is set: ignoring PRETRAINED=%r.", pretrained)
         logger.info("Loading CLIP %s weights from %s", model_name, weights)
@@ -119,6 +117,35 @@ def create_clip_model(model_name: str, pretrained: str = "", weights: str = "") 
         model_name,
     )
     return open_clip.create_model(model_name, pretrained=None)
+
+
+def resolve_weights_path(weights: str) -> str:
+    """The existing file that ``MODEL.OCZ.CLIP.WEIGHTS`` names.
+
+    A relative path is tried in the working directory, then under ``$DETECTRON2_DATASETS``
+    (default ``datasets``), where data-derived weights live (the synthetic benchmark's tiny CLIP
+    is ``ocz_synthetic/tiny_clip.pt``).
+
+    Raises:
+        FileNotFoundError: naming every place that was tried.
+    """
+    candidates = [weights]
+    if not os.path.isabs(weights):
+        candidates.append(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), weights))
+    for path in candidates:
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    hint = (
+        " Run `python tools/prepare_synthetic.py` to pretrain it."
+        if weights.endswith("tiny_clip.pt")
+        else ""
+    )
+    raise FileNotFoundError(
+        f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r} does not exist (looked for "
+        f"{[os.path.abspath(c) for c in candidates]}): fix MODEL.OCZ.CLIP.WEIGHTS (a local "
+        "open_clip state-dict file) or set it to '' to use MODEL.OCZ.CLIP.PRETRAINED instead."
+        + hint
+    )
 
 
 def _check_model_name(model_name: str) -> None:

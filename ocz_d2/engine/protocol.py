@@ -1,0 +1,186 @@
+"""The honest evaluation protocol: test-time choices tuned on validation data, numbers on test.
+
+The calibration gamma (subtracted from seen-class scores) trades seen against unseen accuracy, and
+the best value differs between models. :func:`tuned_test` picks it on ``DATASETS.VAL`` from
+``MODEL.OCZ.TEST.CALIBRATION_GRID`` (highest hIoU; ties go to the smaller gamma) and evaluates
+``DATASETS.TEST`` once with it, through the same evaluator as ``train_net.py --eval-only``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.evaluation import inference_context
+from detectron2.modeling import build_model
+
+from ..data import ZeroShotSemSegDatasetMapper
+from ..evaluation import ZeroShotSemSegEvaluator
+from ..modeling.meta_arch.zero_shot_segmentor import calibrate
+from .checkpoint import AtomicCheckpointer
+
+__all__ = [
+    "TUNED_RESULTS_FILE",
+    "calibration_sweep",
+    "chance_metrics",
+    "pick_calibration",
+    "tuned_test",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Written by :func:`tuned_test` into its output folder.
+TUNED_RESULTS_FILE = "tuned_results.json"
+
+
+def _test_loader(cfg, dataset_name: str):
+    return build_detection_test_loader(
+        cfg, dataset_name, mapper=ZeroShotSemSegDatasetMapper(cfg, False)
+    )
+
+
+@contextmanager
+def _quiet_evaluator():
+    # One results table per gamma would flood the log; the sweep's summary is logged instead.
+    log = logging.getLogger("ocz_d2.evaluation.zero_shot_evaluation")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@torch.no_grad()
+def calibration_sweep(cfg, model, dataset_name: str, grid) -> dict[float, dict]:
+    """Metrics of ``dataset_name`` for every calibration gamma in ``grid``, from one forward pass.
+
+    The model runs once per image with calibration 0; each gamma is then subtracted from the
+    seen-class scores (:func:`calibrate`, the model's own step: a constant shift commutes with
+    the bilinear resize that follows it) and scored by its own evaluator.
+
+    Args:
+        cfg: the config (test loader settings).
+        model: an :class:`OCZeroShotSegmentor` (its ``calibration`` is restored afterwards).
+        dataset_name: a registered zero-shot split with seen/unseen classes.
+        grid: the gammas to try.
+
+    Returns:
+        ``{gamma: metrics}`` (see :func:`~ocz_d2.evaluation.compute_zero_shot_metrics`).
+    """
+    grid = sorted({float(g) for g in grid})
+    if not grid:
+        raise ValueError("MODEL.OCZ.TEST.CALIBRATION_GRID is empty: give at least one gamma.")
+    seen = torch.as_tensor(MetadataCatalog.get(dataset_name).seen_classes, dtype=torch.long)
+    evaluators = {g: ZeroShotSemSegEvaluator(dataset_name, distributed=False) for g in grid}
+    for evaluator in evaluators.values():
+        evaluator.reset()
+    saved = model.calibration
+    model.calibration = 0.0
+    try:
+        with inference_context(model):
+            for inputs in _test_loader(cfg, dataset_name):
+                outputs = model(inputs)
+                for gamma, evaluator in evaluators.items():
+                    shifted = [
+                        {"sem_seg": calibrate(o["sem_seg"], seen.to(o["sem_seg"].device), gamma)}
+                        for o in outputs
+                    ]
+                    evaluator.process(inputs, shifted)
+    finally:
+        model.calibration = saved
+    with _quiet_evaluator():
+        return {g: dict(e.evaluate()["sem_seg"]) for g, e in evaluators.items()}
+
+
+def pick_calibration(sweep: dict[float, dict]) -> float:
+    """The gamma with the highest hIoU (NaN counts as lowest); ties go to the smaller gamma."""
+
+    def score(gamma: float) -> tuple[float, float]:
+        h = sweep[gamma].get("hIoU", float("nan"))
+        return (-math.inf if math.isnan(h) else h, -gamma)
+
+    return max(sweep, key=score)
+
+
+def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
+    """Tune the calibration on ``cfg.DATASETS.VAL``, then evaluate ``cfg.DATASETS.TEST``.
+
+    Args:
+        cfg: a frozen config with ``DATASETS.VAL`` (exactly one split) and ``DATASETS.TEST``.
+        weights: the trained model's checkpoint.
+        output_dir: test metrics go to ``<output_dir>/inference/<test>/`` (as with
+            ``train_net.py --eval-only``), the summary to ``<output_dir>/tuned_results.json``.
+
+    Returns:
+        ``{"calibration": gamma, "val": {dataset: {gamma: metrics}}, "test": {dataset: metrics}}``.
+    """
+    if len(cfg.DATASETS.VAL) != 1:
+        raise ValueError(
+            f"DATASETS.VAL must name exactly one split to tune the calibration on, got "
+            f"{tuple(cfg.DATASETS.VAL)}: set it, e.g. DATASETS.VAL \"('ocz_synthetic_val',)\"."
+        )
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: name the split(s) to report.")
+    model = build_model(cfg)
+    AtomicCheckpointer(model).load(weights)
+    val = cfg.DATASETS.VAL[0]
+    sweep = calibration_sweep(cfg, model, val, cfg.MODEL.OCZ.TEST.CALIBRATION_GRID)
+    gamma = pick_calibration(sweep)
+    for g, m in sweep.items():
+        logger.info("%s gamma %.2f: seen %.1f unseen %.1f hIoU %.1f", val, g,
+                    m["mIoU-seen"], m["mIoU-unseen"], m["hIoU"])  # fmt: skip
+    logger.info("Calibration gamma %.2f chosen on %s (highest hIoU).", gamma, val)
+    model.calibration = gamma
+    test = {}
+    for name in cfg.DATASETS.TEST:
+        evaluator = ZeroShotSemSegEvaluator(
+            name, distributed=False, output_dir=os.path.join(output_dir, "inference", name)
+        )
+        evaluator.reset()
+        with inference_context(model), torch.no_grad():
+            for inputs in _test_loader(cfg, name):
+                evaluator.process(inputs, model(inputs))
+        test[name] = dict(evaluator.evaluate()["sem_seg"])
+    result = {
+        "calibration": gamma,
+        "val": {val: {str(g): m for g, m in sweep.items()}},
+        "test": test,
+    }
+    path = os.path.join(output_dir, TUNED_RESULTS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite(result), f, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(tmp, path)
+    return result
+
+
+def _finite(obj):
+    """JSON has no NaN: NaN (a mean over no class) becomes null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def chance_metrics(dataset_name: str, seed: int = 0) -> dict:
+    """Metrics of a predictor that draws a uniform random class for every pixel.
+
+    Scored by :class:`ZeroShotSemSegEvaluator` itself on random scores.
+    """
+    num_classes = len(MetadataCatalog.get(dataset_name).stuff_classes)
+    gen = torch.Generator().manual_seed(seed)
+    evaluator = ZeroShotSemSegEvaluator(dataset_name, distributed=False)
+    evaluator.reset()
+    for record in DatasetCatalog.get(dataset_name):
+        height, width = record["height"], record["width"]
+        scores = torch.rand((num_classes, height, width), generator=gen)
+        evaluator.process([record], [{"sem_seg": scores}])
+    with _quiet_evaluator():
+        return dict(evaluator.evaluate()["sem_seg"])
