@@ -37,6 +37,7 @@ __all__ = [
     "EVALUATOR_TYPE",
     "IMAGE_EXTENSIONS",
     "datasets_root",
+    "ignore_label_of",
     "resolve_dataset_path",
     "resolve_unseen",
     "load_class_embeddings",
@@ -82,6 +83,21 @@ class _SplitSpec:
 
 # Splits registered through this module, by registered name.
 _REGISTERED: dict[str, _SplitSpec] = {}
+
+
+def ignore_label_of(dataset_name: str | None) -> int:
+    """The label value that a dataset's label maps use for pixels no loss or metric counts.
+
+    Args:
+        dataset_name: a registered dataset, or None (a sample without a dataset).
+
+    Returns:
+        The ``ignore_label`` of the dataset's metadata; :data:`IGNORE_LABEL` when the dataset is
+        None or its metadata has none.
+    """
+    if dataset_name is None or dataset_name not in MetadataCatalog.list():
+        return IGNORE_LABEL
+    return int(MetadataCatalog.get(dataset_name).get("ignore_label", IGNORE_LABEL))
 
 
 def datasets_root() -> str:
