@@ -456,17 +456,25 @@ def test_unmatched_queries_on_ignore_pixels_get_no_class_loss_when_asked():
 # ---------------------------------------------------------------- two ranks (gloo on CPU)
 
 
-def _two_image_batch():
-    """Outputs and targets of two images with 1 and 2 target masks, free of randomness: every
-    predicted mask is constant and every target covers all valid pixels, so the sampled points
-    do not change any loss."""
+def _two_image_batch(first_masks: int):
+    """Outputs and targets of two images with ``first_masks`` (0 or 1) and 1 + that masks, free
+    of randomness: every predicted mask is constant and every target covers all valid pixels,
+    so the sampled points do not change any loss."""
     size = (6, 8)
     valid = [torch.ones(size, dtype=torch.bool), torch.ones(size, dtype=torch.bool)]
     valid[0][:, -1] = False
     valid[1][0] = False
     targets = [
-        {"labels": torch.tensor([1]), "masks": valid[0][None].clone(), "valid": valid[0]},
-        {"labels": torch.tensor([0, 2]), "masks": valid[1].expand(2, *size), "valid": valid[1]},
+        {
+            "labels": torch.tensor([1])[:first_masks],
+            "masks": valid[0][None].clone()[:first_masks],
+            "valid": valid[0],
+        },
+        {
+            "labels": torch.tensor([0, 2])[: 1 + first_masks],
+            "masks": valid[1].expand(1 + first_masks, *size),
+            "valid": valid[1],
+        },
     ]
     logits = torch.linspace(-2.0, 2.0, 2 * 4 * 4).reshape(2, 4, 4).sin() * 3
     levels = torch.tensor([[2.0, -1.0, 0.5, -3.0], [1.0, 0.0, -2.0, 3.0]])
@@ -474,14 +482,14 @@ def _two_image_batch():
     return {"pred_logits": logits, "pred_masks": masks}, targets
 
 
-def _criterion_on_rank(rank, world_size, init_file, out_dir):
+def _criterion_on_rank(rank, world_size, init_file, out_dir, first_masks):
     """Rank ``rank`` computes the losses of image ``rank`` of :func:`_two_image_batch`."""
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        outputs, targets = _two_image_batch()
+        outputs, targets = _two_image_batch(first_masks)
         mine = {k: v[rank : rank + 1] for k, v in outputs.items()}
         losses = _criterion(num_points=32)(mine, targets[rank : rank + 1])
         torch.save({k: v.detach() for k, v in losses.items()}, f"{out_dir}/rank{rank}.pt")
@@ -490,16 +498,17 @@ def _criterion_on_rank(rank, world_size, init_file, out_dir):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_criterion_losses_under_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("first_masks", [1, 0])  # 3 masks; 1 mask (fewer than the ranks)
+def test_criterion_losses_under_two_ranks_equal_one_process(tmp_path, first_masks):
     # fork: the children inherit the imported modules (spawn would import them again, ~10 s)
     mp.start_processes(
         _criterion_on_rank,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        args=(2, str(tmp_path / "init"), str(tmp_path), first_masks),
         nprocs=2,
         start_method="fork",
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    outputs, targets = _two_image_batch()
+    outputs, targets = _two_image_batch(first_masks)
     criterion = _criterion(num_points=32)
     together = criterion(outputs, targets)
     # Mask losses are normalised by the masks of the whole batch (all-reduced): the mean over
