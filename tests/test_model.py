@@ -352,3 +352,32 @@ def test_bad_config_values_are_clear_errors(synthetic_benchmark, tmp_path):
         model.vocabulary(sample, training=False)
     with pytest.raises(ValueError, match="TEST.MODE"):
         build_model(tiny_cfg(data, **{"MODEL.OCZ.TEST.MODE": "tiles"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_train_step_and_inference(synthetic_benchmark):
+    """The AMP path (as AMPTrainer runs it) on GPU: finite fp16 losses and gradients, and GPU
+    inference under autocast agreeing with CPU fp32 inference."""
+    data = synthetic_benchmark
+    torch.manual_seed(0)
+    cfg = tiny_cfg(data, **{"MODEL.DEVICE": "cuda", "SOLVER.AMP.ENABLED": True})
+    model = build_model(cfg)
+    assert model.device.type == "cuda"
+    model.train()
+    scaler = torch.amp.GradScaler("cuda")
+    with EventStorage(), torch.autocast("cuda", dtype=torch.float16):
+        losses = model(_batch(cfg, data.train_name, True))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    scaler.scale(total).backward()
+    grad = model.backbone.prompts.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+    sample = _batch(cfg, data.val_name, False, n=1)[0]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        gpu = model([sample])[0]["sem_seg"].float().cpu()
+    with torch.no_grad():
+        cpu = model.to("cpu")([sample])[0]["sem_seg"]
+    assert gpu.shape == cpu.shape
+    torch.testing.assert_close(gpu, cpu, atol=2e-2, rtol=2e-2)
