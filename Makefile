@@ -1,7 +1,9 @@
 # ocz_d2: one command to set up, one for the demo, one for the tests.
-# The virtualenv lives outside the checkout (see INSTALL.md); override with OCZ_VENV=/path.
+# Heavy dependencies live in a virtualenv outside the checkout, shared by all checkouts (see
+# INSTALL.md; override with OCZ_VENV=/path); each checkout runs its own code through its own small
+# .venv, which `make setup` creates.
 OCZ_VENV ?= $(HOME)/.cache/ocz_d2/venv
-PY := $(OCZ_VENV)/bin/python
+PY := $(CURDIR)/.venv/bin/python
 export OCZ_VENV
 
 .PHONY: setup test lint demo

@@ -22,9 +22,11 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from PIL import Image
 
+import ocz_d2
 from ocz_d2.config import ConfigError, load_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper
 from ocz_d2.engine import AtomicCheckpointer
+from ocz_d2.utils.checkout import check_same_checkout
 from ocz_d2.utils.visualize import overlay_with_legend
 
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="output/segment", help="output folder")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
     args = parser.parse_args(argv)
+    check_same_checkout(__file__, ocz_d2.__file__)
 
     names = parse_classes(args.classes)
     try:

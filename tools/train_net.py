@@ -20,6 +20,7 @@ from detectron2.evaluation import DatasetEvaluators, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+import ocz_d2
 from ocz_d2.config import ConfigError, load_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper, register_split_files_from_config
 from ocz_d2.engine import (
@@ -29,6 +30,7 @@ from ocz_d2.engine import (
     build_optimizer,
 )
 from ocz_d2.evaluation import build_zero_shot_evaluator
+from ocz_d2.utils.checkout import check_same_checkout
 
 
 class Trainer(ZeroShotTrainerBase):
@@ -101,6 +103,7 @@ def run(args):
 
 
 def invoke_main() -> None:
+    check_same_checkout(__file__, ocz_d2.__file__)
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
