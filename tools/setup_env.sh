@@ -69,15 +69,20 @@ local_site="$("$local_py" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 # A plain path line: the shared packages become importable, but the .pth files in the shared
 # site-packages (an editable ocz_d2 of some checkout, in the earlier layout) are not run.
 echo "$shared_site" > "$local_site/_ocz_d2_shared_venv.pth"
-if [ "$(cd "$repo" && "$local_py" -c 'import ocz_d2, os; print(os.path.dirname(os.path.dirname(os.path.realpath(ocz_d2.__file__))))' 2>/dev/null)" \
-   != "$(cd "$repo" && pwd -P)" ]; then
+# Run from / so that the working directory's own ocz_d2 folder does not answer for the install.
+where_is_ocz_d2() {
+  (cd / && "$local_py" -c 'import os, ocz_d2; print(os.path.dirname(os.path.dirname(os.path.realpath(ocz_d2.__file__))))' 2>/dev/null) || true
+}
+repo_real="$(cd "$repo" && pwd -P)"
+if [ "$(where_is_ocz_d2)" != "$repo_real" ]; then
   log "installing ocz_d2 from $repo (editable, into $local_venv)"
   "$py" -m pip --disable-pip-version-check --python "$local_py" install -q --no-deps \
     --no-build-isolation -e "$repo" 2>&1 | drop_index_warnings
 fi
-found="$(cd / && "$local_py" -c 'import ocz_d2, os; print(os.path.dirname(os.path.dirname(os.path.realpath(ocz_d2.__file__))))')"
-if [ "$found" != "$(cd "$repo" && pwd -P)" ]; then
-  echo "[setup] error: $local_py imports ocz_d2 from $found, not from this checkout $repo" >&2
+found="$(where_is_ocz_d2)"
+if [ "$found" != "$repo_real" ]; then
+  echo "[setup] error: $local_py imports ocz_d2 from '${found:-nowhere}', not from this" \
+    "checkout $repo" >&2
   exit 1
 fi
 log "ok: $local_py (ocz_d2 from $repo; dependencies from $venv)"
