@@ -71,7 +71,10 @@ local_site="$("$local_py" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 echo "$shared_site" > "$local_site/_ocz_d2_shared_venv.pth"
 # Run from / so that the working directory's own ocz_d2 folder does not answer for the install.
 where_is_ocz_d2() {
-  (cd / && "$local_py" -c 'import os, ocz_d2; print(os.path.dirname(os.path.dirname(os.path.realpath(ocz_d2.__file__))))' 2>/dev/null) || true
+  # find_spec locates the package without importing it (torch, Detectron2: seconds).
+  (cd / && "$local_py" -c 'import importlib.util as u, os
+print(os.path.dirname(os.path.dirname(os.path.realpath(u.find_spec("ocz_d2").origin))))' \
+    2>/dev/null) || true
 }
 repo_real="$(cd "$repo" && pwd -P)"
 if [ "$(where_is_ocz_d2)" != "$repo_real" ]; then
