@@ -2,6 +2,7 @@
 configs set is read by something that runs; the configs load; bad keys give clear errors."""
 
 import ast
+import functools
 import importlib.util
 import re
 from argparse import Namespace
@@ -60,6 +61,7 @@ def _our_files():
     return [p for p in files if p.name != "config.py"]
 
 
+@functools.cache
 def _reads(path: Path) -> tuple[set, set, set]:
     """Attribute reads of a source file, from its syntax tree (strings and comments are not
     reads): ``(parent, leaf)`` pairs of chains (``ocz.LOSS.CLASS_WEIGHT``), leaves read on a
@@ -112,8 +114,9 @@ def test_key_named_only_in_a_string_is_not_read(tmp_path):
     src = tmp_path / "mod.py"
     src.write_text('raise ValueError("set MODEL.OCZ.TEXT.CHUNK_SIZE")  # TEXT.CHUNK_SIZE\n')
     assert not _is_read("MODEL.OCZ.TEXT.CHUNK_SIZE", [src])
-    src.write_text("size = cfg.MODEL.OCZ.TEXT.CHUNK_SIZE\n")
-    assert _is_read("MODEL.OCZ.TEXT.CHUNK_SIZE", [src])
+    read = tmp_path / "read.py"  # _reads caches by path
+    read.write_text("size = cfg.MODEL.OCZ.TEXT.CHUNK_SIZE\n")
+    assert _is_read("MODEL.OCZ.TEXT.CHUNK_SIZE", [read])
 
 
 def test_every_added_key_has_a_comment():
