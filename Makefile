@@ -1,7 +1,11 @@
 # ocz_d2: one command to set up, one for the demo, one for the tests.
-# The virtualenv lives outside the checkout (see INSTALL.md); override with OCZ_VENV=/path.
+# Heavy dependencies live in a virtualenv outside the checkout, shared by all checkouts (see
+# INSTALL.md; override with OCZ_VENV=/path); each checkout runs its own code through its own small
+# .venv, which `make setup` creates.
 OCZ_VENV ?= $(HOME)/.cache/ocz_d2/venv
-PY := $(OCZ_VENV)/bin/python
+PY := $(CURDIR)/.venv/bin/python
+# ruff is a standalone binary: the shared one (python -m ruff looks for it beside .venv's python).
+RUFF := $(OCZ_VENV)/bin/ruff
 export OCZ_VENV
 
 .PHONY: setup test lint demo
@@ -10,12 +14,12 @@ setup:
 	@bash tools/setup_env.sh "$(OCZ_VENV)"
 
 test: setup
-	$(PY) -m ruff check ocz_d2 tools tests
+	$(RUFF) check ocz_d2 tools tests
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check ocz_d2 tools tests
-	$(PY) -m ruff format --check ocz_d2 tools tests
+	$(RUFF) check ocz_d2 tools tests
+	$(RUFF) format --check ocz_d2 tools tests
 
 demo: setup
 	$(PY) tools/demo.py --output-dir output/demo

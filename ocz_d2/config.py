@@ -4,7 +4,21 @@ Every key has a one-line comment: what it means and which values it takes. A tes
 each key added here is read somewhere in the package or the tools.
 """
 
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["ConfigError", "add_ocz_config", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config file or a command-line override that does not fit the config's keys."""
 
 
 def add_ocz_config(cfg: CN) -> None:
@@ -153,3 +167,69 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.HEAD_MULTIPLIER = 10.0
     # Weight decay of normalisation layers, embeddings and prompts.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+
+
+def load_config(config_file: str | os.PathLike | None, opts: Sequence[str] = ()) -> CN:
+    """Detectron2's defaults, the ocz_d2 keys, a YAML config file and ``KEY VALUE`` overrides.
+
+    Args:
+        config_file: YAML config (``_BASE_`` chains are followed), or None for the defaults.
+        opts: command-line overrides, ``[KEY, VALUE, KEY, VALUE, ...]``.
+
+    Returns:
+        The merged config (not frozen).
+
+    Raises:
+        ConfigError: on a missing file, an unknown key (close spellings are suggested), an odd
+            number of overrides or a value of the wrong type; the message names the key.
+    """
+    cfg = get_cfg()
+    add_ocz_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {os.fspath(config_file)!r} does not exist")
+        try:
+            cfg.merge_from_file(os.fspath(config_file))
+        except KeyError as e:
+            key = _key_in_message(str(e.args[0]))
+            raise ConfigError(
+                f"{e.args[0]} (in {os.fspath(config_file)} or its _BASE_ files).{_hint(cfg, key)}"
+            ) from None
+    opts = [str(x) for x in opts]
+    if len(opts) % 2:
+        raise ConfigError(f"overrides come in KEY VALUE pairs; got {len(opts)} words: {opts}")
+    for key in opts[::2]:
+        if not _has_key(cfg, key):
+            raise ConfigError(f"unknown config key {key!r} on the command line.{_hint(cfg, key)}")
+    try:
+        cfg.merge_from_list(opts)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"command-line override: {e}") from None
+    return cfg
+
+
+def _has_key(cfg: CN, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _all_keys(node: CN, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys.extend(_all_keys(v, f"{prefix}{k}.") if isinstance(v, CN) else [prefix + k])
+    return keys
+
+
+def _key_in_message(message: str) -> str:
+    found = re.findall(r"[A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+", message)
+    return found[-1] if found else ""
+
+
+def _hint(cfg: CN, key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.8) if key else []
+    where = " ocz_d2's keys and their meaning are in ocz_d2/config.py."
+    return (f" Did you mean {' or '.join(close)}?" if close else "") + where

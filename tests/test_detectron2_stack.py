@@ -1,15 +1,17 @@
-"""The installed Detectron2 really works here: train, checkpoint, resume and evaluate on CPU.
+"""The installed Detectron2 and our trainer really work here: train, checkpoint, resume, evaluate.
 
 A 1x1-conv per-pixel classifier registered as a meta-architecture under a test-only name is
-trained by a ``DefaultTrainer`` subclass on a few random images, checkpointed by the trainer's
+trained by the ``Trainer`` of ``tools/train_net.py`` (ocz_d2's mapper, optimizer, evaluator on
+:class:`ocz_d2.engine.ZeroShotTrainerBase`) on a few random images, checkpointed by the trainer's
 ``PeriodicCheckpointer``, resumed by a second trainer, and evaluated by
 ``ZeroShotSemSegEvaluator`` through ``inference_on_dataset``. No mocks.
 """
 
 import copy
+import importlib.util
 import math
-import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +19,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable, get_cfg
-from detectron2.data import (
-    DatasetCatalog,
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
-from detectron2.data import detection_utils as utils
-from detectron2.engine import DefaultTrainer
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
@@ -33,22 +28,29 @@ from PIL import Image
 from torch import nn
 
 from ocz_d2.config import add_ocz_config
-from ocz_d2.evaluation import ZeroShotSemSegEvaluator
+from ocz_d2.data import ZeroShotSemSegDatasetMapper, ignore_label_of
+from ocz_d2.engine import ZeroShotTrainerBase
+from ocz_d2.evaluation import METRICS_FILE_NAME, ZeroShotSemSegEvaluator
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("ocz_train_net", REPO / "tools" / "train_net.py")
+train_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
+Trainer = train_net.Trainer
 
 ARCH_NAME = "OczTestPixelClassifier"
 CLASSES = ["red", "green", "blue"]
 SEEN, UNSEEN = [0, 1], [2]
-IGNORE = 255
+IGNORE = 254  # not the default: the mapper and the model must read it from the metadata
 
 
 class OczTestPixelClassifier(nn.Module):
     """Per-pixel linear classifier (one 1x1 convolution); test-only meta-architecture."""
 
     @configurable
-    def __init__(self, *, num_classes: int, pixel_mean, pixel_std, ignore_value: int = IGNORE):
+    def __init__(self, *, num_classes: int, pixel_mean, pixel_std):
         super().__init__()
         self.classifier = nn.Conv2d(3, num_classes, kernel_size=1)
-        self.ignore_value = ignore_value
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -58,7 +60,6 @@ class OczTestPixelClassifier(nn.Module):
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
     @property
@@ -74,9 +75,10 @@ class OczTestPixelClassifier(nn.Module):
         images = ImageList.from_tensors(images, 0)
         logits = self.classifier(images.tensor)
         if self.training:
+            ignore = ignore_label_of(batched_inputs[0]["dataset_name"])
             targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
-            targets = ImageList.from_tensors(targets, 0, pad_value=self.ignore_value).tensor
-            loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value)
+            targets = ImageList.from_tensors(targets, 0, pad_value=ignore).tensor
+            loss = F.cross_entropy(logits, targets, ignore_index=ignore)
             return {"loss_sem_seg": loss}
         results = []
         for logit, x, (h, w) in zip(logits, batched_inputs, images.image_sizes):
@@ -88,46 +90,6 @@ class OczTestPixelClassifier(nn.Module):
 
 if ARCH_NAME not in META_ARCH_REGISTRY:
     META_ARCH_REGISTRY.register(OczTestPixelClassifier)
-
-
-def _mapper(record):
-    """Minimal semantic-segmentation mapper (no augmentation)."""
-    record = copy.deepcopy(record)
-    image = utils.read_image(record["file_name"], format="RGB")
-    utils.check_image_size(record, image)
-    label = utils.read_image(record["sem_seg_file_name"], "L").squeeze(2)
-    record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    record["sem_seg"] = torch.as_tensor(label.astype(np.int64))
-    return record
-
-
-class _Trainer(DefaultTrainer):
-    @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=_mapper)
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=_mapper)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name):
-        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return ZeroShotSemSegEvaluator(dataset_name, output_dir=output_dir)
-
-    # Detectron2 v0.6's DefaultTrainer leaves the optimizer state out of its checkpoints (later
-    # versions store it under "_trainer"), so a resumed run would restart momentum / Adam
-    # moments from zero. Add it when the base class does not; loading it twice is harmless.
-    def state_dict(self):
-        ret = super().state_dict()
-        if "_trainer" not in ret:
-            ret["_trainer"] = self._trainer.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
 
 
 @pytest.fixture
@@ -183,11 +145,20 @@ def _cfg(dataset_name, output_dir, max_iter):
     cfg.MODEL.PIXEL_STD = [64.0, 64.0, 64.0]
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(CLASSES)
     cfg.INPUT.FORMAT = "RGB"
+    # No random augmentation: sizes kept (the larger image fits the target), no crop, no flip.
+    cfg.INPUT.RESIZE_SCALE = (1.0, 1.0)
+    cfg.INPUT.RESIZE_TARGET = (24, 32)
+    cfg.INPUT.CROP.ENABLED = False
+    cfg.INPUT.FLIP_PROB = 0.0
+    cfg.INPUT.COLOR_AUG = False
+    cfg.INPUT.MIN_SIZE_TEST = 0
     cfg.DATASETS.TRAIN = (dataset_name,)
     cfg.DATASETS.TEST = (dataset_name,)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BASE_LR = 0.5
+    cfg.SOLVER.HEAD_MULTIPLIER = 1.0
     cfg.SOLVER.WEIGHT_DECAY = 0.0
     cfg.SOLVER.STEPS = ()
     cfg.SOLVER.WARMUP_ITERS = 0
@@ -219,7 +190,8 @@ def test_train_checkpoint_resume_evaluate(dataset, tmp_path):
     seed_all_rng(0)
 
     # --- first run: iterations 0, 1, 2; PeriodicCheckpointer saves after 1 and at the end.
-    trainer = _Trainer(_cfg(dataset, out, max_iter=3))
+    trainer = Trainer(_cfg(dataset, out, max_iter=3))
+    assert isinstance(trainer, ZeroShotTrainerBase)
     assert type(trainer.model).__name__ == ARCH_NAME
     trainer.resume_or_load(resume=False)
     assert trainer.start_iter == 0
@@ -245,13 +217,13 @@ def test_train_checkpoint_resume_evaluate(dataset, tmp_path):
     # --- second run: resumes after iteration 2 with the saved weights, trains 3, 4, 5.
     seed_all_rng(1)
     cfg2 = _cfg(dataset, out, max_iter=6)
-    trainer2 = _Trainer(cfg2)
+    trainer2 = Trainer(cfg2)
     fresh = _state(trainer2.model)
     assert not torch.equal(fresh["classifier.weight"], trained["classifier.weight"])
     trainer2.resume_or_load(resume=True)
     assert trainer2.start_iter == 3
     _assert_same_state(_state(trainer2.model), trained)
-    # SGD momentum buffers restored too (the _Trainer.state_dict addition above).
+    # SGD momentum buffers restored too (ZeroShotTrainerBase.state_dict's "_trainer").
     for param, saved_buffer in zip(_params(trainer2), momentum, strict=True):
         torch.testing.assert_close(trainer2.optimizer.state[param]["momentum_buffer"], saved_buffer)
     trainer2.train()
@@ -265,10 +237,11 @@ def test_train_checkpoint_resume_evaluate(dataset, tmp_path):
     # EvalHook ran ZeroShotSemSegEvaluator after the last iteration (trainer.build_evaluator).
     latest = trainer2.storage.latest()
     hook_miou = latest["sem_seg/mIoU"][0]
-    assert (out / "inference" / "zero_shot_sem_seg_metrics.json").is_file()
+    assert (out / "inference" / dataset / METRICS_FILE_NAME).is_file()
 
     # --- explicit evaluation through detectron2's inference_on_dataset.
-    loader = build_detection_test_loader(cfg2, dataset, mapper=_mapper)
+    mapper = ZeroShotSemSegDatasetMapper(cfg2, False)
+    loader = build_detection_test_loader(cfg2, dataset, mapper=mapper)
     results = inference_on_dataset(trainer2.model, loader, ZeroShotSemSegEvaluator(dataset))
     res = results["sem_seg"]
     for key in ("mIoU", "mIoU-seen", "mIoU-unseen", "hIoU", "pAcc", "mACC", "fwIoU"):

@@ -1,9 +1,12 @@
 """Point sampling, Hungarian matcher and set criterion."""
 
 import math
+import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from detectron2.config import get_cfg
 
@@ -448,3 +451,72 @@ def test_unmatched_queries_on_ignore_pixels_get_no_class_loss_when_asked():
     expected_free = F.cross_entropy(logits[0], torch.tensor([2, -100, 5]), weight=weight)
     torch.testing.assert_close(default, expected_default)
     torch.testing.assert_close(free, expected_free)
+
+
+# ---------------------------------------------------------------- two ranks (gloo on CPU)
+
+
+def _two_image_batch(first_masks: int):
+    """Outputs and targets of two images with ``first_masks`` (0 or 1) and 1 + that masks, free
+    of randomness: every predicted mask is constant and every target covers all valid pixels,
+    so the sampled points do not change any loss."""
+    size = (6, 8)
+    valid = [torch.ones(size, dtype=torch.bool), torch.ones(size, dtype=torch.bool)]
+    valid[0][:, -1] = False
+    valid[1][0] = False
+    targets = [
+        {
+            "labels": torch.tensor([1])[:first_masks],
+            "masks": valid[0][None].clone()[:first_masks],
+            "valid": valid[0],
+        },
+        {
+            "labels": torch.tensor([0, 2])[: 1 + first_masks],
+            "masks": valid[1].expand(1 + first_masks, *size),
+            "valid": valid[1],
+        },
+    ]
+    logits = torch.linspace(-2.0, 2.0, 2 * 4 * 4).reshape(2, 4, 4).sin() * 3
+    levels = torch.tensor([[2.0, -1.0, 0.5, -3.0], [1.0, 0.0, -2.0, 3.0]])
+    masks = levels[:, :, None, None].expand(2, 4, *size).clone()
+    return {"pred_logits": logits, "pred_masks": masks}, targets
+
+
+def _criterion_on_rank(rank, world_size, init_file, out_dir, first_masks):
+    """Rank ``rank`` computes the losses of image ``rank`` of :func:`_two_image_batch`."""
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        outputs, targets = _two_image_batch(first_masks)
+        mine = {k: v[rank : rank + 1] for k, v in outputs.items()}
+        losses = _criterion(num_points=32)(mine, targets[rank : rank + 1])
+        torch.save({k: v.detach() for k, v in losses.items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+@pytest.mark.parametrize("first_masks", [1, 0])  # 3 masks; 1 mask (fewer than the ranks)
+def test_criterion_losses_under_two_ranks_equal_one_process(tmp_path, first_masks):
+    # fork: the children inherit the imported modules (spawn would import them again, ~10 s)
+    mp.start_processes(
+        _criterion_on_rank,
+        args=(2, str(tmp_path / "init"), str(tmp_path), first_masks),
+        nprocs=2,
+        start_method="fork",
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    outputs, targets = _two_image_batch(first_masks)
+    criterion = _criterion(num_points=32)
+    together = criterion(outputs, targets)
+    # Mask losses are normalised by the masks of the whole batch (all-reduced): the mean over
+    # ranks, as DDP averages gradients, equals one process on the whole batch.
+    for key in ("loss_mask", "loss_dice"):
+        torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, together[key])
+    # The class loss is a mean over each rank's own queries.
+    for r in range(2):
+        alone = criterion({k: v[r : r + 1] for k, v in outputs.items()}, targets[r : r + 1])
+        torch.testing.assert_close(ranks[r]["loss_ce"], alone["loss_ce"])
+    assert together["loss_mask"] > 0 and together["loss_dice"] > 0

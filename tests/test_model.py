@@ -1,18 +1,24 @@
 """The meta-architecture on CPU with the tiny CLIP config: build, train step, inference, errors."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
+from PIL import Image
 
 from ocz_d2 import add_ocz_config
-from ocz_d2.data import ZeroShotSemSegDatasetMapper
+from ocz_d2.data import (
+    ZeroShotSemSegDatasetMapper,
+    register_zero_shot_split,
+    unregister_zero_shot_split,
+)
 from ocz_d2.modeling import (
     CLIPPromptBackbone,
     OCZeroShotSegmentor,
@@ -22,7 +28,7 @@ from ocz_d2.modeling import (
 )
 from ocz_d2.modeling.criterion import SetCriterion
 from ocz_d2.modeling.matcher import HungarianMatcher
-from ocz_d2.modeling.meta_arch import calibrate, sliding_windows
+from ocz_d2.modeling.meta_arch import calibrate, semantic_inference, sliding_windows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -139,6 +145,25 @@ def test_transductive_setting_has_no_calibration_and_full_vocabulary(synthetic_b
     assert ids.tolist() == list(synthetic_benchmark.seen_ids)
     assert text.shape == (len(ids), 64)
 
+    sample = _batch(cfg, synthetic_benchmark.val_name, False, n=1)[0]
+    model.eval()
+    with torch.no_grad():
+        model.calibration = 0.0
+        raw = model([sample])[0]["sem_seg"]
+        model.calibration = 0.25
+        transductive = model([sample])[0]["sem_seg"]
+    torch.testing.assert_close(transductive, raw, rtol=0, atol=0)
+
+
+def test_query_predicting_no_object_contributes_nothing():
+    masks = torch.full((2, 3, 4), 10.0)  # both queries cover every pixel
+    # query 0 is confident no-object (last column); query 1 predicts class 0 of 2
+    logits = torch.tensor([[0.0, 0.0, 40.0], [2.0, 0.0, -40.0]])
+    scores = semantic_inference(logits, masks)
+    torch.testing.assert_close(scores, semantic_inference(logits[1:], masks[1:]))
+    expected = torch.softmax(torch.tensor([2.0, 0.0]), 0) * torch.sigmoid(torch.tensor(10.0))
+    torch.testing.assert_close(scores[:, 0, 0], expected)
+
 
 def test_calibrate_helper():
     scores = torch.ones(3, 2, 2)
@@ -174,13 +199,106 @@ def test_open_vocabulary_inference(model_and_data):
     model, cfg, data = model_and_data
     sample = _batch(cfg, data.val_name, False, n=1)[0]
     # names not in the embedding file: the tiny CLIP text tower encodes them
-    model.embeddings_file = None
     sample = {k: v for k, v in sample.items() if k != "dataset_name"}
-    sample["class_names"] = ["cat", "road", "sky"]
+    names = ["cat", "road", "sky"]
     model.eval()
     with torch.no_grad():
-        out = model([sample])[0]["sem_seg"]
-    assert out.shape[0] == 3
+        ids, text, seen = model.vocabulary({**sample, "class_names": names}, training=False)
+        out = model([{**sample, "class_names": names}])[0]["sem_seg"]
+        reversed_out = model([{**sample, "class_names": names[::-1]}])[0]["sem_seg"]
+        model.calibration = 0.0
+        uncalibrated = model([{**sample, "class_names": names}])[0]["sem_seg"]
+    assert out.shape == (3, sample["height"], sample["width"])
+    assert seen.numel() == 0 and ids.tolist() == [0, 1, 2]  # nothing is seen
+    tower = model.text_embedder.clip_model.encode_text(
+        model.text_embedder._tokenize([f"a photo of a {n}." for n in names]), normalize=True
+    )
+    torch.testing.assert_close(text, tower)  # the text tower's embeddings of these names
+    # channel k is the k-th name, whatever the order
+    torch.testing.assert_close(reversed_out, out.flip(0))
+    # no calibration with a free vocabulary, though the model calibrates its datasets
+    assert model.zero_shot_setting == "inductive"
+    torch.testing.assert_close(uncalibrated, out, rtol=0, atol=0)
+    assert out.min() >= 0
+
+
+def test_slide_averages_overlapping_windows(model_and_data):
+    model, cfg, data = model_and_data
+    sample = _batch(cfg, data.val_name, False, n=1)[0]
+    image = (sample["image"].float() - model.pixel_mean) / model.pixel_std
+    assert image.shape[-1] == 64
+    model.eval()
+    # two windows along x: [0, 48) and [16, 64); columns 16..47 are covered by both
+    model.window_size, model.window_stride = (64, 48), (64, 16)
+    with torch.no_grad():
+        _, text, _ = model.vocabulary(sample, training=False)
+        slide = model._slide_scores(image, text)
+        left = model._scores(image[None, :, :, :48], text)[0]
+        right = model._scores(image[None, :, :, 16:], text)[0]
+    torch.testing.assert_close(slide[..., :16], left[..., :16])
+    torch.testing.assert_close(slide[..., 48:], right[..., 32:])
+    torch.testing.assert_close(slide[..., 16:48], (left[..., 16:] + right[..., :32]) / 2)
+    assert not torch.allclose(left[..., 16:], right[..., :32])  # the average is not trivial
+
+
+def test_training_batch_mixing_datasets_is_an_error(model_and_data):
+    model, cfg, data = model_and_data
+    batch = _batch(cfg, data.train_name, True)
+    batch[1]["dataset_name"] = data.val_name
+    model.train()
+    with EventStorage(), pytest.raises(ValueError, match="mixes datasets"):
+        model(batch)
+
+
+@pytest.fixture
+def small_vocabulary_split(synthetic_benchmark, tmp_path):
+    """The val images of the benchmark with 6 of its classes (others ignore), no embedding file:
+    another vocabulary, encoded by the text tower."""
+    data = synthetic_benchmark
+    keep = list(data.seen_ids[:4]) + list(data.unseen_ids[:2])
+    table = np.full(256, 255, dtype=np.uint8)
+    table[keep] = np.arange(len(keep))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    records = DatasetCatalog.get(data.val_name)
+    for d in records:
+        label = np.asarray(Image.open(d["sem_seg_file_name"]))
+        Image.fromarray(table[label]).save(labels / Path(d["sem_seg_file_name"]).name)
+    classes = [data.classes[i] for i in keep]
+    name = register_zero_shot_split(
+        "test_small_vocabulary",
+        image_root=str(Path(records[0]["file_name"]).parent),
+        label_root=str(labels),
+        classes=classes,
+        unseen=classes[4:],
+    )
+    yield name
+    unregister_zero_shot_split(name)
+
+
+def test_one_evaluation_over_two_vocabularies(
+    synthetic_benchmark, small_vocabulary_split, tmp_path
+):
+    data = synthetic_benchmark
+    cfg = tiny_cfg(data, **{"DATASETS.TEST": (data.val_name, small_vocabulary_split)})
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    cfg.DATALOADER.NUM_WORKERS = 0
+    model = build_model(cfg).eval()
+    results = _train_net().Trainer.test(cfg, model)
+    for name in (data.val_name, small_vocabulary_split):
+        classes = MetadataCatalog.get(name).stuff_classes
+        metrics = results[name]["sem_seg"]
+        assert sorted(k[4:] for k in metrics if k.startswith("IoU-")) == sorted(classes)
+        assert 0 <= metrics["mIoU"] <= 100
+    assert len(MetadataCatalog.get(small_vocabulary_split).stuff_classes) == 6
+
+
+def _train_net():
+    """tools/train_net.py as a module (its Trainer)."""
+    spec = importlib.util.spec_from_file_location("ocz_train_net", REPO / "tools" / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_build_without_cfg(synthetic_benchmark):
@@ -234,3 +352,32 @@ def test_bad_config_values_are_clear_errors(synthetic_benchmark, tmp_path):
         model.vocabulary(sample, training=False)
     with pytest.raises(ValueError, match="TEST.MODE"):
         build_model(tiny_cfg(data, **{"MODEL.OCZ.TEST.MODE": "tiles"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_train_step_and_inference(synthetic_benchmark):
+    """The AMP path (as AMPTrainer runs it) on GPU: finite fp16 losses and gradients, and GPU
+    inference under autocast agreeing with CPU fp32 inference."""
+    data = synthetic_benchmark
+    torch.manual_seed(0)
+    cfg = tiny_cfg(data, **{"MODEL.DEVICE": "cuda", "SOLVER.AMP.ENABLED": True})
+    model = build_model(cfg)
+    assert model.device.type == "cuda"
+    model.train()
+    scaler = torch.amp.GradScaler("cuda")
+    with EventStorage(), torch.autocast("cuda", dtype=torch.float16):
+        losses = model(_batch(cfg, data.train_name, True))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    scaler.scale(total).backward()
+    grad = model.backbone.prompts.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+    sample = _batch(cfg, data.val_name, False, n=1)[0]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        gpu = model([sample])[0]["sem_seg"].float().cpu()
+    with torch.no_grad():
+        cpu = model.to("cpu")([sample])[0]["sem_seg"]
+    assert gpu.shape == cpu.shape
+    torch.testing.assert_close(gpu, cpu, atol=2e-2, rtol=2e-2)

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
-from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ocz_d2 import add_ocz_config
+import ocz_d2
+from ocz_d2.config import ConfigError, load_config
+from ocz_d2.data import ZeroShotSemSegDatasetMapper
 from ocz_d2.engine import AtomicCheckpointer
-from ocz_d2.utils.visualize import class_palette, colorize
+from ocz_d2.utils.checkout import check_same_checkout
+from ocz_d2.utils.visualize import overlay_with_legend
 
 
 def parse_classes(text: str) -> list[str]:
@@ -38,28 +39,15 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
-def segment(model, image: np.ndarray, names: list[str], min_size: int, max_size: int):
-    """[H, W, 3] uint8 RGB -> [H, W] int64 labels over ``names``."""
-    height, width = image.shape[:2]
-    resized = T.ResizeShortestEdge(min_size, max_size).get_transform(image).apply_image(image)
-    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-    sample = {"image": tensor, "height": height, "width": width, "class_names": names}
+def segment(model, mapper: ZeroShotSemSegDatasetMapper, path: str, names: list[str]):
+    """Labels [H, W] (int64, indices into ``names``) of the image file ``path``, at its size.
+
+    The mapper applies the test-time resize of the config, as in evaluation.
+    """
+    sample = mapper({"file_name": path, "class_names": names})
     with torch.no_grad():
         scores = model([sample])[0]["sem_seg"]
     return scores.argmax(0).cpu().numpy()
-
-
-def legend_picture(image: np.ndarray, labels: np.ndarray, names: list[str]) -> Image.Image:
-    palette = class_palette(len(names))
-    blend = (0.4 * image + 0.6 * colorize(labels, palette)).astype(np.uint8)
-    canvas = Image.new("RGB", (blend.shape[1], blend.shape[0] + 14 * len(names) + 4), "white")
-    canvas.paste(Image.fromarray(blend), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, name in enumerate(names):
-        y = blend.shape[0] + 2 + 14 * k
-        draw.rectangle([4, y + 2, 14, y + 12], fill=tuple(int(c) for c in palette[k]))
-        draw.text((18, y), name, fill=(0, 0, 0))
-    return canvas
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="output/segment", help="output folder")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
     args = parser.parse_args(argv)
+    check_same_checkout(__file__, ocz_d2.__file__)
 
     names = parse_classes(args.classes)
-    cfg = get_cfg()
-    add_ocz_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg = load_config(args.config_file, args.opts)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if not cfg.MODEL.WEIGHTS:
@@ -83,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg)
     AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
+    mapper = ZeroShotSemSegDatasetMapper(cfg, False)
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             image = read_image(path, format="RGB")
         except (OSError, ValueError) as e:
             raise SystemExit(f"cannot read image {path}: {e}") from None
-        labels = segment(model, image, names, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        labels = segment(model, mapper, path, names)
         stem = Path(path).stem
         Image.fromarray(labels.astype(np.uint8)).save(out / f"{stem}_seg.png")
-        legend_picture(image, labels, names).save(out / f"{stem}_vis.png")
+        overlay_with_legend(image, labels, names).save(out / f"{stem}_vis.png")
         print(f"{path} -> {out / (stem + '_seg.png')}, {out / (stem + '_vis.png')}")
     return 0
 

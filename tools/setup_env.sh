@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Create or update the ocz_d2 environment. Idempotent: a re-run with nothing changed takes seconds.
+# Create or update the ocz_d2 environment of this checkout. Idempotent: a re-run with nothing
+# changed takes seconds.
 #
 #   tools/setup_env.sh [VENV]      (default: $OCZ_VENV or ~/.cache/ocz_d2/venv)
 #
-# The virtualenv lives outside the repository so that fresh clones (CI, worktrees) reuse it.
-# Heavy steps (torch, requirements, Detectron2) run only when requirements.txt or the installer
-# scripts changed since the last successful run (a stamp file holds their hash); the editable
-# install of ocz_d2 is redone whenever the environment points at another checkout.
+# Two virtualenvs:
+# - VENV, shared by every checkout (clones, worktrees, CI), outside the repository: the heavy
+#   dependencies (torch, requirements.txt, Detectron2). Rebuilt only when requirements.txt, the
+#   torch pins or the Detectron2 installer change (a stamp file holds their hash). No ocz_d2 in it.
+# - <checkout>/.venv (git-ignored), a few kB: sees VENV's packages through a .pth file and has
+#   this checkout installed editable (--no-deps). Its interpreter runs this checkout's code, and
+#   no other checkout's setup can change that.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,8 +37,10 @@ pip_raw=("$py" -m pip --disable-pip-version-check)
 drop_index_warnings() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 pip_install() { "${pip_raw[@]}" install "$@" 2>&1 | drop_index_warnings; }
 
-stamp_file="$venv/.ocz_d2_stamp"
-stamp="$(cat "$repo/requirements.txt" "$repo/tools/setup_env.sh" "$repo/tools/install_detectron2.py" \
+# Not the name the earlier layout (ocz_d2 installed into VENV) used: the two do not reset each
+# other's stamp while both are in use.
+stamp_file="$venv/.ocz_d2_deps_stamp"
+stamp="$( (cat "$repo/requirements.txt" "$repo/tools/install_detectron2.py"; echo "${torch_spec[*]}") \
   | sha256sum | cut -d' ' -f1)"
 
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
@@ -47,16 +53,39 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   pip_install -q -r "$repo/requirements.txt" "${torch_spec[@]}"
   log "installing Detectron2 (kept if one already imports)"
   "$py" "$repo/tools/install_detectron2.py" 2>&1 | drop_index_warnings
-  rm -f "$venv/.ocz_d2_repo"
   echo "$stamp" > "$stamp_file"
   log "environment ready in $(( $(date +%s) - start )) s"
 fi
 
-# Editable install of this checkout (seconds); skipped when it already points here.
-if [ "$(cat "$venv/.ocz_d2_repo" 2>/dev/null)" != "$repo" ] \
-   || ! "$py" -c 'import ocz_d2' >/dev/null 2>&1; then
-  log "installing ocz_d2 from $repo (editable)"
-  pip_install -q --no-deps --no-build-isolation -e "$repo"
-  echo "$repo" > "$venv/.ocz_d2_repo"
+# The checkout's own environment (seconds).
+local_venv="$repo/.venv"
+local_py="$local_venv/bin/python"
+shared_site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ ! -x "$local_py" ]; then
+  log "creating $local_venv (this checkout's interpreter; packages from $venv)"
+  "$py" -m venv --without-pip "$local_venv"
 fi
-log "ok: $py"
+local_site="$("$local_py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# A plain path line: the shared packages become importable, but the .pth files in the shared
+# site-packages (an editable ocz_d2 of some checkout, in the earlier layout) are not run.
+echo "$shared_site" > "$local_site/_ocz_d2_shared_venv.pth"
+# Run from / so that the working directory's own ocz_d2 folder does not answer for the install.
+where_is_ocz_d2() {
+  # find_spec locates the package without importing it (torch, Detectron2: seconds).
+  (cd / && "$local_py" -c 'import importlib.util as u, os
+print(os.path.dirname(os.path.dirname(os.path.realpath(u.find_spec("ocz_d2").origin))))' \
+    2>/dev/null) || true
+}
+repo_real="$(cd "$repo" && pwd -P)"
+if [ "$(where_is_ocz_d2)" != "$repo_real" ]; then
+  log "installing ocz_d2 from $repo (editable, into $local_venv)"
+  "$py" -m pip --disable-pip-version-check --python "$local_py" install -q --no-deps \
+    --no-build-isolation -e "$repo" 2>&1 | drop_index_warnings
+fi
+found="$(where_is_ocz_d2)"
+if [ "$found" != "$repo_real" ]; then
+  echo "[setup] error: $local_py imports ocz_d2 from '${found:-nowhere}', not from this" \
+    "checkout $repo" >&2
+  exit 1
+fi
+log "ok: $local_py (ocz_d2 from $repo; dependencies from $venv)"

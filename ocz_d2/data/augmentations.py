@@ -16,7 +16,7 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 from PIL import Image
 
-from .register_zero_shot import IGNORE_LABEL
+from .register_zero_shot import IGNORE_LABEL, ignore_label_of
 
 __all__ = [
     "PhotometricDistortionTransform",
@@ -226,7 +226,7 @@ def build_zero_shot_augmentations(
                 cfg.INPUT.CROP.TYPE,
                 cfg.INPUT.CROP.SIZE,
                 cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-                IGNORE_LABEL,
+                _ignore_label_of_datasets(cfg.DATASETS.TRAIN),
             )
         )
     if cfg.INPUT.FLIP_PROB > 0:
@@ -234,3 +234,14 @@ def build_zero_shot_augmentations(
     if cfg.INPUT.COLOR_AUG:
         augs.append(RandomPhotometricDistortion(image_format=cfg.INPUT.FORMAT))
     return augs
+
+
+def _ignore_label_of_datasets(dataset_names) -> int:
+    """The one ignore label of the training datasets (the crop must not count it as a class)."""
+    labels = {name: ignore_label_of(name) for name in dataset_names}
+    if len(set(labels.values())) > 1:
+        raise ValueError(
+            f"DATASETS.TRAIN mixes ignore labels {labels}: convert the label maps of one dataset "
+            "so that all training datasets use the same ignore value"
+        )
+    return next(iter(labels.values()), IGNORE_LABEL)

@@ -17,7 +17,7 @@ from detectron2.structures import Instances
 from PIL import Image, UnidentifiedImageError
 
 from .augmentations import build_zero_shot_augmentations
-from .register_zero_shot import IGNORE_LABEL
+from .register_zero_shot import ignore_label_of
 
 __all__ = ["ZeroShotSemSegDatasetMapper", "ZERO_SHOT_SETTINGS", "read_label_map"]
 
@@ -73,15 +73,17 @@ class ZeroShotSemSegDatasetMapper:
     """Map a zero-shot dataset dict to model inputs.
 
     Steps: read the image (``cfg.INPUT.FORMAT``) and its label PNG; check label values against
-    the dataset's ``K`` classes; in training, set pixels of unseen classes to ignore (255);
+    the dataset's ``K`` classes; in training, set pixels of unseen classes to ignore (the
+    dataset's ``ignore_label`` metadata, 255 for the splits of :func:`register_zero_shot_split`);
     apply the augmentations (geometric ones also to extra label maps such as
     ``object_map_file_name``, with nearest interpolation); pad (training only) to the crop size
-    and to ``size_divisibility`` (image with 0, label maps with 255); build per-class instances.
+    and to ``size_divisibility`` (image with 0, label maps with ignore); build per-class
+    instances.
 
     Output dict (the input dict's keys are kept)::
 
         "image":      uint8 tensor [3, H, W]
-        "sem_seg":    int64 tensor [H, W] (class indices, 255 = ignore), if a label is given
+        "sem_seg":    int64 tensor [H, W] (class indices or ignore), if a label is given
         "instances":  Instances (training only): gt_classes int64 [T] (full-vocabulary indices
                       of the seen classes present), gt_masks bool tensor [T, H, W]
         "<key>":      int64 tensor [H, W] for every "<key>_file_name" (e.g. "object_map")
@@ -98,7 +100,6 @@ class ZeroShotSemSegDatasetMapper:
         *,
         augmentations: list[T.Augmentation | T.Transform],
         image_format: str = "RGB",
-        ignore_label: int = IGNORE_LABEL,
         size_divisibility: int = 0,
         pad_to_size: tuple[int, int] | None = None,
         zero_shot_setting: str = "inductive",
@@ -110,7 +111,6 @@ class ZeroShotSemSegDatasetMapper:
             augmentations: augmentations applied in order (see
                 :func:`~ocz_d2.data.augmentations.build_zero_shot_augmentations`).
             image_format: image format for ``read_image`` ("RGB", "BGR", ...).
-            ignore_label: label value that is ignored (255).
             size_divisibility: in training, pad height and width to a multiple of it (0: off).
             pad_to_size: in training, pad to at least this (height, width), e.g. the crop size,
                 so that every training sample has the same shape (mmseg pads to the crop).
@@ -121,17 +121,14 @@ class ZeroShotSemSegDatasetMapper:
                 f"INPUT.ZERO_SHOT_SETTING must be one of {ZERO_SHOT_SETTINGS}, got "
                 f"{zero_shot_setting!r}."
             )
-        if not 0 <= ignore_label <= 255:
-            raise ValueError(f"ignore_label must fit uint8 label maps, got {ignore_label}.")
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
-        self.ignore_label = ignore_label
         self.size_divisibility = size_divisibility
         self.pad_to_size = tuple(pad_to_size) if pad_to_size is not None else None
         self.zero_shot_setting = zero_shot_setting
-        # dataset name -> (number of classes, uint8 lookup table applied to training labels)
-        self._label_tables: dict[str, tuple[int, np.ndarray]] = {}
+        # dataset name -> (K, ignore label, uint8 lookup table applied to training labels)
+        self._label_tables: dict[str, tuple[int, int, np.ndarray]] = {}
         mode = "training" if is_train else "inference"
         logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
 
@@ -145,14 +142,14 @@ class ZeroShotSemSegDatasetMapper:
             "is_train": is_train,
             "augmentations": build_zero_shot_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": IGNORE_LABEL,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "pad_to_size": pad_to_size,
             "zero_shot_setting": cfg.INPUT.ZERO_SHOT_SETTING,
         }
 
-    def _label_table(self, dataset_name: str | None) -> tuple[int, np.ndarray] | None:
-        """Return (K, lookup table) of a zero-shot dataset, or None if it has no metadata."""
+    def _label_table(self, dataset_name: str | None) -> tuple[int, int, np.ndarray] | None:
+        """Return (K, ignore label, lookup table) of a zero-shot dataset, or None if it has no
+        zero-shot metadata."""
         if dataset_name is None:
             return None
         if dataset_name not in self._label_tables:
@@ -161,10 +158,16 @@ class ZeroShotSemSegDatasetMapper:
             unseen = meta.get("unseen_classes")
             if classes is None or unseen is None:
                 return None
+            ignore = ignore_label_of(dataset_name)
+            if not 0 <= ignore <= 255:
+                raise ValueError(
+                    f"Dataset {dataset_name!r} has ignore_label {ignore} in its metadata; label "
+                    "maps are uint8: register it with a value in 0..255 (255 by default)."
+                )
             table = np.arange(256, dtype=np.uint8)
             if self.is_train:
-                table[list(unseen)] = self.ignore_label
-            self._label_tables[dataset_name] = (len(classes), table)
+                table[list(unseen)] = ignore
+            self._label_tables[dataset_name] = (len(classes), ignore, table)
         return self._label_tables[dataset_name]
 
     def _prepare_label(self, label: np.ndarray, dataset_dict: dict) -> np.ndarray:
@@ -180,14 +183,14 @@ class ZeroShotSemSegDatasetMapper:
                     "'dataset_name' in its dataset dicts."
                 )
             return label
-        num_classes, table = info
+        num_classes, ignore, table = info
         counts = np.bincount(label.ravel(), minlength=256)
         present = np.flatnonzero(counts)
-        bad = [int(v) for v in present if v >= num_classes and v != self.ignore_label]
+        bad = [int(v) for v in present if v >= num_classes and v != ignore]
         if bad:
             raise ValueError(
                 f"Label file {dataset_dict['sem_seg_file_name']} has values {bad[:10]} outside "
-                f"[0, {num_classes}) and the ignore value {self.ignore_label} (dataset "
+                f"[0, {num_classes}) and the ignore value {ignore} (dataset "
                 f"{name!r} has {num_classes} classes). Convert the raw labels with the dataset's "
                 "prepare script (see datasets/README.md)."
             )
@@ -266,24 +269,23 @@ class ZeroShotSemSegDatasetMapper:
             maps["sem_seg"] = torch.as_tensor(sem_seg.astype(np.int64))
 
         if self.is_train:
+            ignore = ignore_label_of(dataset_dict.get("dataset_name"))
             pad_h, pad_w = self._padding(*image_t.shape[-2:])
             if pad_h or pad_w:
                 image_t = F.pad(image_t, (0, pad_w, 0, pad_h), value=0)
-                maps = {
-                    k: F.pad(v, (0, pad_w, 0, pad_h), value=self.ignore_label)
-                    for k, v in maps.items()
-                }
+                maps = {k: F.pad(v, (0, pad_w, 0, pad_h), value=ignore) for k, v in maps.items()}
 
         dataset_dict["image"] = image_t
         dataset_dict.update(maps)
         if self.is_train:
-            dataset_dict["instances"] = self._instances(maps["sem_seg"])
+            dataset_dict["instances"] = self._instances(maps["sem_seg"], ignore)
         return dataset_dict
 
-    def _instances(self, sem_seg: torch.Tensor) -> Instances:
-        """One binary mask per class present in ``sem_seg`` [H, W] (ignore excluded)."""
+    @staticmethod
+    def _instances(sem_seg: torch.Tensor, ignore_label: int) -> Instances:
+        """One binary mask per class present in ``sem_seg`` [H, W] (``ignore_label`` excluded)."""
         classes = torch.unique(sem_seg)
-        classes = classes[classes != self.ignore_label]
+        classes = classes[classes != ignore_label]
         instances = Instances(tuple(sem_seg.shape))
         instances.gt_classes = classes.to(torch.int64)
         instances.gt_masks = sem_seg[None] == classes[:, None, None]

@@ -37,6 +37,7 @@ __all__ = [
     "EVALUATOR_TYPE",
     "IMAGE_EXTENSIONS",
     "datasets_root",
+    "ignore_label_of",
     "resolve_dataset_path",
     "resolve_unseen",
     "load_class_embeddings",
@@ -82,6 +83,21 @@ class _SplitSpec:
 
 # Splits registered through this module, by registered name.
 _REGISTERED: dict[str, _SplitSpec] = {}
+
+
+def ignore_label_of(dataset_name: str | None) -> int:
+    """The label value that a dataset's label maps use for pixels no loss or metric counts.
+
+    Args:
+        dataset_name: a registered dataset, or None (a sample without a dataset).
+
+    Returns:
+        The ``ignore_label`` of the dataset's metadata; :data:`IGNORE_LABEL` when the dataset is
+        None or its metadata has none.
+    """
+    if dataset_name is None or dataset_name not in MetadataCatalog.list():
+        return IGNORE_LABEL
+    return int(MetadataCatalog.get(dataset_name).get("ignore_label", IGNORE_LABEL))
 
 
 def datasets_root() -> str:
@@ -452,9 +468,41 @@ def register_zero_shot_split(
     ``ignore_label`` (255), ``evaluator_type`` (``"ocz_zero_shot_sem_seg"``), ``image_root``,
     ``sem_seg_root``, ``class_embeddings`` and ``split_file`` (absolute paths or ``None``).
     """
-    name = _prefixed(name)
+    spec = _make_spec(
+        _prefixed(name),
+        image_root=image_root,
+        label_root=label_root,
+        classes=classes,
+        unseen=unseen,
+        class_embeddings=class_embeddings,
+        image_ext=image_ext,
+        label_ext=label_ext,
+        extra_label_roots=extra_label_roots,
+        split_file=split_file,
+        root=root,
+    )
+    if _already_registered(spec):
+        return spec.name
+    if not lazy:
+        _load_dicts(spec)  # fail now, with the same checks the loader runs
+    DatasetCatalog.register(spec.name, lambda spec=spec: _load_dicts(spec))
+    _set_metadata(spec)
+    _REGISTERED[spec.name] = spec
+    logger.debug(
+        "Registered %s: %d classes (%d unseen)%s",
+        spec.name,
+        len(spec.classes),
+        len(spec.unseen),
+        " (lazy)" if lazy else "",
+    )
+    return spec.name
+
+
+def _make_spec(name: str, *, classes, unseen, extra_label_roots, root, **paths) -> _SplitSpec:
+    """Check and normalise the arguments of :func:`register_zero_shot_split` (``name`` already
+    prefixed; ``paths``: image_root, label_root, class_embeddings, image_ext, label_ext,
+    split_file)."""
     classes = _check_classes(name, classes)
-    unseen_idx = tuple(resolve_unseen(classes, unseen, name=name))
     extra = {}
     for key, folder in dict(extra_label_roots or {}).items():
         if not isinstance(key, str) or not key.isidentifier() or key in ("file", "sem_seg"):
@@ -463,43 +511,45 @@ def register_zero_shot_split(
                 "'sem_seg' (it becomes the dataset-dict key '<key>_file_name')."
             )
         extra[key] = resolve_dataset_path(folder, root)
-    spec = _SplitSpec(
+    embeddings, split_file = paths["class_embeddings"], paths["split_file"]
+    return _SplitSpec(
         name=name,
-        image_root=resolve_dataset_path(image_root, root),
-        label_root=resolve_dataset_path(label_root, root),
+        image_root=resolve_dataset_path(paths["image_root"], root),
+        label_root=resolve_dataset_path(paths["label_root"], root),
         classes=classes,
-        unseen=unseen_idx,
-        class_embeddings=(
-            resolve_dataset_path(class_embeddings, root) if class_embeddings is not None else None
-        ),
-        image_ext=_normalise_extension(image_ext, "image_ext"),
-        label_ext=_normalise_extension(label_ext, "label_ext"),
+        unseen=tuple(resolve_unseen(classes, unseen, name=name)),
+        class_embeddings=resolve_dataset_path(embeddings, root) if embeddings is not None else None,
+        image_ext=_normalise_extension(paths["image_ext"], "image_ext"),
+        label_ext=_normalise_extension(paths["label_ext"], "label_ext"),
         extra_label_roots=tuple(sorted(extra.items())),
         split_file=os.path.abspath(os.fspath(split_file)) if split_file is not None else None,
     )
 
-    if name in _REGISTERED:
-        if _REGISTERED[name] == spec:
-            return name
+
+def _already_registered(spec: _SplitSpec) -> bool:
+    """True if this very split is registered; raises if its name is taken otherwise."""
+    if spec.name in _REGISTERED:
+        if _REGISTERED[spec.name] == spec:
+            return True
         raise ValueError(
-            f"Dataset {name!r} is already registered with different arguments "
-            f"({_describe_difference(_REGISTERED[name], spec)}). Use another name, or call "
+            f"Dataset {spec.name!r} is already registered with different arguments "
+            f"({_describe_difference(_REGISTERED[spec.name], spec)}). Use another name, or call "
             "ocz_d2.data.unregister_zero_shot_split(name) first."
         )
-    if name in DatasetCatalog.list():
+    if spec.name in DatasetCatalog.list():
         raise ValueError(
-            f"Dataset {name!r} is already registered in DatasetCatalog by other code; choose "
-            "another name for the zero-shot split."
+            f"Dataset {spec.name!r} is already registered in DatasetCatalog by other code; "
+            "choose another name for the zero-shot split."
         )
+    return False
 
-    if not lazy:
-        _load_dicts(spec)  # fail now, with the same checks the loader runs
 
-    DatasetCatalog.register(name, lambda spec=spec: _load_dicts(spec))
-    MetadataCatalog.get(name).set(
-        stuff_classes=list(classes),
-        seen_classes=[i for i in range(len(classes)) if i not in unseen_idx],
-        unseen_classes=list(unseen_idx),
+def _set_metadata(spec: _SplitSpec) -> None:
+    """The split's metadata: everything derived from its classes and unseen list."""
+    MetadataCatalog.get(spec.name).set(
+        stuff_classes=list(spec.classes),
+        seen_classes=[i for i in range(len(spec.classes)) if i not in spec.unseen],
+        unseen_classes=list(spec.unseen),
         ignore_label=IGNORE_LABEL,
         evaluator_type=EVALUATOR_TYPE,
         image_root=spec.image_root,
@@ -507,15 +557,6 @@ def register_zero_shot_split(
         class_embeddings=spec.class_embeddings,
         split_file=spec.split_file,
     )
-    _REGISTERED[name] = spec
-    logger.debug(
-        "Registered %s: %d classes (%d unseen)%s",
-        name,
-        len(classes),
-        len(unseen_idx),
-        " (lazy)" if lazy else "",
-    )
-    return name
 
 
 def unregister_zero_shot_split(name: str) -> None:

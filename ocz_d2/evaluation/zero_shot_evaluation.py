@@ -28,8 +28,14 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image
 from tabulate import tabulate
 
+from ..data.register_zero_shot import EVALUATOR_TYPE, IGNORE_LABEL
+
 __all__ = [
+    "CONFUSION_FILE_NAME",
+    "METRICS_FILE_NAME",
     "ZeroShotSemSegEvaluator",
+    "accumulate_confusion",
+    "build_zero_shot_evaluator",
     "compute_zero_shot_metrics",
     "format_zero_shot_tables",
     "harmonic_mean",
@@ -42,7 +48,47 @@ METRICS_FILE_NAME = "zero_shot_sem_seg_metrics.json"
 #: Summed confusion matrix written beside it (``np.load``-able, int64 ``[K+1, K+1]``).
 CONFUSION_FILE_NAME = "zero_shot_sem_seg_confusion.npy"
 
-_DEFAULT_IGNORE_LABEL = 255
+
+def accumulate_confusion(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    *,
+    num_classes: int,
+    ignore_label: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Count the pixels of one prediction into a confusion matrix ``conf[pred, gt]``.
+
+    Args:
+        pred: [H, W] (any shape) integer class indices in ``[0, K)``.
+        gt: the label map, same shape: class indices in ``[0, K)`` or ``ignore_label``.
+        num_classes: K.
+        ignore_label: label value of pixels that enter no metric; they are counted in the last
+            column (index K), which :func:`compute_zero_shot_metrics` leaves out.
+        out: int64 ``[K+1, K+1]`` matrix to add the counts to (in place), or None for a new one.
+
+    Returns:
+        ``out`` (or a new int64 ``[K+1, K+1]`` matrix) with this image's counts added.
+
+    Raises:
+        ValueError: if the shapes differ or a value is outside ``[0, K)`` (and not ignore in
+            ``gt``).
+    """
+    pred = np.asarray(pred, dtype=np.int64).reshape(-1)
+    gt = np.asarray(gt, dtype=np.int64).reshape(-1)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction has {pred.size} pixels, the label map {gt.size}.")
+    gt = np.where(gt == ignore_label, num_classes, gt)
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f"predicted classes must lie in [0, {num_classes}).")
+    if gt.size and (gt.min() < 0 or gt.max() > num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be {ignore_label} (ignore).")
+    size = num_classes + 1
+    counts = np.bincount(size * pred + gt, minlength=size * size).reshape(size, size)
+    if out is None:
+        return counts
+    out += counts
+    return out
 
 
 def harmonic_mean(seen: float, unseen: float) -> float:
@@ -308,7 +354,7 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
         self._num_classes = len(class_names)
 
         if ignore_label is None:
-            ignore_label = getattr(meta, "ignore_label", _DEFAULT_IGNORE_LABEL)
+            ignore_label = getattr(meta, "ignore_label", IGNORE_LABEL)
         self._ignore_label = int(ignore_label)
         if 0 <= self._ignore_label < self._num_classes:
             raise ValueError(
@@ -379,7 +425,7 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
             self._accumulate(pred, gt)
 
     def _load_gt(self, inp: dict) -> tuple[np.ndarray, str]:
-        """Label map ``[H, W]`` as int64 with ignore mapped to K, and a name for error messages."""
+        """Label map ``[H, W]`` as int64 (checked), and a name for error messages."""
         file_name = inp.get("sem_seg_file_name")
         if file_name is not None:
             with PathManager.open(file_name, "rb") as f:
@@ -409,9 +455,8 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
                 f"Label map {source} has values {values[:20]} outside the class range "
                 f"[0, {self._num_classes}) of '{self._dataset_name}' that are not the ignore "
                 f"label {self._ignore_label}. Check that the labels were converted for this "
-                "dataset (class indices 0..K-1, ignore 255)."
+                f"dataset (class indices 0..K-1, ignore {self._ignore_label})."
             )
-        gt[ignore] = self._num_classes
         return gt, source
 
     def _prediction(self, out: dict, source: str) -> np.ndarray:
@@ -431,9 +476,13 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
         return scores.argmax(dim=0).to(self._cpu_device).numpy().astype(np.int64)
 
     def _accumulate(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        size = self._num_classes + 1
-        index = size * pred.reshape(-1) + gt.reshape(-1)
-        self._conf_matrix += np.bincount(index, minlength=size * size).reshape(size, size)
+        accumulate_confusion(
+            pred,
+            gt,
+            num_classes=self._num_classes,
+            ignore_label=self._ignore_label,
+            out=self._conf_matrix,
+        )
 
     def evaluate(self) -> OrderedDict[str, dict[str, float]] | dict:
         """Gather the confusion matrices and compute the metrics.
@@ -485,3 +534,29 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
         with PathManager.open(os.path.join(self._output_dir, CONFUSION_FILE_NAME), "wb") as f:
             np.save(f, self._conf_matrix)
         logger.info("Wrote zero-shot metrics to %s", path)
+
+
+def build_zero_shot_evaluator(
+    dataset_name: str, output_dir: str | None = None
+) -> ZeroShotSemSegEvaluator:
+    """The evaluator of a registered zero-shot split (what ``Trainer.build_evaluator`` returns).
+
+    Args:
+        dataset_name: a dataset registered by :func:`~ocz_d2.data.register_zero_shot_split` or a
+            split file, i.e. with ``evaluator_type`` ``"ocz_zero_shot_sem_seg"`` in its metadata.
+        output_dir: where the evaluator writes its metrics file; None: nowhere.
+
+    Returns:
+        A :class:`ZeroShotSemSegEvaluator` of that dataset.
+
+    Raises:
+        ValueError: if the dataset is not a zero-shot split.
+    """
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type != EVALUATOR_TYPE:
+        raise ValueError(
+            f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}, not "
+            f"{EVALUATOR_TYPE!r}: register it with ocz_d2.data.register_zero_shot_split or list "
+            "its split file in DATASETS.SPLIT_FILES, and name it in DATASETS.TEST"
+        )
+    return ZeroShotSemSegEvaluator(dataset_name, output_dir=output_dir)

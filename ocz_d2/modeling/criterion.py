@@ -327,14 +327,20 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def _num_masks(targets: list[dict[str, torch.Tensor]], device: torch.device) -> float:
-        """Number of target masks in the global batch per rank, at least 1."""
+        """Number of target masks in the global batch (at least 1) divided by the world size.
+
+        Each rank divides its loss sum by this; DDP then averages over ranks, so the losses and
+        gradients equal one process's on the whole batch. The floor of 1 applies to the global
+        count: taken after the division (as Mask2Former does), a batch with fewer masks than
+        ranks was normalised by 1 per rank, i.e. divided by the world size too many times.
+        """
         total = torch.as_tensor(
             float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
         )
         world_size = comm.get_world_size()
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
-        return max(total.item() / world_size, 1.0)
+        return max(total.item(), 1.0) / world_size
 
     def __repr__(self) -> str:
         lines = [

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import colorsys
+import math
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..data.register_zero_shot import IGNORE_LABEL
+
 IGNORE_COLOR = (0, 0, 0)
+# Height in pixels of one legend row.
+_LEGEND_LINE = 14
 
 
 def class_palette(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -24,7 +29,9 @@ def class_palette(num_classes: int, seed: int = 0) -> np.ndarray:
     return (np.array(colors) * 255).astype(np.uint8)
 
 
-def colorize(label: np.ndarray, palette: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+def colorize(
+    label: np.ndarray, palette: np.ndarray, ignore_label: int = IGNORE_LABEL
+) -> np.ndarray:
     """[H, W] class indices -> [H, W, 3] colours; ignore pixels black."""
     out = np.zeros((*label.shape, 3), dtype=np.uint8)
     valid = (label != ignore_label) & (label < len(palette))
@@ -55,7 +62,7 @@ def prediction_panel(
     class_names: list[str],
     unseen: list[int],
     scale: int = 2,
-    ignore_label: int = 255,
+    ignore_label: int = IGNORE_LABEL,
 ) -> Image.Image:
     """A grid: one row per image (input, ground truth, prediction) and a legend.
 
@@ -84,19 +91,65 @@ def prediction_panel(
         (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
     )
 
-    header, line = 16, 14
-    legend_h = line * ((len(class_names) + 1) // 2) + 8
-    canvas = Image.new("RGB", (grid.width, grid.height + header + legend_h), (255, 255, 255))
+    header = 16
+    names = [name + (" * unseen" if k in unseen else "") for k, name in enumerate(class_names)]
+    canvas = Image.new(
+        "RGB", (grid.width, grid.height + header + legend_height(len(names), 2)), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     col_w = grid.width // 3
     for i, title in enumerate(["input", "ground truth", "prediction (labelled pixels)"]):
         draw.text((i * col_w + 4, 2), title, fill=(0, 0, 0))
     canvas.paste(grid, (0, header))
-    y0 = header + grid.height + 4
+    draw_legend(draw, header + grid.height, grid.width, names, palette, columns=2)
+    return canvas
+
+
+def legend_height(num_classes: int, columns: int = 1) -> int:
+    """Pixels that :func:`draw_legend` needs for ``num_classes`` entries in ``columns``."""
+    return _LEGEND_LINE * math.ceil(num_classes / columns) + 8
+
+
+def draw_legend(
+    draw: ImageDraw.ImageDraw,
+    top: int,
+    width: int,
+    class_names: list[str],
+    palette: np.ndarray,
+    columns: int = 1,
+) -> None:
+    """Draw a colour swatch and the name of each class, row by row.
+
+    Args:
+        draw: drawing context of the canvas.
+        top: y of the legend's first row.
+        width: width of the canvas the columns share.
+        class_names: K entries; palette: [K, 3] uint8 colours.
+        columns: entries per row.
+    """
     for k, name in enumerate(class_names):
-        x, y = (k % 2) * (grid.width // 2) + 4, y0 + (k // 2) * line
+        x = (k % columns) * (width // columns) + 4
+        y = top + 4 + (k // columns) * _LEGEND_LINE
         draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(c) for c in palette[k]))
-        draw.text((x + 14, y), name + (" * unseen" if k in unseen else ""), fill=(0, 0, 0))
+        draw.text((x + 14, y), name, fill=(0, 0, 0))
+
+
+def overlay_with_legend(image: np.ndarray, labels: np.ndarray, class_names: list[str]):
+    """The image blended with its label colours (40 / 60), a one-column legend below.
+
+    Args:
+        image: [H, W, 3] uint8 RGB. labels: [H, W] class indices into ``class_names``.
+        class_names: the K names.
+
+    Returns:
+        A PIL image of width W and height H plus the legend.
+    """
+    palette = class_palette(len(class_names))
+    blend = (0.4 * image + 0.6 * colorize(labels, palette)).astype(np.uint8)
+    height = blend.shape[0] + legend_height(len(class_names))
+    canvas = Image.new("RGB", (blend.shape[1], height), "white")
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    draw_legend(ImageDraw.Draw(canvas), blend.shape[0], blend.shape[1], class_names, palette)
     return canvas
 
 

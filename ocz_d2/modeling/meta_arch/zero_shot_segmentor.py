@@ -15,13 +15,14 @@ from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
+from ...data.dataset_mapper import ZERO_SHOT_SETTINGS
+from ...data.register_zero_shot import ignore_label_of
 from ..criterion import SetCriterion
-from ..text import TextEmbedder, load_class_embeddings
+from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT_SETTINGS = ("inductive", "transductive")
 TEST_MODES = ("whole", "slide")
 
 
@@ -96,7 +97,6 @@ class OCZeroShotSegmentor(nn.Module):
         test_mode: str = "whole",
         window_size: tuple[int, int] = (512, 512),
         window_stride: tuple[int, int] = (426, 426),
-        embeddings_file: str = "",
     ):
         """
         Args:
@@ -104,14 +104,14 @@ class OCZeroShotSegmentor(nn.Module):
             pixel_decoder: maps backbone features to ``(mask_features, multi_scale_features)``.
             transformer_decoder: query decoder (see ``ZeroShotMaskDecoder``).
             criterion: matching-based loss.
-            text_embedder: class names -> normalised text embeddings.
+            text_embedder: class names -> normalised text embeddings (it chooses the source of
+                each vocabulary: a global file, the dataset's file or the CLIP text tower).
             pixel_mean, pixel_std: per-channel normalisation of the input (0..255 scale).
             size_divisibility: pad the batch to a multiple of this.
             zero_shot_setting: "inductive" or "transductive".
             calibration: gamma subtracted from seen-class scores at test (inductive only).
             test_mode: "whole" or "slide".
             window_size, window_stride: sliding-window geometry (h, w) in input pixels.
-            embeddings_file: class-embedding file overriding every dataset's own ("" = none).
         """
         super().__init__()
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
@@ -133,7 +133,6 @@ class OCZeroShotSegmentor(nn.Module):
         self.test_mode = test_mode
         self.window_size = tuple(window_size)
         self.window_stride = tuple(window_stride)
-        self.embeddings_file = embeddings_file or None
 
     @classmethod
     def from_config(cls, cfg):
@@ -141,18 +140,17 @@ class OCZeroShotSegmentor(nn.Module):
         backbone = build_backbone(cfg)
         pixel_decoder = build_sem_seg_head(cfg, backbone.output_shape())
         clip_model = backbone.clip_model if getattr(backbone, "has_text_tower", False) else None
-        text_embedder = TextEmbedder(cfg, clip_model=clip_model, dim=_file_dim(cfg))
+        datasets = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        text_embedder = TextEmbedder(cfg, clip_model=clip_model, dataset_names=datasets)
         if text_embedder.dim is None:
             raise ValueError(
                 "no source of class embeddings: the CLIP text tower was dropped and neither "
                 "MODEL.OCZ.TEXT.EMBEDDINGS_FILE nor the datasets' class_embeddings is set"
             )
-        text_dim = text_embedder.dim
         transformer_decoder = build_transformer_decoder(
             cfg,
-            in_channels=cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
-            mask_dim=cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-            text_dim=text_dim,
+            **_pixel_decoder_widths(pixel_decoder, cfg.MODEL.SEM_SEG_HEAD.NAME),
+            text_dim=text_embedder.dim,
         )
         criterion = SetCriterion(cfg)
         _check_pixel_stats(cfg, backbone)
@@ -175,7 +173,6 @@ class OCZeroShotSegmentor(nn.Module):
             "test_mode": ocz.TEST.MODE,
             "window_size": ocz.TEST.WINDOW_SIZE,
             "window_stride": ocz.TEST.WINDOW_STRIDE,
-            "embeddings_file": ocz.TEXT.EMBEDDINGS_FILE,
         }
 
     @property
@@ -195,7 +192,7 @@ class OCZeroShotSegmentor(nn.Module):
         """
         if "class_names" in sample:  # open vocabulary: any names, nothing is "seen"
             names = list(sample["class_names"])
-            text = self.text_embedder.get(names, embeddings_file=self.embeddings_file)
+            text = self.text_embedder.get(names)
             ids = torch.arange(len(names), device=self.device)
             return ids, text, ids.new_zeros(0)
         name = sample.get("dataset_name")
@@ -209,11 +206,7 @@ class OCZeroShotSegmentor(nn.Module):
         seen = torch.as_tensor(
             meta.get("seen_classes", list(range(len(classes)))), dtype=torch.long
         )
-        text = self.text_embedder.get(
-            classes,
-            dataset_name=name,
-            embeddings_file=self.embeddings_file or meta.get("class_embeddings", None),
-        )
+        text = self.text_embedder.get(classes, dataset_name=name)
         if training and self.zero_shot_setting == "inductive":
             return (
                 seen.to(self.device),
@@ -228,8 +221,9 @@ class OCZeroShotSegmentor(nn.Module):
         Args:
             batched_inputs: list of mapper outputs (see ZeroShotSemSegDatasetMapper): "image"
                 uint8 [3, H, W]; in training "instances" (gt_classes in the dataset's class
-                indices, gt_masks) and "sem_seg" ([H, W], 255 = ignore); "height"/"width" for
-                the output size at inference; "dataset_name" or "class_names".
+                indices, gt_masks) and "sem_seg" ([H, W]; the dataset's ignore label outside every
+                target); "height"/"width" for the output size at inference; "dataset_name" or
+                "class_names".
         Returns:
             training: dict of weighted losses; inference: list of {"sem_seg": [K, height, width]}.
         """
@@ -259,13 +253,27 @@ class OCZeroShotSegmentor(nn.Module):
         class_ids, text, _ = self.vocabulary(batched_inputs[0], training=True)
         images = self._normalize(batched_inputs)
         outputs = self._predict(images.tensor, text)
-        targets = self._prepare_targets(batched_inputs, images.tensor.shape[-2:], class_ids)
+        ignore = ignore_label_of(batched_inputs[0].get("dataset_name"))
+        targets = self._prepare_targets(batched_inputs, images.tensor.shape[-2:], class_ids, ignore)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
-    def _prepare_targets(self, batched_inputs, padded_hw, class_ids: torch.Tensor) -> list[dict]:
-        """Per image: vocabulary labels, binary masks and the valid (non-ignore) region, padded."""
+    def _prepare_targets(
+        self, batched_inputs, padded_hw, class_ids: torch.Tensor, ignore_label: int
+    ) -> list[dict]:
+        """Per image: vocabulary labels, binary masks and the valid (non-ignore) region, padded.
+
+        Args:
+            batched_inputs: training samples with "instances" and "sem_seg".
+            padded_hw: (H, W) of the padded batch.
+            class_ids: int64 [K'] dataset class indices of the training vocabulary.
+            ignore_label: the "sem_seg" value of pixels outside every target (dataset metadata).
+
+        Returns:
+            One dict per image: "labels" int64 [T] vocabulary indices, "masks" float [T, H, W],
+            "valid" bool [H, W].
+        """
         num_classes = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
         to_vocab = torch.full((max(num_classes, 1),), -1, dtype=torch.long, device=self.device)
         to_vocab[class_ids] = torch.arange(len(class_ids), device=self.device)
@@ -282,14 +290,14 @@ class OCZeroShotSegmentor(nn.Module):
                 raise ValueError(
                     f"{x.get('file_name', 'a sample')}: target classes {gt_classes.tolist()} "
                     f"are not all in the training vocabulary {class_ids.tolist()}; unseen "
-                    "classes must be ignore (255) in inductive training"
+                    f"classes must be ignore ({ignore_label}) in inductive training"
                 )
             sem_seg = x["sem_seg"].to(self.device)
             h, w = sem_seg.shape
             padded = masks.new_zeros((masks.shape[0], h_pad, w_pad), dtype=torch.float32)
             padded[:, :h, :w] = masks.float()
             valid = torch.zeros((h_pad, w_pad), dtype=torch.bool, device=self.device)
-            valid[:h, :w] = sem_seg != 255
+            valid[:h, :w] = sem_seg != ignore_label
             labels = to_vocab[gt_classes] if gt_classes.numel() else gt_classes
             targets.append({"labels": labels, "masks": padded, "valid": valid})
         return targets
@@ -338,15 +346,24 @@ class OCZeroShotSegmentor(nn.Module):
         return scores / counts
 
 
-def _file_dim(cfg) -> int | None:
-    """D of the class-embedding files the configured datasets use (None: text encoder only)."""
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    files = [MetadataCatalog.get(n).get("class_embeddings", None) for n in names]
-    files = [cfg.MODEL.OCZ.TEXT.EMBEDDINGS_FILE] + files
-    for path in files:
-        if path:
-            return load_class_embeddings(path)[1].shape[1]
-    return None
+def _pixel_decoder_widths(pixel_decoder: nn.Module, name: str) -> dict[str, int]:
+    """The channels of a built pixel decoder's outputs, as the transformer decoder's inputs.
+
+    Returns:
+        ``{"in_channels": ..., "mask_dim": ...}`` from the decoder's ``conv_dim`` (multi-scale
+        features) and ``mask_dim`` (mask features) attributes.
+    """
+    widths = {
+        "in_channels": getattr(pixel_decoder, "conv_dim", None),
+        "mask_dim": getattr(pixel_decoder, "mask_dim", None),
+    }
+    if not all(isinstance(v, int) for v in widths.values()):
+        raise TypeError(
+            f"pixel decoder {name} ({type(pixel_decoder).__name__}) must have int attributes "
+            "conv_dim (channels of its multi-scale features) and mask_dim (channels of its "
+            "mask features): set them in its __init__ (see SimplePyramidPixelDecoder)"
+        )
+    return widths
 
 
 def _check_pixel_stats(cfg, backbone) -> None:

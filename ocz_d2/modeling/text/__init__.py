@@ -1,6 +1,6 @@
 """Text side of ocz_d2: class-name embeddings from CLIP's text tower or from files."""
 
-from .embeddings import TextEmbedder, load_class_embeddings
+from .embeddings import TextEmbedder
 from .templates import TEMPLATE_SETS, clean_class_name, get_templates
 
 __all__ = [
@@ -8,5 +8,4 @@ __all__ = [
     "TextEmbedder",
     "clean_class_name",
     "get_templates",
-    "load_class_embeddings",
 ]

@@ -18,31 +18,18 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from torch import nn
 
-from ...data.register_zero_shot import load_class_embeddings as read_class_embedding_file
+from ...data.register_zero_shot import load_class_embeddings
 from .templates import clean_class_name, get_templates
 
-__all__ = ["TextEmbedder", "load_class_embeddings"]
+__all__ = ["TextEmbedder"]
 
 logger = logging.getLogger(__name__)
 
 _GLOBAL_FILE_KEY = "MODEL.OCZ.TEXT.EMBEDDINGS_FILE"
 
 
-def load_class_embeddings(path: str) -> tuple[list[str], torch.Tensor]:
-    """Read a class-embedding file (see :func:`ocz_d2.data.load_class_embeddings`).
-
-    Returns:
-        (class names, float32 tensor [K, D] as stored).
-    """
-    classes, embeddings = read_class_embedding_file(path)
-    duplicates = sorted({c for c in classes if classes.count(c) > 1})
-    if duplicates:
-        raise ValueError(f"Class-embedding file {path} lists classes twice: {duplicates}.")
-    return classes, torch.from_numpy(embeddings)
-
-
 def _embedding_dim_of_file(path: str) -> int:
-    return int(read_class_embedding_file(path)[1].shape[1])
+    return int(load_class_embeddings(path)[1].shape[1])
 
 
 def _text_output_dim(clip_model: nn.Module) -> int:
@@ -79,6 +66,7 @@ class TextEmbedder(nn.Module):
         embeddings_file: str = "",
         chunk_size: int = 256,
         dim: int | None = None,
+        dataset_names: Sequence[str] = (),
     ):
         """
         Args:
@@ -90,6 +78,8 @@ class TextEmbedder(nn.Module):
             embeddings_file: global class-embedding file, or "".
             chunk_size: prompts per text-encoder call.
             dim: embedding size D the caller expects; checked against the source when given.
+            dataset_names: registered datasets whose vocabularies will be asked for; the size
+                of each one's source (see :meth:`get`) is checked here, at build time.
         """
         super().__init__()
         if chunk_size < 1:
@@ -106,25 +96,48 @@ class TextEmbedder(nn.Module):
         self._cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         # Tracks the module's device/dtype through .to(); empty and non-persistent.
         self.register_buffer("_device_probe", torch.zeros(0), persistent=False)
+        if self.embeddings_file and not os.path.isfile(self.embeddings_file):
+            raise FileNotFoundError(
+                f"{_GLOBAL_FILE_KEY}={embeddings_file!r} does not exist: fix "
+                f"{_GLOBAL_FILE_KEY} or set it to ''."
+            )
+        self._dim = self._check_dims(dim, dataset_names)
 
+    def _check_dims(self, dim: int | None, dataset_names: Sequence[str]) -> int | None:
+        """The D that every source gives (None: no source known yet); raises if they differ."""
         source_dims = {}
-        if self.embeddings_file:
-            if not os.path.isfile(self.embeddings_file):
-                raise FileNotFoundError(
-                    f"{_GLOBAL_FILE_KEY}={embeddings_file!r} does not exist: fix "
-                    f"{_GLOBAL_FILE_KEY} or set it to ''."
-                )
-            source_dims[_GLOBAL_FILE_KEY] = _embedding_dim_of_file(self.embeddings_file)
-        if clip_model is not None:
-            source_dims[f"CLIP {model_name} text tower"] = _text_output_dim(clip_model)
+        if self.clip_model is not None:
+            source_dims[f"CLIP {self.model_name} text tower"] = _text_output_dim(self.clip_model)
         if dim is not None:
             source_dims["the model (dim)"] = int(dim)
+        for name in [None, *dataset_names]:  # None: the global file
+            path = self._file_for(name, None)
+            if path is not None:
+                source_dims[self._describe_file(path, name)] = _embedding_dim_of_file(path)
         if len(set(source_dims.values())) > 1:
-            raise ValueError(f"Text embedding sizes disagree: {source_dims}.")
-        self._dim = next(iter(source_dims.values()), None)
+            raise ValueError(
+                f"Text embedding sizes disagree: {source_dims}. Every vocabulary must come in "
+                "the model's embedding size. Either set "
+                f"{_GLOBAL_FILE_KEY} to a file of that size holding every class (it replaces "
+                "the datasets' files), or remake the class_embeddings file of the split with "
+                "the text tower of MODEL.OCZ.CLIP.MODEL_NAME, or remove class_embeddings from "
+                "the split so that the text tower encodes the class names."
+            )
+        return next(iter(source_dims.values()), None)
+
+    def _describe_file(self, path: str, dataset_name: str | None) -> str:
+        if path == self.embeddings_file:
+            return f"{_GLOBAL_FILE_KEY} {path}"
+        return f"class_embeddings of {dataset_name} ({path})"
 
     @classmethod
-    def from_config(cls, cfg, clip_model: nn.Module | None = None, dim: int | None = None):
+    def from_config(
+        cls,
+        cfg,
+        clip_model: nn.Module | None = None,
+        dim: int | None = None,
+        dataset_names: Sequence[str] = (),
+    ):
         text = cfg.MODEL.OCZ.TEXT
         return {
             "clip_model": clip_model,
@@ -133,6 +146,7 @@ class TextEmbedder(nn.Module):
             "embeddings_file": text.EMBEDDINGS_FILE,
             "chunk_size": text.CHUNK_SIZE,
             "dim": dim,
+            "dataset_names": dataset_names,
         }
 
     @property
@@ -207,19 +221,9 @@ class TextEmbedder(nn.Module):
         self, dataset_name: str | None, embeddings_file: str | None
     ) -> tuple[str, bool]:
         """(file path or "clip:<model>:<templates>", whether file classes must match exactly)."""
-        if self.embeddings_file:
-            return self.embeddings_file, False
-        if not embeddings_file and dataset_name and dataset_name in MetadataCatalog.list():
-            embeddings_file = MetadataCatalog.get(dataset_name).get("class_embeddings", None)
-        if embeddings_file:
-            path = os.path.abspath(embeddings_file)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"Class-embedding file {embeddings_file!r} of dataset {dataset_name!r} does "
-                    "not exist: fix the split's class_embeddings or set "
-                    f"{_GLOBAL_FILE_KEY}."
-                )
-            return path, True
+        path = self._file_for(dataset_name, embeddings_file)
+        if path is not None:
+            return path, path != self.embeddings_file
         if self.clip_model is None:
             raise RuntimeError(
                 f"No class embeddings for dataset {dataset_name!r}: the CLIP text tower is not "
@@ -228,10 +232,34 @@ class TextEmbedder(nn.Module):
             )
         return f"clip:{self.model_name}:{'|'.join(self.templates)}", False
 
+    def _file_for(self, dataset_name: str | None, embeddings_file: str | None) -> str | None:
+        """The class-embedding file of a vocabulary, first match wins: the global file, the
+        given file, the dataset's ``class_embeddings``; None: the text tower."""
+        if self.embeddings_file:
+            return self.embeddings_file
+        if not embeddings_file and dataset_name and dataset_name in MetadataCatalog.list():
+            embeddings_file = MetadataCatalog.get(dataset_name).get("class_embeddings", None)
+        if not embeddings_file:
+            return None
+        path = os.path.abspath(embeddings_file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Class-embedding file {embeddings_file!r} of dataset {dataset_name!r} does "
+                f"not exist: fix the split's class_embeddings or set {_GLOBAL_FILE_KEY}."
+            )
+        return path
+
     def _from_file(
         self, path: str, class_names: tuple[str, ...], dataset_name: str | None, strict: bool
     ) -> torch.Tensor:
-        file_classes, embeddings = load_class_embeddings(path)
+        file_classes, array = load_class_embeddings(path)
+        duplicates = sorted({c for c in file_classes if file_classes.count(c) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Class-embedding file {path} lists classes twice: {duplicates}; keep one row "
+                "per class."
+            )
+        embeddings = torch.from_numpy(array)
         index = {name: i for i, name in enumerate(file_classes)}
         missing = [c for c in class_names if c not in index]
         wanted = set(class_names)
