@@ -25,18 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from PIL import Image
 
-from ocz_d2 import add_ocz_config
+import ocz_d2
+from ocz_d2.config import ConfigError, load_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper
 from ocz_d2.data.synthetic import ensure_synthetic_benchmark
 from ocz_d2.engine import AtomicCheckpointer
 from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
 from ocz_d2.engine.protocol import chance_metrics
 from ocz_d2.engine.report import ReportRow, run_seed
+from ocz_d2.utils.checkout import check_same_checkout
 from ocz_d2.utils.visualize import prediction_panel
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "ocz_tiny.yaml"
@@ -73,11 +74,8 @@ def prepare(log) -> str:
     return str(weights)
 
 
-def load_config(args, overrides: list[str]):
-    cfg = get_cfg()
-    add_ocz_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(overrides)
+def demo_config(args, overrides: list[str]):
+    cfg = load_config(args.config_file, overrides)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
@@ -110,25 +108,32 @@ def print_results(log, dataset: str, result: dict, chance: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_same_checkout(__file__, ocz_d2.__file__)
 
     def log(message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
+    overrides = list(args.opts)
+    try:
+        cfg = demo_config(args, overrides)
+    except ConfigError as e:
+        print(f"[demo] config error: {e}", file=sys.stderr)
+        return 2
     start = time.time()
     clip_weights = prepare(log)
-    overrides = list(args.opts)
-    if load_config(args, overrides).MODEL.OCZ.CLIP.WEIGHTS:
+    if cfg.MODEL.OCZ.CLIP.WEIGHTS:
         # The config's relative path may not resolve from here; the prepared file does.
         overrides = ["MODEL.OCZ.CLIP.WEIGHTS", clip_weights, *overrides]
     out = Path(args.output_dir)
     train_start = time.time()
     log(f"training and testing in {out} (a finished run there is reused; delete it to retrain)")
-    result = run_seed(ReportRow("demo", args.config_file, tuple(overrides)), args.seed, out)
+    row = ReportRow("demo", args.config_file, tuple(overrides))
+    result = run_seed(row, args.seed, out, num_gpus=args.num_gpus, console=True)
     train_s = time.time() - train_start
 
     dataset = result["test_dataset"]
     chance = chance_metrics(dataset)
-    cfg = load_config(args, [*overrides, "MODEL.OCZ.TEST.CALIBRATION", str(result["calibration"])])
+    cfg = demo_config(args, [*overrides, "MODEL.OCZ.TEST.CALIBRATION", str(result["calibration"])])
     picture = out / "demo_predictions.png"
     write_picture(cfg, str(out / "model_final.pth"), dataset, picture)
     print_results(log, dataset, result, chance)

@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+import ocz_d2
 from ocz_d2.engine.report import ReportRow, format_markdown, run_report
+from ocz_d2.utils.checkout import check_same_checkout
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_same_checkout(__file__, ocz_d2.__file__)
     logging.basicConfig(level=logging.INFO, format="[report] %(message)s")
     try:
         rows = [ReportRow(r[0], r[1], tuple(r[2:])) for r in args.row if len(r) >= 2]

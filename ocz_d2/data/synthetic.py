@@ -94,6 +94,9 @@ _STREAMS = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "zeroshot": 4}
 _HUE_JITTER = 6.0  # degrees, per object
 # An object is named in a caption when at least this fraction of the image shows it.
 _MIN_CAPTION_AREA = 0.01
+# Shape size of the close-ups in the CLIP pretraining and zero-shot check sets (the segmentation
+# splits use 1): a texture is learnt much faster when it fills most of the image (measured).
+_CLOSE_UP = 2.2
 
 
 _SHAPE_KINDS = ("ellipse", "rectangle", "star")
@@ -240,12 +243,14 @@ def _texture_pattern(rng: np.random.Generator, texture: int, xx: np.ndarray, yy:
     return np.mod(np.floor(u / cell) + np.floor(v / cell), 2) == 0
 
 
-def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+def _shape_mask(rng: np.random.Generator, size: int, scale: float = 1.0) -> tuple[np.ndarray, str]:
     """Boolean [S, S] mask of a random ellipse, rotated rectangle or star-shaped polygon, and the
-    shape's kind ("ellipse", "rectangle", "star")."""
+    shape's kind ("ellipse", "rectangle", "star"). ``scale`` > 1 draws a close-up: a larger shape
+    nearer the centre (textures keep their pixel scale)."""
     mask = np.zeros((size, size), dtype=np.uint8)
-    radius = rng.uniform(0.1, 0.22) * size
-    cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+    radius = rng.uniform(0.1, 0.22) * size * scale
+    margin = 0.15 if scale == 1.0 else 0.5 - 0.35 / scale
+    cx, cy = rng.uniform(margin, 1 - margin, size=2) * size
     kind = rng.integers(3)
     if kind == 0:
         axes = (round(radius), round(radius * rng.uniform(0.5, 1.0)))
@@ -269,6 +274,7 @@ def render_synthetic_sample(
     min_objects: int = 2,
     max_objects: int = 5,
     classes: Sequence[int] | None = None,
+    object_scale: float = 1.0,
 ) -> SyntheticScene:
     """Render one image, its label and its object list.
 
@@ -278,6 +284,8 @@ def render_synthetic_sample(
         min_objects, max_objects: range of the number of objects (later ones occlude earlier).
         classes: draw exactly these classes, in this order, instead of a random number of random
             classes (e.g. ``[c]`` for a single-object image).
+        object_scale: size of the shapes relative to the benchmark's (> 1: close-ups, as in the
+            CLIP pretraining set; textures keep their pixel scale).
 
     Returns:
         A :class:`SyntheticScene`.
@@ -293,7 +301,7 @@ def render_synthetic_sample(
     for k in range(len(classes) if classes is not None else count):
         cls = int(classes[k]) if classes is not None else int(rng.integers(len(SYNTHETIC_CLASSES)))
         hue_idx, tex_idx = divmod(cls, len(TEXTURES))
-        mask, kind = _shape_mask(rng, size)
+        mask, kind = _shape_mask(rng, size, object_scale)
         hue = np.float32(list(HUES.values())[hue_idx] + rng.uniform(-_HUE_JITTER, _HUE_JITTER))
         sat = np.float32(rng.uniform(0.65, 1.0))
         val = rng.uniform(0.7, 1.0)
@@ -464,12 +472,16 @@ def _write_segmentation_split(root: Path, split: str, count: int, p: _Params, pr
 
 
 def _write_pretraining_set(root: Path, p: _Params, progress) -> None:
-    """Image-caption pairs over all 16 classes: 1 object (60%), 2 (30%) or 3 (10%) per image."""
+    """Image-caption pairs over all 16 classes (never used as masks): single-object close-ups
+    (50%), and scenes at the benchmark's scale with one (30%) or two (20%) objects."""
     rows = []
     for i in range(p.num_pretrain):
         rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
-        count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
-        scene = render_synthetic_sample(rng, p.image_size, count, count)
+        kind = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+        if kind == 0:
+            scene = render_synthetic_sample(rng, p.image_size, 1, 1, object_scale=_CLOSE_UP)
+        else:
+            scene = render_synthetic_sample(rng, p.image_size, kind, kind)
         name = f"images/{i:05d}.png"
         _save_png(scene.image, root / "pretrain" / name)
         caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
@@ -480,12 +492,13 @@ def _write_pretraining_set(root: Path, p: _Params, progress) -> None:
 
 
 def _write_zeroshot_set(root: Path, p: _Params) -> None:
-    """Single-object images, ``num_zeroshot_per_class`` of each class, with their class name."""
+    """Single-object close-ups (crops of one object, textures at the benchmark's pixel scale),
+    ``num_zeroshot_per_class`` of each class, with their class name."""
     rows = []
     for i in range(p.num_zeroshot_per_class * len(SYNTHETIC_CLASSES)):
         cls = i % len(SYNTHETIC_CLASSES)
         rng = np.random.default_rng([p.seed, _STREAMS["zeroshot"], i])
-        scene = render_synthetic_sample(rng, p.image_size, classes=[cls])
+        scene = render_synthetic_sample(rng, p.image_size, classes=[cls], object_scale=_CLOSE_UP)
         name = f"images/{i:05d}.png"
         _save_png(scene.image, root / "zeroshot" / name)
         rows.append((name, SYNTHETIC_CLASSES[cls]))

@@ -50,6 +50,7 @@ __all__ = [
     "load_image_caption_csv",
     "load_labelled_images",
     "pretrain_clip",
+    "save_atomic",
     "zero_shot_accuracy",
 ]
 
@@ -66,8 +67,8 @@ class ClipPretrainConfig:
     """Hyper-parameters of :func:`pretrain_clip` (all of them enter the cache key)."""
 
     model_name: str = "OCZ-Tiny-ViT"
-    steps: int = 500
-    batch_size: int = 128
+    steps: int = 1000
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 25
@@ -275,7 +276,9 @@ def _read_state(path: Path) -> dict | None:
         return None
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename: never a half-written file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -352,7 +355,7 @@ def pretrain_clip(
                 "step": done,
                 "config": asdict(cfg),
             }
-            _save_atomic(state, state_path)
+            save_atomic(state, state_path)
     return model.eval()
 
 
@@ -506,7 +509,7 @@ def ensure_pretrained_clip(
             model, cfg.model_name, images, labels, class_names or sorted(set(labels)), unseen=unseen
         )
     weights = folder / "weights.pt"
-    _save_atomic(model.state_dict(), weights)
+    save_atomic(model.state_dict(), weights)
     record["sha256"] = _file_sha256(weights)
     tmp = folder / (_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -532,8 +535,9 @@ def ensure_synthetic_clip(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[Path, dict]:
-    """The synthetic benchmark's tiny CLIP: cached pretraining on its image-caption set, copied
-    to ``<benchmark root>/tiny_clip.pt``.
+    """The synthetic benchmark's tiny CLIP: cached pretraining on its image-caption set, also
+    copied to ``<benchmark root>/tiny_clip.pt`` (the path ``configs/synthetic/ocz_tiny.yaml``
+    names).
 
     Args:
         benchmark: a :class:`~ocz_d2.data.synthetic.SyntheticBenchmark`.
@@ -542,7 +546,8 @@ def ensure_synthetic_clip(
         progress: show progress bars.
 
     Returns:
-        (``<root>/tiny_clip.pt``, the cache manifest with the zero-shot check).
+        (the cached weights file, whose path changes with the cache key; the cache manifest,
+        with the zero-shot check).
     """
     root = Path(benchmark.root)
     marker = json.loads((root / "generation_complete.json").read_text(encoding="utf-8"))
@@ -561,4 +566,4 @@ def ensure_synthetic_clip(
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(cached.read_bytes())
         os.replace(tmp, target)
-    return target, record
+    return cached, record

@@ -70,8 +70,16 @@ def _seconds_per_iter(metrics_json: Path) -> float:
     return float(np.median(times)) if times else float("nan")
 
 
-def run_seed(row: ReportRow, seed: int, out_dir: Path, *, num_gpus: int = 1) -> dict:
+def run_seed(
+    row: ReportRow, seed: int, out_dir: Path, *, num_gpus: int = 1, console: bool = False
+) -> dict:
     """Train, tune and test one (row, seed) in ``out_dir``, or reuse its ``result.json``.
+
+    Args:
+        row, seed: what to run.
+        out_dir: the run's folder.
+        num_gpus: processes of the training run (CPU: gloo).
+        console: show the training log on the console instead of ``train_stdout.log``.
 
     Returns:
         ``{"row", "seed", "command", "calibration", "test": metrics, "sec_per_iter"}``.
@@ -87,12 +95,17 @@ def run_seed(row: ReportRow, seed: int, out_dir: Path, *, num_gpus: int = 1) -> 
         if previous.get("command") == command[1:]:
             logger.info("Reusing %s", result_path)
             return previous
+    _claim(out_dir, command[1:])
     logger.info("Training: %s", " ".join(command))
     log = out_dir / "train_stdout.log"
-    with log.open("w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
+    if console:
+        done = subprocess.run(command)
+    else:
+        with log.open("w") as f:
+            done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise RuntimeError(f"Training failed (exit {done.returncode}); see {log}.")
+        where = "the output above" if console else str(log)
+        raise RuntimeError(f"Training failed (exit {done.returncode}); see {where}.")
     from .protocol import tuned_test  # heavy imports only when a run is needed
 
     cfg = _config(row, seed, out_dir)
@@ -113,16 +126,29 @@ def run_seed(row: ReportRow, seed: int, out_dir: Path, *, num_gpus: int = 1) -> 
     return result
 
 
-def _config(row: ReportRow, seed: int, out_dir: Path):
-    from detectron2.config import get_cfg
+def _claim(out_dir: Path, command: list[str]) -> None:
+    """Record the command that owns ``out_dir``; refuse a folder that holds another run, whose
+    checkpoints ``--resume`` would otherwise continue from."""
+    record = out_dir / "command.json"
+    if record.is_file():
+        if json.loads(record.read_text()) != command:
+            raise RuntimeError(
+                f"{out_dir} holds a run of another command (see {record}): delete the folder or "
+                "choose another output folder."
+            )
+        return
+    if (out_dir / "last_checkpoint").is_file():
+        raise RuntimeError(
+            f"{out_dir} holds checkpoints of an unknown run: delete them or choose another folder."
+        )
+    record.write_text(json.dumps(command) + "\n")
 
-    from ..config import add_ocz_config
+
+def _config(row: ReportRow, seed: int, out_dir: Path):
+    from ..config import load_config
     from ..data import register_split_files_from_config
 
-    cfg = get_cfg()
-    add_ocz_config(cfg)
-    cfg.merge_from_file(row.config_file)
-    cfg.merge_from_list([*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)])
+    cfg = load_config(row.config_file, [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)])
     cfg.MODEL.DEVICE = "cpu" if not _cuda() else cfg.MODEL.DEVICE
     cfg.freeze()
     register_split_files_from_config(cfg)
