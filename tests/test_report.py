@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from ocz_d2.engine.protocol import chance_metrics, pick_calibration
-from ocz_d2.engine.report import ReportRow, format_markdown, run_report, summarize
+from ocz_d2.engine.report import (
+    ReportRow,
+    format_markdown,
+    pin_clip_weights,
+    run_report,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -133,3 +139,12 @@ def test_rows_are_checked():
         ReportRow("x", "nowhere.yaml")
     with pytest.raises(ValueError, match="plain folder name"):
         ReportRow("a/b", str(CONFIG))
+
+
+def test_pin_clip_weights_only_where_the_config_loads_a_file():
+    text = ReportRow("text", str(REPO / "configs" / "synthetic" / "ocz_tiny.yaml"))
+    pinned = pin_clip_weights(text, "/cache/abc/weights.pt")
+    assert pinned.opts == ("MODEL.OCZ.CLIP.WEIGHTS", "/cache/abc/weights.pt")
+    assert pin_clip_weights(ReportRow("attr", str(CONFIG)), "/cache/w.pt").opts == ()
+    own = ReportRow("own", text.config_file, ("MODEL.OCZ.CLIP.WEIGHTS", "/mine.pt"))
+    assert pin_clip_weights(own, "/cache/w.pt") == own

@@ -36,7 +36,7 @@ from ocz_d2.data.synthetic import ensure_synthetic_benchmark
 from ocz_d2.engine import AtomicCheckpointer
 from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
 from ocz_d2.engine.protocol import chance_metrics
-from ocz_d2.engine.report import ReportRow, run_seed
+from ocz_d2.engine.report import ReportRow, pin_clip_weights, run_seed
 from ocz_d2.utils.checkout import check_same_checkout
 from ocz_d2.utils.visualize import prediction_panel
 
@@ -113,21 +113,18 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
-    overrides = list(args.opts)
     try:
-        cfg = demo_config(args, overrides)
+        demo_config(args, args.opts)
     except ConfigError as e:
         print(f"[demo] config error: {e}", file=sys.stderr)
         return 2
     start = time.time()
     clip_weights = prepare(log)
-    if cfg.MODEL.OCZ.CLIP.WEIGHTS:
-        # The config's relative path may not resolve from here; the prepared file does.
-        overrides = ["MODEL.OCZ.CLIP.WEIGHTS", clip_weights, *overrides]
+    row = pin_clip_weights(ReportRow("demo", args.config_file, tuple(args.opts)), clip_weights)
+    overrides = list(row.opts)
     out = Path(args.output_dir)
     train_start = time.time()
     log(f"training and testing in {out} (a finished run there is reused; delete it to retrain)")
-    row = ReportRow("demo", args.config_file, tuple(overrides))
     result = run_seed(row, args.seed, out, num_gpus=args.num_gpus, console=True)
     train_s = time.time() - train_start
 

@@ -10,7 +10,8 @@ with the minimum over seeds and the seconds per training iteration.
 
 Finished (row, seed) runs are reused and unfinished ones resume, so an interrupted report picks up
 where it stopped. Writes report.json and report.md in the output folder. Before running, the
-synthetic benchmark and its tiny CLIP are prepared when missing (cached; --no-prepare skips).
+synthetic benchmark and its tiny CLIP are prepared when missing (cached; --no-prepare skips), rows
+that load CLIP weights from a file get the cached tiny CLIP, and the chance row is computed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 import ocz_d2
-from ocz_d2.engine.report import ReportRow, format_markdown, run_report
+from ocz_d2.engine.report import ReportRow, format_markdown, pin_clip_weights, run_report
 from ocz_d2.utils.checkout import check_same_checkout
 
 
@@ -63,10 +64,10 @@ def main(argv=None) -> int:
     if not args.no_prepare:
         from ocz_d2.data.synthetic import ensure_synthetic_benchmark
         from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
-
-        ensure_synthetic_clip(ensure_synthetic_benchmark())
         from ocz_d2.engine.protocol import chance_metrics
 
+        weights, _ = ensure_synthetic_clip(ensure_synthetic_benchmark())
+        rows = [pin_clip_weights(row, weights) for row in rows]
         chance = chance_metrics("ocz_synthetic_test")
     table = run_report(rows, args.seeds, args.output, num_gpus=args.num_gpus, chance=chance)
     print(format_markdown(table, chance))

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ReportRow", "format_markdown", "run_report", "run_seed", "summarize"]
+__all__ = [
+    "ReportRow",
+    "format_markdown",
+    "pin_clip_weights",
+    "run_report",
+    "run_seed",
+    "summarize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,23 @@ class ReportRow:
             raise ValueError(f"Row {self.name!r}: overrides must be KEY VALUE pairs: {self.opts}.")
         if not os.path.isfile(self.config_file):
             raise FileNotFoundError(f"Row {self.name!r}: config file {self.config_file} not found.")
+
+
+def pin_clip_weights(row: ReportRow, weights: str | os.PathLike) -> ReportRow:
+    """``row`` with ``MODEL.OCZ.CLIP.WEIGHTS weights`` when its config loads CLIP weights from a
+    file and its overrides do not name one.
+
+    Given the content-keyed cache path of the tiny CLIP, a run's command then changes whenever
+    the CLIP does, so a finished result is reused only with the same CLIP. Rows on a random CLIP
+    (``WEIGHTS`` empty) are returned unchanged.
+    """
+    from ..config import load_config
+
+    if "MODEL.OCZ.CLIP.WEIGHTS" in row.opts[::2]:
+        return row
+    if not load_config(row.config_file, row.opts).MODEL.OCZ.CLIP.WEIGHTS:
+        return row
+    return ReportRow(row.name, row.config_file, ("MODEL.OCZ.CLIP.WEIGHTS", str(weights), *row.opts))
 
 
 def _train_net() -> Path:
