@@ -48,6 +48,27 @@ class SyntheticData:
     num_val: int
     num_test: int
 
+    def tiny_run_overrides(self, **extra) -> list[str]:
+        """``KEY VALUE`` overrides that train and evaluate a tiny model on this benchmark in
+        seconds (train on ``train_name``, evaluate ``val_name``); ``extra`` adds or replaces."""
+        size = self.image_size
+        opts = {
+            "DATASETS.SPLIT_FILES": f"['{self.split_file}']",
+            "DATASETS.TRAIN": f"('{self.train_name}',)",
+            "DATASETS.TEST": f"('{self.val_name}',)",
+            "INPUT.RESIZE_TARGET": f"({size},{size})",
+            "INPUT.CROP.SIZE": f"({size},{size})",
+            "INPUT.MIN_SIZE_TEST": size,
+            "MODEL.OCZ.CLIP.MODEL_NAME": "OCZ-Tiny-ViT",
+            "MODEL.OCZ.DECODER.DEC_LAYERS": 1,
+            "MODEL.OCZ.LOSS.TRAIN_NUM_POINTS": 128,
+            "SOLVER.IMS_PER_BATCH": 2,
+            "SOLVER.WARMUP_ITERS": 1,
+            "DATALOADER.NUM_WORKERS": 0,
+            **extra,
+        }
+        return [str(x) for kv in opts.items() for x in kv]
+
 
 _DEFAULTS = {
     "num_train": 8,

@@ -26,24 +26,13 @@ METRICS = "zero_shot_sem_seg_metrics.json"
 
 
 def _row(data, name="tiny", **extra) -> ReportRow:
-    size = data.image_size
-    opts = {
-        "DATASETS.SPLIT_FILES": f"['{data.split_file}']",
-        "DATASETS.TRAIN": f"('{data.train_name}',)",
+    extra = {
         "DATASETS.VAL": f"('{data.val_name}',)",
-        "INPUT.RESIZE_TARGET": f"({size},{size})",
-        "INPUT.CROP.SIZE": f"({size},{size})",
-        "INPUT.MIN_SIZE_TEST": size,
-        "MODEL.OCZ.DECODER.DEC_LAYERS": 1,
-        "MODEL.OCZ.LOSS.TRAIN_NUM_POINTS": 128,
         "MODEL.OCZ.TEST.CALIBRATION_GRID": "[0.0,0.5,5.0]",
-        "SOLVER.IMS_PER_BATCH": 2,
-        "SOLVER.WARMUP_ITERS": 1,
         "SOLVER.MAX_ITER": 2,
-        "DATALOADER.NUM_WORKERS": 0,
         **extra,
     }
-    return ReportRow(name, str(CONFIG), tuple(str(x) for kv in opts.items() for x in kv))
+    return ReportRow(name, str(CONFIG), tuple(data.tiny_run_overrides(**extra)))
 
 
 @pytest.fixture

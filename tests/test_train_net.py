@@ -22,24 +22,7 @@ METRICS = "zero_shot_sem_seg_metrics.json"
 
 
 def _opts(data, out: Path, **extra) -> list[str]:
-    size = data.image_size
-    opts = {
-        "DATASETS.SPLIT_FILES": f"['{data.split_file}']",
-        "DATASETS.TRAIN": f"('{data.train_name}',)",
-        "DATASETS.TEST": f"('{data.val_name}',)",
-        "INPUT.RESIZE_TARGET": f"({size},{size})",
-        "INPUT.CROP.SIZE": f"({size},{size})",
-        "INPUT.MIN_SIZE_TEST": size,
-        "MODEL.OCZ.CLIP.MODEL_NAME": "OCZ-Tiny-ViT",
-        "MODEL.OCZ.DECODER.DEC_LAYERS": 1,
-        "MODEL.OCZ.LOSS.TRAIN_NUM_POINTS": 128,
-        "SOLVER.IMS_PER_BATCH": 2,
-        "SOLVER.WARMUP_ITERS": 1,
-        "DATALOADER.NUM_WORKERS": 0,
-        "OUTPUT_DIR": str(out),
-        **extra,
-    }
-    return [str(x) for kv in opts.items() for x in kv]
+    return data.tiny_run_overrides(OUTPUT_DIR=out, **extra)
 
 
 def _env(data) -> dict:
