@@ -81,7 +81,7 @@ def test_pretraining_is_deterministic_and_resumes_exactly(caption_csv, tmp_path)
 def test_cache_reuses_and_rebuilds_corrupt_files(caption_csv, synthetic_benchmark, tmp_path):
     eval_csv = synthetic_benchmark.root / "zeroshot" / "labels.csv"
     kwargs = dict(eval_csv=eval_csv, class_names=synthetic_benchmark.classes, progress=False)
-    cfg = replace(TINY, steps=2)
+    cfg = replace(TINY, steps=1)
     weights, record = ensure_pretrained_clip(caption_csv, cfg, tmp_path, **kwargs)
     assert set(record["zero_shot"]) == {"per_class", "seen", "unseen", "overall"}
     stamp = weights.stat().st_mtime_ns

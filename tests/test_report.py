@@ -3,10 +3,8 @@ finished runs reused, mean ± std tables."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +33,13 @@ def _row(data, name="tiny", **extra) -> ReportRow:
     return ReportRow(name, str(CONFIG), tuple(data.tiny_run_overrides(**extra)))
 
 
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("report_tool", REPO / "tools" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def env(synthetic_benchmark, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(Path(synthetic_benchmark.root).parent))
@@ -43,7 +48,7 @@ def env(synthetic_benchmark, monkeypatch):
     return synthetic_benchmark
 
 
-def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path):
+def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     data = env
     # DATASETS.TEST comes from the row: the test split, with the val split for tuning.
     row = _row(data, **{"DATASETS.TEST": f"('{data.test_name}',)"})
@@ -66,29 +71,22 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path):
     metrics_b = tmp_path / "b" / "tiny" / "seed0" / "inference" / data.test_name / METRICS
     assert metrics_a.read_bytes() == metrics_b.read_bytes()
 
-    # A finished run is reused: nothing is trained or evaluated again.
+    # A finished run is reused: nothing is trained or evaluated again (here through the command
+    # line tool, run in this process).
     stamp = metrics_a.stat().st_mtime_ns
-    run_report([row], [0], tmp_path / "a")
+    tool = _load_tool()
+    argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path / "a")]
+    assert tool.main([*argv, "--row", row.name, row.config_file, *row.opts]) == 0
     assert metrics_a.stat().st_mtime_ns == stamp
+    out = capsys.readouterr()
+    assert "| tiny | 1 |" in out.out and (tmp_path / "a" / "report.json").is_file()
+    assert tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
+    assert "nowhere.yaml not found" in capsys.readouterr().err
     # Another command (other overrides) in the same folder is neither reused nor resumed from.
     other = _row(data, **{"DATASETS.TEST": f"('{data.test_name}',)", "SOLVER.MAX_ITER": 1})
     with pytest.raises(RuntimeError, match="run of another command"):
         run_report([other], [0], tmp_path / "a")
     assert metrics_a.stat().st_mtime_ns == stamp
-
-
-def test_report_tool_command_line(env, tmp_path):
-    data = env
-    row = _row(data, **{"DATASETS.TEST": f"('{data.test_name}',)"})
-    cmd = [sys.executable, str(REPO / "tools" / "report.py"), "--no-prepare", "--seeds", "0"]
-    cmd += ["--output", str(tmp_path), "--row", row.name, row.config_file, *row.opts]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tiny | 1 |" in proc.stdout and (tmp_path / "report.json").is_file()
-    bad = subprocess.run(
-        [*cmd[: -len(row.opts) - 1], "nowhere.yaml"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "nowhere.yaml not found" in bad.stderr
 
 
 def test_summary_is_mean_std_min():

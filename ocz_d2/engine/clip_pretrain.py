@@ -309,20 +309,20 @@ def pretrain_clip(
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    state_path = work_dir / _STATE_FILE
+    state = _read_state(state_path) if resume else None
+    if state is not None and state.get("config") != asdict(cfg):
+        raise ValueError(
+            f"{state_path} was written with other settings ({state.get('config')}); delete "
+            "it or resume with the same settings."
+        )
     torch.manual_seed(cfg.seed)
     model = create_clip_model(cfg.model_name)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.model_name)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    state_path = work_dir / _STATE_FILE
     start = 0
-    state = _read_state(state_path) if resume else None
     if state is not None:
-        if state.get("config") != asdict(cfg):
-            raise ValueError(
-                f"{state_path} was written with other settings ({state.get('config')}); delete "
-                "it or resume with the same settings."
-            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
