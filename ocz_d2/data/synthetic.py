@@ -87,7 +87,7 @@ SYNTHETIC_UNSEEN: tuple[str, ...] = tuple(
 
 _MARKER = "generation_complete.json"
 # Bump when the rendering changes, so that folders made by an older generator are regenerated.
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 4
 _SPLITS = ("train", "val", "test")
 # Random stream of each image set: image i of set s is drawn from default_rng([seed, stream, i]).
 _STREAMS = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "zeroshot": 4}
