@@ -358,6 +358,9 @@ def _dist_worker(name, root, result_prefix):
     # ("terminate called without an active exception").
     comm.synchronize()
     torch.distributed.destroy_process_group()
+    # The abort was still seen about once in 20 runs, at interpreter exit after this point (C++
+    # destructors of the process group's threads). The results are written: leave without them.
+    os._exit(0)
 
 
 def _free_port():
