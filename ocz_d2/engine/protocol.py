@@ -16,11 +16,11 @@ from contextlib import contextmanager
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.evaluation import inference_context
+from detectron2.evaluation import inference_context, inference_on_dataset
 from detectron2.modeling import build_model
 
 from ..data import ZeroShotSemSegDatasetMapper
-from ..evaluation import ZeroShotSemSegEvaluator
+from ..evaluation import ZeroShotSemSegEvaluator, build_zero_shot_evaluator
 from ..modeling.meta_arch.zero_shot_segmentor import calibrate
 from .checkpoint import AtomicCheckpointer
 
@@ -139,14 +139,10 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
     model.calibration = gamma
     test = {}
     for name in cfg.DATASETS.TEST:
-        evaluator = ZeroShotSemSegEvaluator(
-            name, distributed=False, output_dir=os.path.join(output_dir, "inference", name)
+        evaluator = build_zero_shot_evaluator(name, os.path.join(output_dir, "inference", name))
+        test[name] = dict(
+            inference_on_dataset(model, _test_loader(cfg, name), evaluator)["sem_seg"]
         )
-        evaluator.reset()
-        with inference_context(model), torch.no_grad():
-            for inputs in _test_loader(cfg, name):
-                evaluator.process(inputs, model(inputs))
-        test[name] = dict(evaluator.evaluate()["sem_seg"])
     result = {
         "calibration": gamma,
         "val": {val: {str(g): m for g, m in sweep.items()}},
