@@ -74,6 +74,50 @@ def _add_model_config(cfg: CN) -> None:
     # Keep CLIP's own weights frozen (only prompts train): bool.
     ocz.CLIP.FROZEN = True
 
+    # --- OC-ZSS objects: object prompts guided by regions (ocz_d2/modeling/backbone) ---
+    ocz.OBJECTS = CN()
+    # n_o, objects (regions) per image: object prompts in CLIP and ORA's object slots; 0 disables
+    # both (6 for VOC/COCO, 8 for Context in OC-ZSS).
+    ocz.OBJECTS.NUM = 0
+    # Object prompts in the CLIP backbone, tied to the guide's regions: bool. False with NUM > 0
+    # is the "ORA with random object init" ablation (no guide is used then).
+    ocz.OBJECTS.PROMPTS = True
+
+    # --- the guide that splits each image into n_o regions (object maps override it) ---
+    ocz.GUIDE = CN()
+    # "ssl" (cluster a frozen timm ViT's patch features), "clip" (cluster the frozen CLIP's own
+    # patch features) or "oracle" (only precomputed object maps, e.g. true instance maps).
+    ocz.GUIDE.SOURCE = "ssl"
+    # timm ViT name of the "ssl" guide (e.g. "vit_base_patch16_224.dino", "vit_tiny_patch16_224").
+    ocz.GUIDE.SSL_MODEL = "vit_base_patch16_224.dino"
+    # Download timm's pretrained weights for SSL_MODEL (when WEIGHTS is ""): bool. False gives a
+    # randomly initialised ViT (seeded by GUIDE.SEED).
+    ocz.GUIDE.PRETRAINED = True
+    # Local weights file of the SSL model (timm state dict); wins over PRETRAINED. Must exist.
+    ocz.GUIDE.WEIGHTS = ""
+    # Longer image side fed to the SSL model, in pixels; 0 keeps the image's size.
+    ocz.GUIDE.INPUT_SIZE = 0
+    # Seed selection of the Voronoi clustering: "farthest" or "kmeans++".
+    ocz.GUIDE.SEEDING = "farthest"
+    # k-means refinement steps after the Voronoi assignment (0: plain Voronoi cells).
+    ocz.GUIDE.KMEANS_ITERS = 3
+    # Seed of the clustering's random draws (and of a random SSL model's weights).
+    ocz.GUIDE.SEED = 0
+
+    # --- ORA: Object Refinement Attention between the backbone and the pixel pyramid ---
+    ocz.ORA = CN()
+    # S, rounds of (object stage, patch stage); 0 disables ORA (4 for VOC/COCO, 5 for Context).
+    ocz.ORA.NUM_ROUNDS = 0
+    # Attention heads of both stages (must divide the ViT width).
+    ocz.ORA.NHEADS = 8
+    # Initial object features: "prompts" (object-prompt outputs; needs OBJECTS.PROMPTS) or
+    # "random" (learned embeddings, randomly initialised; needs OBJECTS.PROMPTS False).
+    ocz.ORA.OBJECT_INIT = "prompts"
+    # Granular attention: multi-receptive-field K/V (object stage) and Q (patch stage): bool.
+    ocz.ORA.GRANULAR = False
+    # Dilation rates of granular attention's depth-wise 3x3 branches.
+    ocz.ORA.GRANULAR_RATES = [1, 3, 6, 9]
+
     # --- text side: class-name embeddings ---
     ocz.TEXT = CN()
     # Prompt templates: "single" ("a photo of a {}.") or "imagenet" (the template ensemble).

@@ -132,17 +132,17 @@ def test_prompts_change_output_and_receive_gradients():
     out = backbone(x)
     loss = out["patch"].square().mean() + out["cls"].sum() + out["res0"].mean()
     loss.backward()
-    assert backbone.prompts.shape == (LAYERS, 2, WIDTH)
-    assert backbone.prompts.grad is not None
+    assert backbone.visual_prompts.shape == (LAYERS, 2, WIDTH)
+    assert backbone.visual_prompts.grad is not None
     # Every layer's prompts influence the last layer's outputs.
-    assert (backbone.prompts.grad.abs().sum(dim=(1, 2)) > 0).all()
+    assert (backbone.visual_prompts.grad.abs().sum(dim=(1, 2)) > 0).all()
     for name, p in backbone.clip_model.named_parameters():
         assert not p.requires_grad and p.grad is None, name
-    assert [n for n, p in backbone.named_parameters() if p.requires_grad] == ["prompts"]
+    assert [n for n, p in backbone.named_parameters() if p.requires_grad] == ["visual_prompts"]
 
     with torch.no_grad():
         # Random, not a constant shift: LayerNorm would cancel a constant added to every channel.
-        backbone.prompts.add_(torch.randn(backbone.prompts.shape))
+        backbone.visual_prompts.add_(torch.randn(backbone.visual_prompts.shape))
         changed = backbone(x)
     assert not torch.allclose(changed["patch"], out["patch"].detach(), atol=1e-4)
     assert not torch.allclose(changed["cls"], out["cls"].detach(), atol=1e-4)
@@ -151,13 +151,13 @@ def test_prompts_change_output_and_receive_gradients():
 def test_prompt_init_scale():
     backbone = make_backbone(num_prompts=5)
     bound = (6.0 / (3 * 16 * 16 + WIDTH)) ** 0.5
-    assert backbone.prompts.abs().max() <= bound
-    assert backbone.prompts.std() > bound / 4  # uniform, not zeros
+    assert backbone.visual_prompts.abs().max() <= bound
+    assert backbone.visual_prompts.std() > bound / 4  # uniform, not zeros
 
 
 def test_zero_prompts():
     backbone = make_backbone(num_prompts=0)
-    assert backbone.prompts is None
+    assert backbone.visual_prompts is None
     assert not [p for p in backbone.parameters() if p.requires_grad]
     out = backbone(images(1, 64, 64))
     assert out["patch"].shape == (1, WIDTH, 4, 4)
@@ -278,7 +278,7 @@ def test_build_from_cfg_and_text_tower():
     assert backbone.text_encoder() is backbone.clip_model
     keys = list(backbone.state_dict())
     assert len(keys) == len(set(keys))
-    assert all(k.startswith("clip_model.") or k == "prompts" for k in keys)
+    assert all(k.startswith("clip_model.") or k == "visual_prompts" for k in keys)
     assert "clip_model.token_embedding.weight" in keys
 
     # With a global embeddings file the text tower is dropped.

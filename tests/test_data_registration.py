@@ -107,6 +107,7 @@ def test_function_registration_metadata_and_dicts(split_dir, names):
         "sem_seg_root": str(split_dir / "toy" / "labels"),
         "class_embeddings": str(split_dir / "toy" / "emb.npz"),
         "split_file": None,
+        "extra_label_roots": {"object_map": str(split_dir / "toy" / "objects")},
     }
     dicts = DatasetCatalog.get(name)
     assert [(d["image_id"], d["height"], d["width"]) for d in dicts] == [

@@ -72,7 +72,7 @@ def test_build_from_config_freezes_clip(model_and_data):
     model, _, _ = model_and_data
     assert isinstance(model, OCZeroShotSegmentor)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "backbone.prompts" in trainable
+    assert "backbone.visual_prompts" in trainable
     assert not any(n.startswith("backbone.clip_model") for n in trainable)
     assert any(n.startswith("transformer_decoder.") for n in trainable)
     model.train()
@@ -96,7 +96,7 @@ def test_train_step_with_all_ignore_image(model_and_data):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    prompts_grad = model.backbone.prompts.grad
+    prompts_grad = model.backbone.visual_prompts.grad
     assert prompts_grad is not None and prompts_grad.abs().sum() > 0
     assert model.transformer_decoder.query_feat.weight.grad.abs().sum() > 0
 
@@ -370,7 +370,7 @@ def test_cuda_amp_train_step_and_inference(synthetic_benchmark):
     total = sum(losses.values())
     assert torch.isfinite(total)
     scaler.scale(total).backward()
-    grad = model.backbone.prompts.grad
+    grad = model.backbone.visual_prompts.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
     sample = _batch(cfg, data.val_name, False, n=1)[0]

@@ -556,6 +556,7 @@ def _set_metadata(spec: _SplitSpec) -> None:
         sem_seg_root=spec.label_root,
         class_embeddings=spec.class_embeddings,
         split_file=spec.split_file,
+        extra_label_roots=dict(spec.extra_label_roots),
     )
 
 

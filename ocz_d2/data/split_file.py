@@ -167,6 +167,9 @@ def register_split_file(
 def register_split_files_from_config(cfg, *, lazy: bool = False) -> list[str]:
     """Register the split files listed in ``cfg.DATASETS.SPLIT_FILES``.
 
+    A relative path is looked up in the working directory, then under ``$DETECTRON2_DATASETS``
+    (where data-derived split files live, e.g. ``ocz_synthetic/split_objects_oracle.yaml``).
+
     Args:
         cfg: a Detectron2 config with the ocz_d2 keys.
         lazy: see :func:`register_split_file`.
@@ -177,5 +180,25 @@ def register_split_files_from_config(cfg, *, lazy: bool = False) -> list[str]:
     files: Iterable[str] = cfg.DATASETS.SPLIT_FILES
     names: list[str] = []
     for path in files:
-        names.extend(register_split_file(path, lazy=lazy))
+        names.extend(register_split_file(resolve_split_file(path), lazy=lazy))
     return names
+
+
+def resolve_split_file(path: str | os.PathLike) -> str:
+    """The existing split file ``path`` names: as given, else under ``$DETECTRON2_DATASETS``.
+
+    Raises:
+        FileNotFoundError: naming both places.
+    """
+    path = os.fspath(path)
+    candidates = [path]
+    if not os.path.isabs(path):
+        candidates.append(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), path))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"split file {path!r} in DATASETS.SPLIT_FILES does not exist (looked for "
+        f"{[os.path.abspath(c) for c in candidates]}): fix the path, or create it (object-map "
+        "split files come from tools/precompute_object_maps.py or tools/prepare_synthetic.py)."
+    )

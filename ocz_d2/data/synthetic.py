@@ -67,6 +67,7 @@ __all__ = [
     "synthetic_caption",
     "synthetic_class_embeddings",
     "synthetic_split_config",
+    "write_oracle_object_maps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,23 @@ class SyntheticBenchmark:
 @dataclass(frozen=True)
 class SyntheticScene:
     """One rendered image: ``image`` uint8 RGB [S, S, 3], ``label`` uint8 [S, S] (class index,
-    255 elsewhere) and ``objects``: (class index, shape kind, visible pixels) per drawn object,
-    in drawing order (later ones occlude earlier ones)."""
+    255 elsewhere), ``objects``: (class index, shape kind, visible pixels) per drawn object,
+    in drawing order (later ones occlude earlier ones), and ``instance`` int16 [S, S]: the index
+    (in ``objects``) of the object seen at each pixel, -1 on the background."""
 
     image: np.ndarray
     label: np.ndarray
     objects: tuple[tuple[int, str, int], ...]
+    instance: np.ndarray
+
+    def region_map(self) -> np.ndarray:
+        """The true object-instance map as regions: uint8 [S, S], 0 = background, visible objects
+        numbered 1, 2, ... in drawing order (objects hidden by others get no number)."""
+        visible = [k for k, (_, _, area) in enumerate(self.objects) if area > 0]
+        lut = np.zeros(len(self.objects) + 1, dtype=np.uint8)  # index -1 -> background
+        for number, k in enumerate(visible, start=1):
+            lut[k] = number
+        return lut[self.instance]
 
     def visible_objects(self, min_fraction: float = _MIN_CAPTION_AREA) -> list[tuple[int, str]]:
         """(class, shape kind) of the objects covering at least ``min_fraction`` of the image."""
@@ -318,7 +330,7 @@ def render_synthetic_sample(
     areas = np.bincount(instance[instance >= 0].ravel(), minlength=len(drawn))
     objects = tuple((c, kind, int(a)) for (c, kind), a in zip(drawn, areas))
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return SyntheticScene(image=image, label=label, objects=objects)
+    return SyntheticScene(image=image, label=label, objects=objects, instance=instance)
 
 
 # Caption wording. Texture words as adjectives, and as "with ..." phrases.
@@ -618,6 +630,69 @@ def generate_synthetic_benchmark(
         root, num_train, num_val, num_test, image_size, num_pretrain,
     )  # fmt: skip
     return info
+
+
+def write_oracle_object_maps(root: str | os.PathLike, num_objects: int = 6) -> Path:
+    """Write each segmentation image's true object-instance map as an object map (the oracle
+    guide, the upper bound of guidance) and a split file that loads them.
+
+    The scenes are rendered again from the generator's recorded parameters (image ``i`` depends
+    only on its seed), and each re-rendered image is checked against the stored one.
+
+    Args:
+        root: a complete synthetic benchmark folder.
+        num_objects: n_o the maps are recorded for; must exceed the largest object count.
+
+    Returns:
+        The split file ``<root>/split_objects_oracle.yaml`` (datasets
+        ``ocz_<dataset>_objects_oracle_{train,val,test}``).
+    """
+    from .object_maps import write_object_map_split_file, write_record
+
+    root = Path(root).absolute()
+    marker = root / _MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(
+            f"{root} is not a complete synthetic benchmark (no {_MARKER}): run "
+            "tools/prepare_synthetic.py first."
+        )
+    params = json.loads(marker.read_text())
+    if params["max_objects"] + 1 > num_objects:
+        raise ValueError(
+            f"oracle maps need n_o >= {params['max_objects'] + 1} (background + up to "
+            f"{params['max_objects']} objects), got {num_objects}."
+        )
+    folders = {}
+    for split in _SPLITS:
+        folder = root / "object_maps" / "oracle" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(params[f"num_{split}"]):
+            scene = render_synthetic_sample(
+                np.random.default_rng([params["seed"], _STREAMS[split], i]),
+                params["image_size"],
+                params["min_objects"],
+                params["max_objects"],
+            )
+            name = f"{i:05d}.png"
+            if i == 0 and not np.array_equal(
+                np.asarray(Image.open(root / "images" / split / name).convert("RGB")), scene.image
+            ):
+                raise RuntimeError(
+                    f"re-rendering {split}/{name} does not reproduce the stored image: the "
+                    "benchmark was made by another generator version; regenerate it with "
+                    "tools/prepare_synthetic.py --force."
+                )
+            _save_png(scene.region_map(), folder / name)
+        write_record_args = {"source": "oracle", "num_objects": int(num_objects)}
+        write_record(folder, write_record_args)
+        folders[split] = str(folder)
+    return write_object_map_split_file(
+        root / "split.yaml",
+        root / "split_objects_oracle.yaml",
+        f"{params['dataset']}_objects_oracle",
+        folders,
+        root=root.parent,
+    )
 
 
 def default_synthetic_root() -> Path:

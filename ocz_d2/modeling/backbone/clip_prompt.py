@@ -6,9 +6,11 @@ tokens can be inserted before every transformer block. Token order inside each b
     [CLS | patches (gh * gw) | visual prompts (M) | extra tokens (n)]
 
 Visual prompts are replaced at every layer (the previous layer's prompt outputs are dropped).
-"Extra tokens" are the extension point for object prompts: the caller decides, per layer, what
-enters (see :meth:`CLIPPromptBackbone.forward`), and may pass an additive attention mask over the
-whole sequence. :meth:`CLIPPromptBackbone.token_layout` gives the index ranges to build it.
+"Extra tokens" are a generic extension point: the caller decides, per layer, what enters (see
+:meth:`CLIPPromptBackbone.forward`), and may pass an additive attention mask over the whole
+sequence. :meth:`CLIPPromptBackbone.token_layout` gives the index ranges to build it. The
+backbone's own object prompts (:class:`~.object_prompts.ObjectPrompts`) use that hook: given
+per-image regions, they become the extra tokens, with the mask that ties each to its region.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from .object_prompts import ObjectPrompts
 
 __all__ = [
     "CLIPPromptBackbone",
@@ -208,11 +212,13 @@ def _init_prompts(num_layers: int, num_prompts: int, width: int, patch_size: int
 
 @BACKBONE_REGISTRY.register()
 class CLIPPromptBackbone(Backbone):
-    """Frozen open_clip ViT with learnable deep visual prompts.
+    """Frozen open_clip ViT with learnable deep visual prompts and object prompts.
 
     The full CLIP model is kept as ``self.clip_model`` (one registration: its image tower is used
     by :meth:`forward`, its text tower by :class:`ocz_d2.modeling.text.TextEmbedder` through
-    :meth:`text_encoder`). State-dict keys: ``clip_model.*`` and ``prompts``.
+    :meth:`text_encoder`). State-dict keys: ``clip_model.*``, ``visual_prompts`` and
+    ``object_prompts.embeddings`` (version 1 checkpoints named the visual prompts ``prompts``;
+    they are renamed on load).
 
     Attributes:
         embed_dim (int): D, CLIP's joint embedding size.
@@ -220,9 +226,14 @@ class CLIPPromptBackbone(Backbone):
         patch_size (int): patch size p = output stride.
         num_layers (int): L, transformer layers.
         num_prompts (int): M, visual prompts per layer.
+        num_objects (int): n_o, object prompts (0: none).
         pixel_mean, pixel_std (tuple[float, float, float]): CLIP's normalisation, 0..255 scale.
-        prompts (nn.Parameter | None): [L, M, width], None when M = 0.
+        visual_prompts (nn.Parameter | None): [L, M, width], None when M = 0.
+        object_prompts (ObjectPrompts | None): None when n_o = 0.
     """
+
+    # 2: ``prompts`` renamed ``visual_prompts``; object prompts added.
+    _version = 2
 
     @configurable
     def __init__(
@@ -232,6 +243,7 @@ class CLIPPromptBackbone(Backbone):
         pretrained: str = "",
         weights: str = "",
         num_prompts: int = 10,
+        num_objects: int = 0,
         out_layers: Sequence[int] = (3, 5, 7, 11),
         frozen: bool = True,
         keep_text_tower: bool = True,
@@ -243,6 +255,8 @@ class CLIPPromptBackbone(Backbone):
             weights: local CLIP state-dict file or "" (``MODEL.OCZ.CLIP.WEIGHTS``); wins over
                 ``pretrained``.
             num_prompts: M deep visual prompts per layer; 0 disables them.
+            num_objects: n_o object prompts (``MODEL.OCZ.OBJECTS.NUM`` when
+                ``MODEL.OCZ.OBJECTS.PROMPTS``); 0 disables them.
             out_layers: 0-based layers whose patch tokens are returned as ``res{i}``.
             frozen: freeze every CLIP parameter and keep CLIP in eval mode.
             keep_text_tower: keep CLIP's text tower (needed to encode class names); drop it to
@@ -283,11 +297,19 @@ class CLIPPromptBackbone(Backbone):
             raise ValueError(f"MODEL.OCZ.CLIP.NUM_PROMPTS must be >= 0, got {num_prompts}.")
         self.num_prompts = int(num_prompts)
         if self.num_prompts > 0:
-            self.prompts = nn.Parameter(
+            self.visual_prompts = nn.Parameter(
                 _init_prompts(self.num_layers, self.num_prompts, self.width, self.patch_size)
             )
         else:
-            self.register_parameter("prompts", None)
+            self.register_parameter("visual_prompts", None)
+        if num_objects < 0:
+            raise ValueError(f"MODEL.OCZ.OBJECTS.NUM must be >= 0, got {num_objects}.")
+        self.num_objects = int(num_objects)
+        self.object_prompts = (
+            ObjectPrompts(self.num_layers, self.num_objects, self.width, self.patch_size)
+            if self.num_objects > 0
+            else None
+        )
 
         self.frozen = frozen
         if frozen:
@@ -314,6 +336,7 @@ class CLIPPromptBackbone(Backbone):
             "pretrained": clip.PRETRAINED,
             "weights": clip.WEIGHTS,
             "num_prompts": clip.NUM_PROMPTS,
+            "num_objects": cfg.MODEL.OCZ.OBJECTS.NUM if cfg.MODEL.OCZ.OBJECTS.PROMPTS else 0,
             "out_layers": tuple(clip.OUT_LAYERS),
             "frozen": clip.FROZEN,
             # A global embeddings file replaces the text encoder for every dataset.
@@ -343,6 +366,14 @@ class CLIPPromptBackbone(Backbone):
         if self.frozen:
             self.clip_model.eval()
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        version = local_metadata.get("version")
+        old, new = prefix + "prompts", prefix + "visual_prompts"
+        if (version is None or version < 2) and old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+            logger.info("Renamed %s to %s (checkpoint of CLIPPromptBackbone v1).", old, new)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() replace parameter storage; drop derived copies with them.
@@ -438,6 +469,8 @@ class CLIPPromptBackbone(Backbone):
     def forward(
         self,
         x: torch.Tensor,
+        regions: torch.Tensor | None = None,
+        *,
         extra_tokens: ExtraTokens | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -446,6 +479,9 @@ class CLIPPromptBackbone(Backbone):
         Args:
             x: [B, 3, H, W] images normalised with CLIP's mean/std (``pixel_mean``/``pixel_std``
                 on the 0..255 scale); H and W multiples of ``patch_size``.
+            regions: int64 [B, gh, gw] region of each patch (in [0, n_o), or -1 for none), for
+                the object prompts; required when they exist, refused otherwise. Excludes
+                ``extra_tokens`` / ``attn_mask`` (the object prompts use them).
             extra_tokens: optional extra tokens appended after the visual prompts (the hook for
                 object prompts). One of
                 - [B, n, width]: enter before layer 0, their outputs carried to the next layer;
@@ -467,7 +503,9 @@ class CLIPPromptBackbone(Backbone):
               L2-normalised over D;
             - "cls": [B, D] CLIP image embedding, L2-normalised;
             - "extra": [B, n, width] final extra-token states after ``ln_post`` (only when
-              ``extra_tokens`` is given).
+              ``extra_tokens`` is given);
+            - "objects": [B, n_o, width] object features OF, the object prompts' final states
+              after ``ln_post`` (only with object prompts).
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
@@ -475,6 +513,26 @@ class CLIPPromptBackbone(Backbone):
             )
         batch = x.shape[0]
         grid_hw = self.grid_size(x.shape[2], x.shape[3])
+        if self.object_prompts is not None:
+            if regions is None:
+                raise ValueError(
+                    "CLIPPromptBackbone has object prompts (MODEL.OCZ.OBJECTS.NUM > 0): pass the "
+                    "regions of each image (the meta-architecture gets them from the guide)"
+                )
+            if extra_tokens is not None or attn_mask is not None:
+                raise ValueError("extra_tokens/attn_mask cannot be combined with object prompts")
+            if tuple(regions.shape) != (batch, *grid_hw):
+                raise ValueError(
+                    f"regions must be [B, gh, gw] = {(batch, *grid_hw)}, got {tuple(regions.shape)}"
+                )
+            extra_tokens = self.object_prompts.tokens(batch)
+            layout = self.token_layout(grid_hw, self.num_objects)
+            attn_mask = self.object_prompts.attention_mask(regions.to(x.device), layout)
+        elif regions is not None:
+            raise ValueError(
+                "regions were given but the backbone has no object prompts (MODEL.OCZ.OBJECTS.NUM "
+                "is 0 or MODEL.OCZ.OBJECTS.PROMPTS is False)"
+            )
         visual = self.clip_model.visual
         tokens = self._embed(x, grid_hw)
         n_base = tokens.shape[1]
@@ -485,8 +543,10 @@ class CLIPPromptBackbone(Backbone):
         extra_state: torch.Tensor | None = None
         for i, block in enumerate(visual.transformer.resblocks):
             parts = [tokens]
-            if self.prompts is not None:
-                parts.append(self.prompts[i].to(tokens.dtype).unsqueeze(0).expand(batch, -1, -1))
+            if self.visual_prompts is not None:
+                parts.append(
+                    self.visual_prompts[i].to(tokens.dtype).unsqueeze(0).expand(batch, -1, -1)
+                )
             if next_extra is not None:
                 parts.append(self._check_extra(next_extra(i, extra_state), batch, i, extra_state))
             seq = torch.cat(parts, dim=1) if len(parts) > 1 else tokens
@@ -506,8 +566,22 @@ class CLIPPromptBackbone(Backbone):
         outputs["dense"] = self._to_map(F.normalize(projected[:, 1:], dim=-1), grid_hw)
         outputs["cls"] = F.normalize(projected[:, 0], dim=-1)
         if extra_state is not None:
-            outputs["extra"] = visual.ln_post(extra_state)
+            key = "objects" if self.object_prompts is not None else "extra"
+            outputs[key] = visual.ln_post(extra_state)
         return outputs
+
+    @torch.no_grad()
+    def plain_patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final patch features [B, width, gh, gw] of CLIP alone (no visual or object prompts).
+
+        The "clip" guide clusters these (OC-ZSS's ablation of the SSL model); like an SSL
+        model's, they do not change during training because CLIP is frozen.
+        """
+        grid_hw = self.grid_size(x.shape[2], x.shape[3])
+        tokens = self._embed(x, grid_hw)
+        for block in self.clip_model.visual.transformer.resblocks:
+            tokens = block(tokens)
+        return self._to_map(self.clip_model.visual.ln_post(tokens)[:, 1:], grid_hw)
 
     def _embed(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Patch embedding + CLS + position embedding + ln_pre: [B, 1 + gh*gw, width]."""

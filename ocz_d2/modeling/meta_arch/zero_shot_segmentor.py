@@ -16,7 +16,13 @@ from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
 from ...data.dataset_mapper import ZERO_SHOT_SETTINGS
+from ...data.object_maps import OBJECT_MAP_KEY, check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
+from ..backbone.ssl_guide import (
+    SSLGuide,
+    cluster_feature_map,
+    label_map_to_grid,
+)
 from ..criterion import SetCriterion
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
@@ -24,6 +30,7 @@ from ..transformer_decoder import build_transformer_decoder
 logger = logging.getLogger(__name__)
 
 TEST_MODES = ("whole", "slide")
+GUIDE_SOURCES = ("ssl", "clip", "oracle")
 
 
 def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
@@ -97,6 +104,7 @@ class OCZeroShotSegmentor(nn.Module):
         test_mode: str = "whole",
         window_size: tuple[int, int] = (512, 512),
         window_stride: tuple[int, int] = (426, 426),
+        guide: dict | None = None,
     ):
         """
         Args:
@@ -112,6 +120,11 @@ class OCZeroShotSegmentor(nn.Module):
             calibration: gamma subtracted from seen-class scores at test (inductive only).
             test_mode: "whole" or "slide".
             window_size, window_stride: sliding-window geometry (h, w) in input pixels.
+            guide: where the object prompts' regions come from when a sample has no
+                ``"object_map"``: {"source": "ssl" | "clip" | "oracle", "seeding", "kmeans_iters",
+                "seed", and for "ssl" "ssl_kwargs" (arguments of :class:`SSLGuide`)}. None when
+                the backbone has no object prompts. The SSL model is built on first use, so
+                training on object maps never builds (or downloads) it.
         """
         super().__init__()
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
@@ -133,6 +146,14 @@ class OCZeroShotSegmentor(nn.Module):
         self.test_mode = test_mode
         self.window_size = tuple(window_size)
         self.window_stride = tuple(window_stride)
+        self.num_objects = int(getattr(backbone, "num_objects", 0))
+        if self.num_objects and guide is None:
+            raise ValueError("the backbone has object prompts: a guide is required")
+        if guide is not None and guide["source"] not in GUIDE_SOURCES:
+            raise ValueError(f"MODEL.OCZ.GUIDE.SOURCE={guide['source']!r}: use {GUIDE_SOURCES}")
+        self.guide = guide if self.num_objects else None
+        # Built lazily, kept out of the state dict (frozen, and possibly large).
+        self._ssl_guide: list[SSLGuide] = []
 
     @classmethod
     def from_config(cls, cfg):
@@ -154,6 +175,8 @@ class OCZeroShotSegmentor(nn.Module):
         )
         criterion = SetCriterion(cfg)
         _check_pixel_stats(cfg, backbone)
+        if getattr(backbone, "num_objects", 0):
+            check_object_map_records(cfg, datasets + list(cfg.DATASETS.VAL))
         divisibility = max(
             cfg.INPUT.SIZE_DIVISIBILITY,
             max(ocz.PIXEL_DECODER.DECODER_STRIDES),
@@ -173,6 +196,7 @@ class OCZeroShotSegmentor(nn.Module):
             "test_mode": ocz.TEST.MODE,
             "window_size": ocz.TEST.WINDOW_SIZE,
             "window_stride": ocz.TEST.WINDOW_STRIDE,
+            "guide": _guide_from_config(cfg) if getattr(backbone, "num_objects", 0) else None,
         }
 
     @property
@@ -237,10 +261,97 @@ class OCZeroShotSegmentor(nn.Module):
         ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def _predict(self, images: torch.Tensor, text: torch.Tensor) -> dict:
-        features = self.backbone(images)
+    def _predict(
+        self, images: torch.Tensor, text: torch.Tensor, regions: torch.Tensor | None = None
+    ) -> dict:
+        features = self.backbone(images, regions) if self.num_objects else self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.transformer_decoder(multi_scale, mask_features, text)
+
+    # ------------------------------------------------------------------ object regions
+    def _regions(
+        self,
+        images: torch.Tensor,
+        raw: list[torch.Tensor],
+        object_maps: list[torch.Tensor | None],
+        none_value: int,
+    ) -> torch.Tensor | None:
+        """Regions [B, gh, gw] of a padded batch for the object prompts (None without them).
+
+        Args:
+            images: [B, 3, H, W] normalised, padded batch (H, W multiples of the patch size).
+            raw: the unpadded raw images [3, h_i, w_i] (0..255), for an online SSL guide.
+            object_maps: per image its object map [h_i, w_i] (pixel region indices, ``none_value``
+                where none), or None; all or none of the images must have one.
+            none_value: the maps' "no region" value (the dataset's ignore label).
+        """
+        if not self.num_objects:
+            return None
+        p = self.backbone.patch_size
+        grid_hw = (images.shape[-2] // p, images.shape[-1] // p)
+        given = [m is not None for m in object_maps]
+        if all(given):
+            maps = ImageList.from_tensors(
+                [m.to(self.device) for m in object_maps], p, pad_value=float(none_value)
+            ).tensor
+            maps = F.pad(
+                maps,
+                (0, images.shape[-1] - maps.shape[-1], 0, images.shape[-2] - maps.shape[-2]),
+                value=none_value,
+            )
+            return label_map_to_grid(maps, p, self.num_objects, none_value)
+        if any(given):
+            raise ValueError(
+                "a batch mixes images with and without object maps: give every image of a "
+                "dataset an object map (tools/precompute_object_maps.py), or none"
+            )
+        source = self.guide["source"]
+        if source == "oracle":
+            raise ValueError(
+                "MODEL.OCZ.GUIDE.SOURCE is 'oracle' but the images have no object map: register "
+                "the dataset with extra_label_roots {object_map: ...} (see "
+                "tools/precompute_object_maps.py), or choose the 'ssl' or 'clip' guide"
+            )
+        valid = torch.zeros(
+            (len(raw), images.shape[-2], images.shape[-1]), dtype=torch.bool, device=self.device
+        )
+        for i, r in enumerate(raw):
+            valid[i, : r.shape[-2], : r.shape[-1]] = True
+        with torch.no_grad():
+            if source == "clip":
+                feats = self.backbone.plain_patch_features(images)
+            else:
+                padded = torch.zeros_like(images)
+                for i, r in enumerate(raw):
+                    padded[i, :, : r.shape[-2], : r.shape[-1]] = r.to(self.device)
+                feats = self.ssl_guide().features(padded)
+        valid = F.interpolate(valid[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0]
+        return cluster_feature_map(
+            feats, self.num_objects, grid_hw, seeding=self.guide["seeding"],
+            iters=self.guide["kmeans_iters"], seed=self.guide["seed"], valid=valid.bool(),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def online_regions(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """The guide's regions of raw RGB images (uint8 or float [3, H, W], 0..255), as this
+        model computes them without object maps (what tools/precompute_object_maps.py stores).
+
+        Returns:
+            int64 [B, gh, gw] on the CLIP patch grid of the padded batch; -1 on padding.
+        """
+        if not self.num_objects:
+            raise ValueError("this model has no object prompts (MODEL.OCZ.OBJECTS.NUM = 0)")
+        batch = self._normalize([{"image": x} for x in images])
+        return self._regions(batch.tensor, images, [None] * len(images), 0)
+
+    def ssl_guide(self) -> SSLGuide:
+        """The SSL guide model, built (and moved to this model's device) on first use."""
+        if not self._ssl_guide:
+            self._ssl_guide.append(SSLGuide(**self.guide["ssl_kwargs"]))
+        guide = self._ssl_guide[0]
+        if guide.pixel_mean.device != self.device:
+            guide.to(self.device)
+        return guide
 
     def _forward_train(self, batched_inputs: list[dict]) -> dict:
         names = {x.get("dataset_name") for x in batched_inputs}
@@ -252,8 +363,14 @@ class OCZeroShotSegmentor(nn.Module):
             )
         class_ids, text, _ = self.vocabulary(batched_inputs[0], training=True)
         images = self._normalize(batched_inputs)
-        outputs = self._predict(images.tensor, text)
         ignore = ignore_label_of(batched_inputs[0].get("dataset_name"))
+        regions = self._regions(
+            images.tensor,
+            [x["image"] for x in batched_inputs],
+            [x.get(OBJECT_MAP_KEY) for x in batched_inputs],
+            ignore,
+        )
+        outputs = self._predict(images.tensor, text, regions)
         targets = self._prepare_targets(batched_inputs, images.tensor.shape[-2:], class_ids, ignore)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
@@ -306,10 +423,12 @@ class OCZeroShotSegmentor(nn.Module):
     def _inference_one(self, sample: dict) -> dict:
         class_ids, text, seen = self.vocabulary(sample, training=False)
         image = (sample["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+        object_map = sample.get(OBJECT_MAP_KEY)
+        none_value = ignore_label_of(sample.get("dataset_name")) if object_map is not None else 0
         if self.test_mode == "slide":
-            scores = self._slide_scores(image, text)
+            scores = self._slide_scores(image, text, object_map, none_value)
         else:
-            scores = self._scores(image[None], text)[0]
+            scores = self._scores(image[None], text, object_map, none_value)[0]
         if self.zero_shot_setting == "inductive":
             scores = calibrate(scores, seen, self.calibration)
         height = sample.get("height", image.shape[-2])
@@ -317,11 +436,23 @@ class OCZeroShotSegmentor(nn.Module):
         scores = retry_if_cuda_oom(sem_seg_postprocess)(scores, image.shape[-2:], height, width)
         return {"sem_seg": scores}
 
-    def _scores(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """[B, 3, h, w] normalised images -> [B, K, h, w] class scores (padding handled here)."""
-        h, w = images.shape[-2:]
-        padded = ImageList.from_tensors(list(images), self.size_divisibility).tensor
-        outputs = self._predict(padded, text)
+    def _scores(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        object_map: torch.Tensor | None = None,
+        none_value: int = 255,
+    ) -> torch.Tensor:
+        """[1, 3, h, w] normalised image -> [1, K, h, w] class scores (padding handled here).
+
+        ``object_map`` is the image's object map [h, w] or None, ``none_value`` its "no region"
+        value (see :meth:`_regions`).
+        """
+        h, w = image.shape[-2:]
+        padded = ImageList.from_tensors(list(image), self.size_divisibility).tensor
+        raw = [image[0] * self.pixel_std + self.pixel_mean]
+        regions = self._regions(padded, raw, [object_map], none_value)
+        outputs = self._predict(padded, text, regions)
         masks = F.interpolate(
             outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
         )[..., :h, :w]
@@ -332,7 +463,13 @@ class OCZeroShotSegmentor(nn.Module):
             ]
         )
 
-    def _slide_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _slide_scores(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        object_map: torch.Tensor | None = None,
+        none_value: int = 255,
+    ) -> torch.Tensor:
         """Average of window scores over a sliding window; [3, H, W] -> [K, H, W]."""
         height, width = image.shape[-2:]
         scores = image.new_zeros((text.shape[0], height, width))
@@ -341,9 +478,34 @@ class OCZeroShotSegmentor(nn.Module):
         for y, x in sliding_windows(height, width, self.window_size, self.window_stride):
             crop = image[:, y : y + wh, x : x + ww]
             ch, cw = crop.shape[-2:]
-            scores[:, y : y + ch, x : x + cw] += self._scores(crop[None], text)[0]
+            crop_map = object_map[y : y + ch, x : x + cw] if object_map is not None else None
+            scores[:, y : y + ch, x : x + cw] += self._scores(
+                crop[None], text, crop_map, none_value
+            )[0]
             counts[:, y : y + ch, x : x + cw] += 1
         return scores / counts
+
+
+def _guide_from_config(cfg) -> dict:
+    guide = cfg.MODEL.OCZ.GUIDE
+    if guide.SOURCE not in GUIDE_SOURCES:
+        raise ValueError(f"MODEL.OCZ.GUIDE.SOURCE={guide.SOURCE!r}: use one of {GUIDE_SOURCES}.")
+    return {
+        "source": guide.SOURCE,
+        "seeding": guide.SEEDING,
+        "kmeans_iters": guide.KMEANS_ITERS,
+        "seed": guide.SEED,
+        "ssl_kwargs": {
+            "model_name": guide.SSL_MODEL,
+            "pretrained": guide.PRETRAINED,
+            "weights": guide.WEIGHTS,
+            "num_regions": cfg.MODEL.OCZ.OBJECTS.NUM,
+            "seeding": guide.SEEDING,
+            "kmeans_iters": guide.KMEANS_ITERS,
+            "seed": guide.SEED,
+            "input_size": guide.INPUT_SIZE,
+        },
+    }
 
 
 def _pixel_decoder_widths(pixel_decoder: nn.Module, name: str) -> dict[str, int]:

@@ -12,6 +12,8 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from .ora import ObjectRefinementAttention
+
 __all__ = ["SimplePyramidPixelDecoder"]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,9 @@ class _ScaleBlock(nn.Sequential):
 class SimplePyramidPixelDecoder(nn.Module):
     """Multi-scale pixel features from the single-stride feature maps of a plain ViT.
 
+    0. Refine (optional): an ``refiner`` (ORA) replaces the deepest input map (the last of
+       ``IN_FEATURES``, the final patch features PF) by its refinement with the object features
+       ``features["objects"]`` (absent: the refiner's own learned objects).
     1. Fuse: every input map (e.g. several CLIP layers and the refined patch features, all at
        backbone stride p) is projected by a 1x1 conv (+ norm) to ``conv_dim``; the projections
        are summed (choice: one shared base map, as in ViTDet's single-input pyramid, with the
@@ -95,6 +100,7 @@ class SimplePyramidPixelDecoder(nn.Module):
         norm: str = "GN",
         decoder_strides: tuple[int, ...] = (32, 16, 8),
         mask_stride: int = 4,
+        refiner: nn.Module | None = None,
     ):
         """
         Args:
@@ -107,6 +113,8 @@ class SimplePyramidPixelDecoder(nn.Module):
             decoder_strides: strides of the levels given to the transformer decoder, in the order
                 returned (coarse to fine by convention).
             mask_stride: stride of ``mask_features``; at most min(decoder_strides).
+            refiner: optional module ``refiner(pf [B, C, h, w], objects [B, n, C] | None) ->
+                [B, C, h, w]`` applied to the last input feature (ORA); None: no refinement.
         """
         super().__init__()
         if not input_shape:
@@ -130,6 +138,8 @@ class SimplePyramidPixelDecoder(nn.Module):
             )
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim
+        self.refined_feature = self.in_features[-1]
+        self.refiner = refiner
 
         self.input_proj = nn.ModuleDict(
             {name: _conv(spec.channels, conv_dim, 1, norm) for name, spec in input_shape.items()}
@@ -170,13 +180,17 @@ class SimplePyramidPixelDecoder(nn.Module):
             "norm": head.NORM,
             "decoder_strides": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES),
             "mask_stride": cfg.MODEL.OCZ.PIXEL_DECODER.MASK_STRIDE,
+            "refiner": build_object_refiner(cfg, input_shape[names[-1]].channels)
+            if names
+            else None,
         }
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """
         Args:
             features: name -> [B, C_name, H/p, W/p]; must contain every name of
-                ``self.in_features`` (others are ignored).
+                ``self.in_features`` (others are ignored); with a refiner, optionally "objects"
+                [B, n_o, C] (object features OF).
 
         Returns:
             mask_features: [B, mask_dim, h_m, w_m] at ``mask_stride``.
@@ -191,7 +205,11 @@ class SimplePyramidPixelDecoder(nn.Module):
             raise ValueError(
                 f"SimplePyramidPixelDecoder: input features differ in spatial size: {sizes}."
             )
-        base = sum(self.input_proj[n](features[n]) for n in self.in_features)
+        inputs = {n: features[n] for n in self.in_features}
+        if self.refiner is not None:
+            name = self.refined_feature
+            inputs[name] = self.refiner(inputs[name], features.get("objects"))
+        base = sum(self.input_proj[n](inputs[n]) for n in self.in_features)
         levels = [block(base) for block in self.scale_blocks]
 
         outputs = [levels[0]]
@@ -201,3 +219,37 @@ class SimplePyramidPixelDecoder(nn.Module):
         by_stride = dict(zip(self.level_strides, outputs))
         mask_features = self.mask_proj(by_stride[self.mask_stride])
         return mask_features, [by_stride[s] for s in self.decoder_strides]
+
+
+ORA_OBJECT_INITS = ("prompts", "random")
+
+
+def build_object_refiner(cfg, dim: int) -> ObjectRefinementAttention | None:
+    """ORA from ``cfg.MODEL.OCZ.ORA`` for patch features of ``dim`` channels; None when S = 0.
+
+    Raises:
+        ValueError: when the object source does not fit ``MODEL.OCZ.OBJECTS``.
+    """
+    ora, objects = cfg.MODEL.OCZ.ORA, cfg.MODEL.OCZ.OBJECTS
+    if ora.NUM_ROUNDS <= 0:
+        return None
+    if ora.OBJECT_INIT not in ORA_OBJECT_INITS:
+        raise ValueError(f"MODEL.OCZ.ORA.OBJECT_INIT={ora.OBJECT_INIT!r}: use {ORA_OBJECT_INITS}.")
+    if objects.NUM <= 0:
+        raise ValueError(
+            "MODEL.OCZ.ORA.NUM_ROUNDS > 0 needs objects: set MODEL.OCZ.OBJECTS.NUM (n_o) > 0."
+        )
+    prompts = bool(objects.PROMPTS)
+    if (ora.OBJECT_INIT == "prompts") != prompts:
+        raise ValueError(
+            f"MODEL.OCZ.ORA.OBJECT_INIT={ora.OBJECT_INIT!r} does not fit MODEL.OCZ.OBJECTS.PROMPTS="
+            f"{prompts}: ORA starts from the object prompts ('prompts', with PROMPTS True) or "
+            "from learned embeddings ('random', with PROMPTS False)."
+        )
+    return ObjectRefinementAttention(
+        dim,
+        num_rounds=ora.NUM_ROUNDS,
+        num_heads=ora.NHEADS,
+        num_objects=objects.NUM if ora.OBJECT_INIT == "random" else 0,
+        granular_rates=tuple(ora.GRANULAR_RATES) if ora.GRANULAR else None,
+    )

@@ -1,0 +1,357 @@
+"""The object guide: regions per image from clustering self-supervised ViT patch features.
+
+OC-ZSS guides its object prompts with regions found by clustering the patch features of a frozen
+self-supervised ViT (DINO). Its "Voronoi" clustering (:func:`voronoi_cluster`) picks n_o seeds
+over the L2-normalised features (farthest-point or k-means++ selection), assigns every patch to
+its nearest seed (the Voronoi cells) and optionally refines with a few k-means steps; no region
+is ever empty.
+
+Regions are label maps over a patch grid, int64 ``[B, gh, gw]`` with values in ``[0, n_o)``, or
+``-1`` for "no region" (padding; such patches see no object prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "NO_REGION",
+    "SEEDINGS",
+    "SSLGuide",
+    "label_map_to_grid",
+    "resample_regions",
+    "voronoi_cluster",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Region value of a patch that belongs to no region (padding, or nothing known).
+NO_REGION = -1
+#: Seed selection rules of :func:`voronoi_cluster`.
+SEEDINGS = ("farthest", "kmeans++")
+
+
+def voronoi_cluster(
+    features: torch.Tensor,
+    num_regions: int,
+    *,
+    seeding: str = "farthest",
+    iters: int = 0,
+    seed: int = 0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cluster each image's patch features into ``num_regions`` non-empty regions.
+
+    Batched and vectorised over images; runs on the features' device. Deterministic given
+    ``seed`` (random draws come from a CPU generator, so devices agree).
+
+    Args:
+        features: [B, N, C] patch features (L2-normalised here; distances are Euclidean on the
+            unit sphere, i.e. monotone in cosine similarity).
+        num_regions: k, regions per image; at most the number of valid patches of every image.
+        seeding: "farthest" (first seed drawn at random, then each next seed is the patch
+            farthest from all chosen seeds) or "kmeans++" (next seed drawn with probability
+            proportional to the squared distance to the chosen seeds).
+        iters: k-means refinement steps after the Voronoi assignment (0: plain Voronoi cells).
+        seed: seed of the random draws.
+        valid: optional bool [B, N]; invalid patches (padding) are neither seeds nor members and
+            get :data:`NO_REGION`.
+
+    Returns:
+        int64 [B, N] region index per patch in [0, k), NO_REGION where invalid. Every region has
+        at least one patch.
+    """
+    if seeding not in SEEDINGS:
+        raise ValueError(f"MODEL.OCZ.GUIDE.SEEDING={seeding!r}: use one of {SEEDINGS}.")
+    if features.dim() != 3:
+        raise ValueError(f"voronoi_cluster expects [B, N, C] features, got {tuple(features.shape)}")
+    b, n, _ = features.shape
+    device = features.device
+    if valid is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=device)
+    fewest = int(valid.sum(1).min()) if b else n
+    if num_regions < 1 or num_regions > fewest:
+        raise ValueError(
+            f"cannot cluster into {num_regions} regions: an image has {fewest} valid patches. "
+            "Lower MODEL.OCZ.OBJECTS.NUM or use larger inputs."
+        )
+    x = F.normalize(features.float(), dim=-1)
+    gen = torch.Generator().manual_seed(int(seed))
+    rows = torch.arange(b, device=device)
+
+    # Seeds: distinct valid patches. `closest` is each patch's squared distance to its nearest
+    # chosen seed; chosen and invalid patches are excluded from the next draw.
+    first = torch.multinomial(valid.float().cpu(), 1, generator=gen).squeeze(1).to(device)
+    seeds = [first]
+    closest = _sq_dist(x, x[rows, first])
+    available = valid.clone()
+    available[rows, first] = False
+    for _ in range(1, num_regions):
+        score = torch.where(available, closest, torch.full_like(closest, -1.0))
+        if seeding == "farthest":
+            nxt = score.argmax(1)
+        else:
+            weight = score.clamp_min(0.0)
+            # All-duplicate features give zero weights: fall back to a uniform draw.
+            weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, available.float())
+            nxt = torch.multinomial(weight.cpu(), 1, generator=gen).squeeze(1).to(device)
+        seeds.append(nxt)
+        available[rows, nxt] = False
+        closest = torch.minimum(closest, _sq_dist(x, x[rows, nxt]))
+    seed_idx = torch.stack(seeds, 1)  # [B, k]
+
+    centers = x.gather(1, seed_idx[..., None].expand(-1, -1, x.shape[-1]))
+    assign = _assign(x, centers, valid)
+    # A seed always belongs to its own cell (ties between duplicate features could say otherwise).
+    assign.scatter_(1, seed_idx, torch.arange(num_regions, device=device).expand(b, -1))
+    for _ in range(iters):
+        centers = _centroids(x, assign, num_regions, valid)
+        assign = _assign(x, centers, valid)
+        assign = _fill_empty(x, assign, centers, num_regions, valid)
+    return assign
+
+
+def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared distances [B, N] of points x [B, N, C] to one point per image c [B, C]."""
+    return (x - c[:, None]).pow(2).sum(-1)
+
+
+def _assign(x: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    assign = torch.cdist(x, centers.to(x.dtype)).argmin(-1)
+    return assign.masked_fill(~valid, NO_REGION)
+
+
+def _centroids(x: torch.Tensor, assign: torch.Tensor, k: int, valid: torch.Tensor) -> torch.Tensor:
+    onehot = F.one_hot(assign.clamp_min(0), k).to(x.dtype) * valid[..., None].to(x.dtype)
+    sums = onehot.transpose(1, 2) @ x  # [B, k, C]
+    counts = onehot.sum(1)[..., None].clamp_min(1.0)
+    return F.normalize(sums / counts, dim=-1)
+
+
+def _fill_empty(
+    x: torch.Tensor, assign: torch.Tensor, centers: torch.Tensor, k: int, valid: torch.Tensor
+) -> torch.Tensor:
+    """Give every empty region the patch worst served by its own region (one with > 1 member)."""
+    for j in range(k):
+        counts = F.one_hot(assign.clamp_min(0), k).mul(valid[..., None]).sum(1)  # [B, k]
+        empty = counts[:, j] == 0
+        if not empty.any():
+            continue
+        own = centers.gather(1, assign.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
+        dist = (x - own).pow(2).sum(-1)
+        movable = valid & (counts.gather(1, assign.clamp_min(0)) > 1)
+        dist = torch.where(movable, dist, torch.full_like(dist, -1.0))
+        pick = dist.argmax(1)
+        rows = torch.nonzero(empty).squeeze(1)
+        assign[rows, pick[rows]] = j
+    return assign
+
+
+def resample_regions(regions: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resampling of region maps [B, h, w] to another patch grid [B, gh, gw]."""
+    if tuple(regions.shape[-2:]) == tuple(grid_hw):
+        return regions
+    out = F.interpolate(regions[:, None].float(), size=tuple(grid_hw), mode="nearest")
+    return out[:, 0].long()
+
+
+def label_map_to_grid(
+    label_map: torch.Tensor, patch_size: int, num_regions: int, none_value: int = 255
+) -> torch.Tensor:
+    """Pixel region maps (object maps) to patch-grid regions by majority vote per patch.
+
+    Args:
+        label_map: int [B, H, W] region index per pixel, ``none_value`` for no region (padding);
+            H and W multiples of ``patch_size``.
+        patch_size: p, the patch grid's stride.
+        num_regions: n_o; pixel values must lie in [0, n_o) or equal ``none_value``.
+        none_value: the "no region" pixel value (the dataset's ignore label).
+
+    Returns:
+        int64 [B, H/p, W/p]: the most frequent region of each patch's pixels (ties: the lower
+        index), NO_REGION for patches with no region pixel.
+    """
+    b, h, w = label_map.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"object map {h}x{w} is not a multiple of the patch size {patch_size}")
+    label_map = label_map.long()
+    known = label_map != none_value
+    bad = known & ((label_map < 0) | (label_map >= num_regions))
+    if bad.any():
+        raise ValueError(
+            f"object map values {sorted(set(label_map[bad].unique().tolist()))[:10]} are outside "
+            f"[0, {num_regions}) (MODEL.OCZ.OBJECTS.NUM = {num_regions}): the maps were made for "
+            "more regions; recompute them with tools/precompute_object_maps.py or raise "
+            "MODEL.OCZ.OBJECTS.NUM."
+        )
+    onehot = F.one_hot(torch.where(known, label_map, 0), num_regions).float()
+    onehot = onehot * known[..., None].float()  # [B, H, W, k]
+    votes = F.avg_pool2d(onehot.permute(0, 3, 1, 2), patch_size) * patch_size**2  # [B, k, gh, gw]
+    best = votes.argmax(1)
+    return torch.where(votes.amax(1) > 0, best, torch.full_like(best, NO_REGION))
+
+
+class SSLGuide(nn.Module):
+    """A frozen timm ViT (default DINO ViT-B/16) whose patch features are clustered into regions.
+
+    It normalises its input itself (with the timm model's own mean/std), from the raw 0..255 RGB
+    batch, so it is independent of CLIP's normalisation.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224.dino",
+        *,
+        pretrained: bool = True,
+        weights: str = "",
+        num_regions: int = 6,
+        seeding: str = "farthest",
+        kmeans_iters: int = 3,
+        seed: int = 0,
+        input_size: int = 0,
+    ):
+        """
+        Args:
+            model_name: any timm ViT name (``MODEL.OCZ.GUIDE.SSL_MODEL``).
+            pretrained: download timm's pretrained weights for the name's tag (when ``weights`` is
+                empty); False gives a randomly initialised ViT (seeded by ``seed``).
+            weights: local weights file for the timm model (wins over ``pretrained``).
+            num_regions: n_o.
+            seeding, kmeans_iters, seed: see :func:`voronoi_cluster`.
+            input_size: resize the image so its longer side is this many pixels before the ViT;
+                0 keeps the image's size.
+        """
+        super().__init__()
+        self.model_name = model_name
+        self.model = create_ssl_model(model_name, pretrained=pretrained, weights=weights, seed=seed)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        cfg = self.model.pretrained_cfg or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("pixel_mean", 255.0 * torch.tensor(mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", 255.0 * torch.tensor(std).view(1, 3, 1, 1), False)
+        patch = self.model.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.num_regions = int(num_regions)
+        self.seeding = seeding
+        self.kmeans_iters = int(kmeans_iters)
+        self.seed = int(seed)
+        self.input_size = int(input_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen: always eval
+        return self
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features [B, C, h, w] of raw RGB images [B, 3, H, W] (0..255)."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        if self.input_size > 0:
+            h, w = x.shape[-2:]
+            scale = self.input_size / max(h, w)
+            x = F.interpolate(
+                x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False
+            )
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        x = F.pad(x, (0, -w % p, 0, -h % p))
+        tokens = self.model.forward_features(x)
+        tokens = tokens[:, self.model.num_prefix_tokens :]
+        gh, gw = x.shape[-2] // p, x.shape[-1] // p
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """Regions int64 [B, gh, gw] on the CLIP patch grid ``grid_hw`` for raw images."""
+        feats = self.features(images)
+        return cluster_feature_map(
+            feats, self.num_regions, grid_hw, seeding=self.seeding, iters=self.kmeans_iters,
+            seed=self.seed,
+        )  # fmt: skip
+
+    def describe(self) -> dict:
+        """What the regions depend on (recorded beside precomputed object maps)."""
+        return {
+            "source": "ssl",
+            "ssl_model": self.model_name,
+            "input_size": self.input_size,
+            "num_objects": self.num_regions,
+            "seeding": self.seeding,
+            "kmeans_iters": self.kmeans_iters,
+            "seed": self.seed,
+        }
+
+
+def cluster_feature_map(
+    feats: torch.Tensor,
+    num_regions: int,
+    grid_hw: tuple[int, int],
+    *,
+    seeding: str,
+    iters: int,
+    seed: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cluster a feature map [B, C, h, w] into regions and resample them to ``grid_hw``.
+
+    ``valid`` (bool [B, h, w], optional) marks the patches that hold image (not padding); the
+    others get NO_REGION.
+    """
+    b, c, h, w = feats.shape
+    regions = voronoi_cluster(
+        feats.flatten(2).transpose(1, 2), num_regions, seeding=seeding, iters=iters, seed=seed,
+        valid=None if valid is None else valid.reshape(b, h * w),
+    )  # fmt: skip
+    return resample_regions(regions.view(b, h, w), grid_hw)
+
+
+def create_ssl_model(
+    model_name: str, *, pretrained: bool = True, weights: str = "", seed: int = 0
+) -> nn.Module:
+    """A timm ViT for the guide, with weights from a local file, timm's hub, or random.
+
+    The random initialisation draws from a generator forked from ``seed``, so a random guide is
+    the same in every run and the global RNG is not disturbed.
+    """
+    if model_name not in timm.list_models(pretrained=False) and model_name.split(".")[0] not in (
+        timm.list_models(pretrained=False)
+    ):
+        raise ValueError(
+            f"Unknown timm model MODEL.OCZ.GUIDE.SSL_MODEL={model_name!r}; use a timm ViT name "
+            "such as 'vit_base_patch16_224.dino' (see timm.list_models('vit_*'))."
+        )
+    kwargs = {"num_classes": 0, "dynamic_img_size": True}
+    if weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"SSL guide weights MODEL.OCZ.GUIDE.WEIGHTS={weights!r} do not exist: give a "
+                "local timm state-dict file, or '' to use MODEL.OCZ.GUIDE.PRETRAINED."
+            )
+        return timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs
+        )
+    if pretrained:
+        try:
+            return timm.create_model(model_name, pretrained=True, **kwargs)
+        except Exception as e:  # timm raises various errors when the hub is unreachable
+            raise RuntimeError(
+                f"Could not get timm weights for {model_name!r} (this machine may be offline). "
+                "Download them once where the hub is reachable and set MODEL.OCZ.GUIDE.WEIGHTS "
+                f"to the file. Cause: {e}"
+            ) from e
+    logger.warning(
+        "SSL guide %s has random weights (MODEL.OCZ.GUIDE.PRETRAINED False, WEIGHTS empty).",
+        model_name,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(model_name, pretrained=False, **kwargs)

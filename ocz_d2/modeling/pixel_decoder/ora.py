@@ -1,0 +1,177 @@
+"""Object Refinement Attention (ORA) and granular attention (OC-ZSS).
+
+ORA refines the patch features PF with object features OF over S rounds. Each round:
+
+1. object stage: OF attends to PF (queries from OF, keys/values from PF), then a GRU updates OF;
+2. patch stage: PF attends to the updated OF (queries from PF, keys/values from OF), then a GRU
+   updates PF.
+
+Granular attention replaces the object stage's K/V projections and the patch stage's Q projection
+(the three that read the patch grid) by :class:`GranularExtractor`, a multi-receptive-field
+extractor on the grid. Choices (the paper is silent): the weights are shared across rounds (the
+rounds are a recurrence, as in slot attention); inputs to every projection are layer-normalised;
+OF starts from the object prompts' outputs, or from learned embeddings (random initialisation,
+the paper's ablation) when the backbone has no object prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GranularExtractor", "ObjectRefinementAttention"]
+
+
+class GranularExtractor(nn.Module):
+    """Multi-receptive-field features on a patch grid: parallel depth-wise 3x3 convolutions with
+    dilations ``rates``, a global-average-pool branch, concatenated and mixed by a 1x1 conv.
+
+    [B, C, h, w] -> [B, C, h, w].
+    """
+
+    def __init__(self, dim: int, rates: Sequence[int] = (1, 3, 6, 9)):
+        super().__init__()
+        if not rates or any(int(r) < 1 for r in rates):
+            raise ValueError(f"MODEL.OCZ.ORA.GRANULAR_RATES must be >= 1, got {list(rates)}.")
+        self.rates = tuple(int(r) for r in rates)
+        self.branches = nn.ModuleList(
+            nn.Conv2d(dim, dim, 3, padding=r, dilation=r, groups=dim) for r in self.rates
+        )
+        self.pool = nn.Conv2d(dim, dim, 1)
+        self.mix = nn.Conv2d(dim * (len(self.rates) + 1), dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
+        return self.mix(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class _GridProjection(nn.Module):
+    """A projection of patch tokens: linear, or granular on the grid. [B, N, C] -> [B, N, C]."""
+
+    def __init__(self, dim: int, rates: Sequence[int] | None):
+        super().__init__()
+        self.granular = GranularExtractor(dim, rates) if rates else None
+        self.linear = None if rates else nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        if self.granular is None:
+            return self.linear(x)
+        b, n, c = x.shape
+        grid = x.transpose(1, 2).reshape(b, c, *grid_hw)
+        return self.granular(grid).flatten(2).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of already projected [B, n, C] tensors."""
+    b, nq, c = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, nq, c)
+
+
+class _GRUUpdate(nn.Module):
+    """GRU cell applied token-wise: state [B, n, C] updated with input [B, n, C]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.cell = nn.GRUCell(dim, dim)
+
+    def forward(self, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        b, n, c = state.shape
+        return self.cell(inputs.reshape(b * n, c), state.reshape(b * n, c)).view(b, n, c)
+
+
+class ObjectRefinementAttention(nn.Module):
+    """S rounds of object stage + patch stage refining patch features with object features."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_rounds: int = 4,
+        num_heads: int = 8,
+        num_objects: int = 0,
+        granular_rates: Sequence[int] | None = (1, 3, 6, 9),
+    ):
+        """
+        Args:
+            dim: channels of PF and OF (the ViT width).
+            num_rounds: S (>= 1; S = 0 is "no ORA", decided by the caller).
+            num_heads: attention heads (must divide ``dim``).
+            num_objects: learned object embeddings for the random-init ablation (used when
+                :meth:`forward` gets no object features); 0 requires object features.
+            granular_rates: dilation rates of granular attention; None or () for plain linear
+                projections.
+        """
+        super().__init__()
+        if num_rounds < 1:
+            raise ValueError(f"ObjectRefinementAttention needs >= 1 round, got {num_rounds}.")
+        if dim % num_heads:
+            raise ValueError(f"MODEL.OCZ.ORA.NHEADS={num_heads} must divide the width {dim}.")
+        self.num_rounds = int(num_rounds)
+        self.num_heads = int(num_heads)
+        rates = tuple(granular_rates) if granular_rates else None
+        self.granular = rates is not None
+        # Object stage: objects query the patches.
+        self.obj_norm = nn.LayerNorm(dim)
+        self.patch_norm = nn.LayerNorm(dim)
+        self.obj_q = nn.Linear(dim, dim)
+        self.obj_k = _GridProjection(dim, rates)
+        self.obj_v = _GridProjection(dim, rates)
+        self.obj_out = nn.Linear(dim, dim)
+        self.obj_gru = _GRUUpdate(dim)
+        # Patch stage: patches query the objects.
+        self.patch_q = _GridProjection(dim, rates)
+        self.patch_k = nn.Linear(dim, dim)
+        self.patch_v = nn.Linear(dim, dim)
+        self.patch_out = nn.Linear(dim, dim)
+        self.patch_gru = _GRUUpdate(dim)
+        if num_objects > 0:
+            self.object_init = nn.Parameter(torch.randn(num_objects, dim) * dim**-0.5)
+        else:
+            self.register_parameter("object_init", None)
+
+    def forward(self, patches: torch.Tensor, objects: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            patches: PF [B, C, h, w].
+            objects: OF [B, n_o, C] (object-prompt outputs), or None to start from the learned
+                embeddings.
+
+        Returns:
+            Refined PF [B, C, h, w].
+        """
+        b, c, h, w = patches.shape
+        if objects is None:
+            if self.object_init is None:
+                raise ValueError(
+                    "ORA got no object features and has no learned ones: enable object prompts "
+                    "(MODEL.OCZ.OBJECTS.PROMPTS) or set MODEL.OCZ.ORA.OBJECT_INIT 'random'"
+                )
+            objects = self.object_init.unsqueeze(0).expand(b, -1, -1)
+        if objects.shape[0] != b or objects.shape[2] != c:
+            raise ValueError(
+                f"object features {tuple(objects.shape)} do not fit patch features "
+                f"{tuple(patches.shape)} (need [B, n_o, C])"
+            )
+        grid = (h, w)
+        pf = patches.flatten(2).transpose(1, 2)  # [B, N, C]
+        of = objects
+        for _ in range(self.num_rounds):
+            pn, on = self.patch_norm(pf), self.obj_norm(of)
+            msg = _attend(
+                self.obj_q(on), self.obj_k(pn, grid), self.obj_v(pn, grid), self.num_heads
+            )
+            of = self.obj_gru(self.obj_out(msg), of)
+            on = self.obj_norm(of)
+            msg = _attend(
+                self.patch_q(pn, grid), self.patch_k(on), self.patch_v(on), self.num_heads
+            )
+            pf = self.patch_gru(self.patch_out(msg), pf)
+        return pf.transpose(1, 2).reshape(b, c, h, w)
