@@ -125,7 +125,8 @@ def check_object_map_records(cfg, dataset_names: Iterable[str]) -> None:
             raise ValueError(
                 f"the object maps of {name} ({folder}) were made by another guide than the "
                 f"config's: {'; '.join(diffs)}. Recompute them with "
-                "tools/precompute_object_maps.py for this config, or set MODEL.OCZ.GUIDE / MODEL.OCZ.OBJECTS.NUM to match."
+                "tools/precompute_object_maps.py for this config, or set MODEL.OCZ.GUIDE / "
+                "MODEL.OCZ.OBJECTS.NUM to match."
             )
 
 
