@@ -9,8 +9,9 @@ of the split file's splits into MODEL.OCZ.OBJECTS.NUM regions, at the image's ow
 augmentation: the dataset mapper augments the maps with the images in training). Maps go to
 ``<dataset folder>/object_maps/<name>/<split>/`` (the dataset folder is the common parent of the
 split's image and label roots), each folder with a record ``object_maps.json`` of the guide, n_o
-and input size. A split file ``split_objects_<name>.yaml`` beside the given one registers the
-same data with the maps (datasets ``ocz_<dataset>_objects_<name>_<split>``): put it in
+and input size. A split file ``<stem>_objects_<name>.yaml`` beside the given one registers the
+same data with the maps (datasets ``ocz_<dataset>_objects_<name>_<split>``; for
+``split.yaml`` the new file is ``split_objects_<name>.yaml``): put it in
 DATASETS.SPLIT_FILES and train on those names. Models check the record against their config.
 """
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         write_record(folder, record)
         folders[split] = str(folder)
         print(f"{dataset_name}: {len(dicts)} object maps in {folder} ({rate:.1f} images/s)")
-    out = Path(split_file).with_name(f"split_objects_{args.name}.yaml")
+    out = Path(split_file).with_name(f"{Path(split_file).stem}_objects_{args.name}.yaml")
     write_object_map_split_file(split_file, out, f"{data['dataset']}_objects_{args.name}", folders)
     print(f"split file: {out} (put it in DATASETS.SPLIT_FILES)")
     return 0

@@ -8,17 +8,22 @@ Usage:
 The builtin splits ocz_synthetic_{train,val,test} read the folder
 $DETECTRON2_DATASETS/ocz_synthetic (DETECTRON2_DATASETS defaults to ./datasets). Unless --no-clip
 is given, the tiny CLIP is then pretrained on the benchmark's image-caption set (or taken from
-the cache in ~/.cache/ocz_d2/tiny_clip) and written to <root>/tiny_clip.pt.
+the cache in ~/.cache/ocz_d2/tiny_clip) and written to <root>/tiny_clip.pt. With --object-maps
+it also writes the object maps of the OC-ZSS ladder configs (configs/synthetic/ocz_tiny_*.yaml):
+the true instance maps (oracle), the tiny CLIP's own clusters (clip) and a random ViT's (randvit),
+with their split files split_objects_{oracle,clip,randvit}.yaml.
 """
 
 import argparse
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from ocz_d2.data.register_zero_shot import load_class_embeddings
 from ocz_d2.data.split_file import register_split_file
-from ocz_d2.data.synthetic import generate_synthetic_benchmark
+from ocz_d2.data.synthetic import generate_synthetic_benchmark, write_oracle_object_maps
 from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
 
 
@@ -41,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-objects", type=int, default=5, help="most objects per image")
     parser.add_argument("--force", action="store_true", help="regenerate a complete folder")
     parser.add_argument("--no-clip", action="store_true", help="do not pretrain the tiny CLIP")
+    parser.add_argument(
+        "--object-maps", action="store_true", help="also write the ladder configs' object maps"
+    )
     return parser.parse_args(argv)
 
 
@@ -99,6 +107,33 @@ def main(argv=None) -> int:
             f"Tiny CLIP: {weights}; zero-shot accuracy on single-object images: seen "
             f"{zs['seen']:.1f}%, unseen {zs['unseen']:.1f}%"
         )
+    if args.object_maps:
+        return write_object_maps(info.root, with_clip=not args.no_clip)
+    return 0
+
+
+# Guide name -> the config whose guide makes those maps (tools/precompute_object_maps.py).
+_GUIDE_CONFIGS = {"clip": "ocz_tiny_objects.yaml", "randvit": "ocz_tiny_oczss_randvit.yaml"}
+
+
+def write_object_maps(root: Path, with_clip: bool) -> int:
+    """Oracle maps, then the online guides' maps of the miniature's ladder configs."""
+    print(f"Oracle object maps: {write_oracle_object_maps(root)}", flush=True)
+    if not with_clip:
+        print("--no-clip: skipping the CLIP-guided maps (they need the tiny CLIP).")
+        return 0
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DETECTRON2_DATASETS": str(root.parent)}
+    for name, config in _GUIDE_CONFIGS.items():
+        cmd = [
+            sys.executable, str(repo / "tools" / "precompute_object_maps.py"),
+            "--config-file", str(repo / "configs" / "synthetic" / config),
+            "--split-file", str(root / "split.yaml"), "--name", name,
+            "MODEL.OCZ.CLIP.WEIGHTS", str(root / "tiny_clip.pt"),
+        ]  # fmt: skip
+        if subprocess.run(cmd, env=env).returncode:
+            print(f"error: object maps {name} failed: {' '.join(cmd)}")
+            return 1
     return 0
 
 

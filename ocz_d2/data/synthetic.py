@@ -632,7 +632,9 @@ def generate_synthetic_benchmark(
     return info
 
 
-def write_oracle_object_maps(root: str | os.PathLike, num_objects: int = 6) -> Path:
+def write_oracle_object_maps(
+    root: str | os.PathLike, num_objects: int = 6, split_file: str | os.PathLike | None = None
+) -> Path:
     """Write each segmentation image's true object-instance map as an object map (the oracle
     guide, the upper bound of guidance) and a split file that loads them.
 
@@ -642,10 +644,12 @@ def write_oracle_object_maps(root: str | os.PathLike, num_objects: int = 6) -> P
     Args:
         root: a complete synthetic benchmark folder.
         num_objects: n_o the maps are recorded for; must exceed the largest object count.
+        split_file: the benchmark's split file to extend (default ``<root>/split.yaml``; e.g.
+            ``split_embeddings.yaml`` for the attribute-embedding variant).
 
     Returns:
-        The split file ``<root>/split_objects_oracle.yaml`` (datasets
-        ``ocz_<dataset>_objects_oracle_{train,val,test}``).
+        The split file ``<split file stem>_objects_oracle.yaml`` beside it (datasets
+        ``ocz_<its dataset>_objects_oracle_{train,val,test}``).
     """
     from .object_maps import write_object_map_split_file, write_record
 
@@ -683,13 +687,13 @@ def write_oracle_object_maps(root: str | os.PathLike, num_objects: int = 6) -> P
                     "tools/prepare_synthetic.py --force."
                 )
             _save_png(scene.region_map(), folder / name)
-        write_record_args = {"source": "oracle", "num_objects": int(num_objects)}
-        write_record(folder, write_record_args)
+        write_record(folder, {"source": "oracle", "num_objects": int(num_objects)})
         folders[split] = str(folder)
+    split_file = Path(split_file) if split_file is not None else root / "split.yaml"
     return write_object_map_split_file(
-        root / "split.yaml",
-        root / "split_objects_oracle.yaml",
-        f"{params['dataset']}_objects_oracle",
+        split_file,
+        split_file.with_name(f"{split_file.stem}_objects_oracle.yaml"),
+        f"{yaml.safe_load(split_file.read_text())['dataset']}_objects_oracle",
         folders,
         root=root.parent,
     )
