@@ -509,3 +509,22 @@ def test_paper_scale_voc_ladder_builds_and_trains_a_step(config, synthetic_bench
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+def test_old_full_model_checkpoint_loads_through_detectron2(synthetic_benchmark, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    cfg = tiny_cfg(synthetic_benchmark)
+    torch.manual_seed(0)
+    source = build_model(cfg)
+    old = {
+        ("backbone.prompts" if k == "backbone.visual_prompts" else k): v
+        for k, v in source.state_dict().items()
+    }
+    assert "backbone.prompts" in old
+    torch.save({"model": old, "iteration": 7}, tmp_path / "old.pth")
+    torch.manual_seed(1)
+    target = build_model(cfg)
+    assert not torch.equal(target.backbone.visual_prompts, source.backbone.visual_prompts)
+    DetectionCheckpointer(target).load(str(tmp_path / "old.pth"))
+    assert torch.equal(target.backbone.visual_prompts, source.backbone.visual_prompts)
