@@ -528,3 +528,33 @@ def test_old_full_model_checkpoint_loads_through_detectron2(synthetic_benchmark,
     assert not torch.equal(target.backbone.visual_prompts, source.backbone.visual_prompts)
     DetectionCheckpointer(target).load(str(tmp_path / "old.pth"))
     assert torch.equal(target.backbone.visual_prompts, source.backbone.visual_prompts)
+
+
+def test_ssl_guide_local_weights_normalisation_and_grid_resampling(tmp_path):
+    torch.manual_seed(0)
+    random_guide = SSLGuide("vit_tiny_patch16_224", pretrained=False, num_regions=3, seed=5)
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(random_guide.model.state_dict(), path)
+    local = SSLGuide("vit_tiny_patch16_224", weights=str(path), num_regions=3)
+    for a, b in zip(random_guide.model.state_dict().values(), local.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # Seeded random weights: the same guide in every run, without touching the global RNG.
+    state = torch.random.get_rng_state()
+    again = SSLGuide("vit_tiny_patch16_224", pretrained=False, num_regions=3, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(again.model.patch_embed.proj.weight, local.model.patch_embed.proj.weight)
+    # Raw 0..255 input, normalised with the model's own statistics (0.5 / 0.5 for this timm
+    # model; CLIP's differ), not CLIP's normalised tensor.
+    torch.testing.assert_close(local.pixel_mean.flatten(), torch.full((3,), 127.5))
+    torch.testing.assert_close(local.pixel_std.flatten(), torch.full((3,), 127.5))
+    images = torch.rand(2, 3, 64, 96) * 255
+    assert local.features(images).shape == (2, 192, 4, 6)
+    # SSL grid 4x6 (patch 16) onto a CLIP grid of patch 8: 8x12, each SSL cell a 2x2 block.
+    regions = local(images, (8, 12))
+    coarse = local(images, (4, 6))
+    assert regions.shape == (2, 8, 12)
+    assert torch.equal(regions, coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    with pytest.raises(FileNotFoundError, match="GUIDE.WEIGHTS"):
+        SSLGuide("vit_tiny_patch16_224", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="Unknown timm model"):
+        SSLGuide("not_a_vit_name")
