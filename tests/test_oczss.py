@@ -558,3 +558,22 @@ def test_ssl_guide_local_weights_normalisation_and_grid_resampling(tmp_path):
         SSLGuide("vit_tiny_patch16_224", weights=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="Unknown timm model"):
         SSLGuide("not_a_vit_name")
+
+
+def test_learning_rate_groups_of_the_new_parts(synthetic_benchmark):
+    from ocz_d2.engine.optimizer import build_param_groups
+
+    torch.manual_seed(0)
+    model = build_model(_ssl_cfg(synthetic_benchmark))
+    groups = build_param_groups(
+        model, base_lr=1.0, weight_decay=0.0, weight_decay_norm=0.0, weight_decay_embed=0.0,
+        backbone_multiplier=0.5, head_multiplier=10.0,
+    )  # fmt: skip
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert lr_of[id(names["backbone.object_prompts.embeddings"])] == 0.5
+    ora = [n for n in names if n.startswith("pixel_decoder.refiner.")]
+    assert any(".granular." in n for n in ora)
+    assert all(lr_of[id(names[n])] == 10.0 for n in ora)
+    # The SSL guide is not a parameter of the model (frozen, built on demand, not checkpointed).
+    assert not any("ssl" in n for n in model.state_dict())

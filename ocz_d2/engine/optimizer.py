@@ -20,8 +20,13 @@ _NO_DECAY_NAMES = ("prompt", "query_feat", "query_embed", "level_embed", "no_obj
 def lr_multiplier(name: str, backbone_multiplier: float, head_multiplier: float) -> float:
     """LR multiplier of a parameter, matched by module prefix.
 
-    ``backbone.*`` (the visual prompts; CLIP itself is frozen) gets ``backbone_multiplier``,
-    everything else (pixel decoder, transformer decoder, text-side parameters) ``head_multiplier``.
+    ``backbone.*`` (the visual and object prompts; CLIP itself is frozen) gets
+    ``backbone_multiplier``, everything else (pixel decoder with ORA and granular attention,
+    transformer decoder, text-side parameters) ``head_multiplier``.
+
+    Choice: ORA is a new, randomly initialised module that transforms features, like the heads
+    (OTSeg/ZegCLIP train those at x10), while the prompts are inputs to a pretrained network and
+    keep the base rate; so ORA sits in the heads' group, the object prompts in the backbone's.
     """
     return backbone_multiplier if name.startswith("backbone.") else head_multiplier
 
