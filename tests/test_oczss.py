@@ -357,6 +357,12 @@ def test_training_with_object_maps_never_runs_the_ssl_model(synthetic_benchmark,
     with EventStorage():
         model(batch)
     assert not calls and not model._ssl_guide
+    # Inference on an image without an object map computes its regions online.
+    model.eval()
+    sample = ZeroShotSemSegDatasetMapper(cfg, False)(DatasetCatalog.get(data.val_name)[0])
+    with torch.no_grad():
+        scores = model([sample])[0]["sem_seg"]
+    assert calls and scores.shape == (len(data.classes), data.image_size, data.image_size)
 
 
 def test_precompute_tool_maps_match_online_regions(
