@@ -12,6 +12,14 @@ process-wide ``DETECTRON2_DATASETS`` is not changed):
     ``unseen_ids`` (class indices), ``train_name``, ``val_name``, ``test_name``, ``image_size``,
     ``num_train``, ``num_val``, ``num_test``. Use it read-only: other tests share it.
 
+``spread_checkpoint``
+    ``(config file, overrides, weights file)`` of a tiny random model for inference tests
+    (:func:`ocz_d2.engine.ZeroShotPredictor`, ``tools/segment.py``) on ``synthetic_benchmark``:
+    ``configs/synthetic/ocz_tiny_attr.yaml`` with :meth:`SyntheticData.predictor_overrides`
+    (names embedded by the benchmark's attribute file). A random model's masks are nearly flat,
+    so one class wins every pixel; this one's mask and class heads are scaled up (seed 0) so that
+    several classes win somewhere.
+
 ``synthetic_benchmark_factory``
     ``factory(name, **generate_kwargs) -> SyntheticData``: generates and registers another
     benchmark as ``ocz_test_<name>_attr_{train,val,test}`` (cached per ``name``; asking again for
@@ -65,6 +73,21 @@ class SyntheticData:
             "SOLVER.IMS_PER_BATCH": 2,
             "SOLVER.WARMUP_ITERS": 1,
             "DATALOADER.NUM_WORKERS": 0,
+            **extra,
+        }
+        return [str(x) for kv in opts.items() for x in kv]
+
+    def predictor_overrides(self, **extra) -> list[str]:
+        """``KEY VALUE`` overrides of ``ocz_tiny_attr.yaml`` for fast inference tests: no
+        dataset, test size ``image_size``, one decoder layer, class names embedded by this
+        benchmark's attribute file (``extra`` adds or replaces)."""
+        opts = {
+            "DATASETS.TRAIN": "()",
+            "DATASETS.TEST": "()",
+            "DATASETS.VAL": "()",
+            "INPUT.MIN_SIZE_TEST": self.image_size,
+            "MODEL.OCZ.DECODER.DEC_LAYERS": 1,
+            "MODEL.OCZ.TEXT.EMBEDDINGS_FILE": str(self.class_embeddings),
             **extra,
         }
         return [str(x) for kv in opts.items() for x in kv]
@@ -126,3 +149,26 @@ def synthetic_benchmark_factory(tmp_path_factory):
 def synthetic_benchmark(synthetic_benchmark_factory) -> SyntheticData:
     """The default tiny benchmark: ``ocz_test_synthetic_attr_{train,val,test}`` (8/4/4 images)."""
     return synthetic_benchmark_factory("synthetic")
+
+
+@pytest.fixture(scope="session")
+def spread_checkpoint(synthetic_benchmark, tmp_path_factory) -> tuple[Path, list[str], str]:
+    """A tiny random model with several classes in its segmentations (module docstring)."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from ocz_d2.config import load_config
+    from ocz_d2.engine import AtomicCheckpointer
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
+    opts = synthetic_benchmark.predictor_overrides()
+    torch.manual_seed(0)
+    model = build_model(load_config(config, opts))
+    decoder = model.transformer_decoder
+    with torch.no_grad():
+        for p in decoder.mask_embed.parameters():
+            p.mul_(4)
+        decoder.class_embed.weight.mul_(10)
+    folder = tmp_path_factory.mktemp("spread_model")
+    AtomicCheckpointer(model, save_dir=str(folder)).save("model_final")
+    return config, opts, str(folder / "model_final.pth")

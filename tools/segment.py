@@ -1,92 +1,264 @@
 #!/usr/bin/env python
-"""Open-vocabulary inference: segment images with any list of class names.
+"""Segment your own images with your own class names (open-vocabulary inference).
 
-    python tools/segment.py --config-file configs/... --input a.jpg b.png \
-        --classes "cat, dog, grass" --output out/ [MODEL.WEIGHTS model.pth KEY VALUE ...]
+    python tools/segment.py --config-file configs/synthetic/ocz_tiny.yaml \\
+        --input photo.jpg more_photos/ "shots/*.png" --classes "cat, dog, sofa|couch" \\
+        --output output/segment MODEL.WEIGHTS output/demo/model_final.pth [KEY VALUE ...]
 
-Class names go through the CLIP text encoder of the model (or MODEL.OCZ.TEXT.EMBEDDINGS_FILE
-when that file holds every name). For each input it writes ``<name>_seg.png`` (label indices,
-0..K-1 in the order given) and ``<name>_vis.png`` (colours, with a legend). No calibration is
-applied: nothing is "seen" in an arbitrary vocabulary.
+``--input`` takes files, folders (their images, not recursive) and quoted globs (``**``
+recurses). ``--classes`` is comma-separated; ``--vocab-file`` has one class per line (``#``
+comments). A class may list synonyms, ``sofa|couch``: their text embeddings are averaged; label k
+is the k-th class. For each image ``<name>`` it writes to ``--output``:
+
+- ``<name>_overlay.png``: the segmentation drawn with Detectron2's Visualizer and a legend of the
+  classes present;
+- ``<name>_labels.png``: the label map (uint8 class indices; uint16 above 256 classes);
+- ``<name>.json``: the vocabulary, each class's pixel count, share and mean score, the legend.
+
+No calibration unless ``--calibration DATASET``: then the classes named like a seen class of
+that registered dataset lose ``MODEL.OCZ.TEST.CALIBRATION`` from their scores, as in its
+evaluation. An unreadable image is reported and skipped; the others are still segmented and the
+exit status is 1. Errors in the arguments (empty vocabulary, a name given twice, missing
+weights) stop the tool with status 2 before any image. ``--allow-untrained`` accepts an empty
+``MODEL.WEIGHTS`` (random heads: smoke tests only).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import logging
+import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.data.detection_utils import read_image
-from detectron2.modeling import build_model
 from PIL import Image
+from tqdm import tqdm
 
 import ocz_d2
 from ocz_d2.config import ConfigError, load_config
-from ocz_d2.data import ZeroShotSemSegDatasetMapper
-from ocz_d2.engine import AtomicCheckpointer
+from ocz_d2.engine import SegmentationResult, ZeroShotPredictor, load_image
+from ocz_d2.modeling.text import Vocabulary
 from ocz_d2.utils.checkout import check_same_checkout
-from ocz_d2.utils.visualize import overlay_with_legend
+from ocz_d2.utils.visualize import draw_segmentation
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def parse_classes(text: str) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
-        raise SystemExit("--classes is empty: give comma-separated names, e.g. 'cat, dog, sky'")
-    if len(set(names)) != len(names):
-        raise SystemExit(f"--classes lists a name twice: {names}")
+class UsageError(Exception):
+    """An argument error: reported, and the tool exits with status 2 before any image."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="the model's config")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="image files, folders or (quoted) globs"
+    )
+    vocab = parser.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--classes", help='comma-separated class names, e.g. "cat, sofa|couch"')
+    vocab.add_argument("--vocab-file", help="a text file with one class (name|synonym...) a line")
+    parser.add_argument("--output", default="output/segment", help="output folder")
+    parser.add_argument(
+        "--calibration",
+        metavar="DATASET",
+        help="calibrate the seen classes of this registered dataset (default: no calibration)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images per model call")
+    parser.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="accept an empty MODEL.WEIGHTS (random heads; for smoke tests)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
+    return parser.parse_args(argv)
+
+
+def read_vocabulary(args) -> Vocabulary:
+    try:
+        if args.vocab_file is not None:
+            if not os.path.isfile(args.vocab_file):
+                raise UsageError(f"--vocab-file {args.vocab_file} does not exist")
+            return Vocabulary.from_file(args.vocab_file)
+        if not args.classes.replace(",", "").strip():
+            raise UsageError("--classes is empty: give comma-separated names, e.g. 'cat, dog'")
+        return Vocabulary.from_text(args.classes)
+    except ValueError as e:
+        raise UsageError(f"bad vocabulary: {e}") from None
+
+
+def expand_inputs(specs: list[str]) -> tuple[list[str], list[str]]:
+    """Image paths (in order, without repeats) and error messages for inputs that give none.
+
+    A file is taken as given (its readability is checked when it is read); a folder gives its
+    files with an image extension (sorted, not recursive); anything else is a glob.
+    """
+    paths, errors = [], []
+    for spec in specs:
+        if os.path.isfile(spec):
+            found = [spec]
+        elif os.path.isdir(spec):
+            found = sorted(
+                str(p) for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                errors.append(f"folder {spec} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        elif glob.has_magic(spec):
+            found = sorted(
+                p
+                for p in glob.glob(spec, recursive=True)
+                if os.path.isfile(p) and Path(p).suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                errors.append(f"no image matches {spec}")
+        else:
+            errors.append(f"cannot read image {spec}: no such file or folder")
+            found = []
+        paths.extend(found)
+    unique = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    return unique, errors
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """A distinct file-name stem per input: its own, with -2, -3... when another input of the
+    same stem (from another folder) came first."""
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        name, n = stem, 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        names.append(name)
     return names
 
 
-def segment(model, mapper: ZeroShotSemSegDatasetMapper, path: str, names: list[str]):
-    """Labels [H, W] (int64, indices into ``names``) of the image file ``path``, at its size.
-
-    The mapper applies the test-time resize of the config, as in evaluation.
-    """
-    sample = mapper({"file_name": path, "class_names": names})
-    with torch.no_grad():
-        scores = model([sample])[0]["sem_seg"]
-    return scores.argmax(0).cpu().numpy()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--input", nargs="+", required=True, help="image files")
-    parser.add_argument("--classes", required=True, help="comma-separated class names")
-    parser.add_argument("--output", default="output/segment", help="output folder")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
-    args = parser.parse_args(argv)
-    check_same_checkout(__file__, ocz_d2.__file__)
-
-    names = parse_classes(args.classes)
+def build_predictor(args) -> ZeroShotPredictor:
     try:
         cfg = load_config(args.config_file, args.opts)
     except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    if not torch.cuda.is_available():
+        raise UsageError(f"config error: {e}") from None
+    if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("ocz_d2").info("no CUDA device: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
-    if not cfg.MODEL.WEIGHTS:
-        print("warning: MODEL.WEIGHTS is empty: the heads are untrained", file=sys.stderr)
-    model = build_model(cfg)
-    AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    mapper = ZeroShotSemSegDatasetMapper(cfg, False)
+    if not cfg.MODEL.WEIGHTS and not args.allow_untrained:
+        raise UsageError(
+            "MODEL.WEIGHTS is empty: give the trained model, e.g. MODEL.WEIGHTS "
+            "output/demo/model_final.pth (or --allow-untrained for a smoke run with random heads)"
+        )
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        return ZeroShotPredictor(
+            cfg,
+            allow_untrained=args.allow_untrained,
+            calibration=args.calibration,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
 
+
+def summary(
+    path: str, result: SegmentationResult, legend: list[int], files: dict, predictor
+) -> dict:
+    """The JSON summary of one image."""
+    total = int(result.labels.size)
+    classes = []
+    for k, synonyms in enumerate(result.vocabulary.classes):
+        score = float(result.class_scores[k])
+        classes.append(
+            {
+                "index": k,
+                "name": synonyms[0],
+                "synonyms": list(synonyms),
+                "pixels": int(result.areas[k]),
+                "fraction": int(result.areas[k]) / total,
+                "mean_score": None if math.isnan(score) else score,
+                "calibrated": bool(k in result.calibrated),
+            }
+        )
+    return {
+        "input": path,
+        "height": int(result.labels.shape[0]),
+        "width": int(result.labels.shape[1]),
+        "weights": predictor.weights,
+        "mode": predictor.mode,
+        "calibration": (
+            {"dataset": predictor.calibration, "gamma": predictor.gamma}
+            if predictor.calibration
+            else None
+        ),
+        "files": files,
+        "classes": classes,
+        "legend": [result.vocabulary.names[k] for k in legend],
+    }
+
+
+def write_outputs(out: Path, name: str, path: str, image: np.ndarray, result, predictor) -> None:
+    labels = result.labels
+    dtype = np.uint8 if len(result.vocabulary) <= 256 else np.uint16
+    files = {"labels": f"{name}_labels.png", "overlay": f"{name}_overlay.png"}
+    Image.fromarray(labels.astype(dtype)).save(out / files["labels"])
+    picture, legend = draw_segmentation(image, labels, list(result.vocabulary.names))
+    Image.fromarray(picture).save(out / files["overlay"])
+    with open(out / f"{name}.json", "w", encoding="utf-8") as f:
+        json.dump(summary(path, result, legend, files, predictor), f, indent=2)
+
+
+def run(args) -> int:
+    vocabulary = read_vocabulary(args)
+    paths, errors = expand_inputs(args.input)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if not paths:
+        raise UsageError("no image to segment: check --input")
+    predictor = build_predictor(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for path in args.input:
-        try:
-            image = read_image(path, format="RGB")
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"cannot read image {path}: {e}") from None
-        labels = segment(model, mapper, path, names)
-        stem = Path(path).stem
-        Image.fromarray(labels.astype(np.uint8)).save(out / f"{stem}_seg.png")
-        overlay_with_legend(image, labels, names).save(out / f"{stem}_vis.png")
-        print(f"{path} -> {out / (stem + '_seg.png')}, {out / (stem + '_vis.png')}")
+    failed = len(errors)
+    names = output_names(paths)
+    bar = tqdm(total=len(paths), unit="image", desc="segment", file=sys.stderr)
+    for start in range(0, len(paths), args.batch_size):
+        batch = []
+        for path, name in zip(paths[start : start + args.batch_size], names[start:]):
+            try:
+                batch.append((path, name, load_image(path)))
+            except ValueError as e:
+                tqdm.write(f"error: {e} (skipped)", file=sys.stderr)
+                failed += 1
+                bar.update(1)
+        if not batch:
+            continue
+        results = predictor.predict([image for _, _, image in batch], vocabulary)
+        for (path, name, image), result in zip(batch, results):
+            write_outputs(out, name, path, image, result, predictor)
+            bar.update(1)
+    bar.close()
+    done = len(paths) - (failed - len(errors))
+    print(f"{done} image(s) segmented into {out}", file=sys.stderr)
+    if failed:
+        print(f"error: {failed} input(s) failed (see above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_same_checkout(__file__, ocz_d2.__file__)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

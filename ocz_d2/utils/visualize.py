@@ -1,4 +1,5 @@
-"""Pictures of predictions: input | ground truth | prediction, unseen classes marked."""
+"""Pictures of predictions: input | ground truth | prediction panels (unseen classes marked), and
+one image with its segmentation and a legend (Detectron2's Visualizer)."""
 
 from __future__ import annotations
 
@@ -134,23 +135,72 @@ def draw_legend(
         draw.text((x + 14, y), name, fill=(0, 0, 0))
 
 
-def overlay_with_legend(image: np.ndarray, labels: np.ndarray, class_names: list[str]):
-    """The image blended with its label colours (40 / 60), a one-column legend below.
+def draw_segmentation(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    *,
+    min_side: int = 512,
+    alpha: float = 0.6,
+) -> tuple[np.ndarray, list[int]]:
+    """The image with its segmentation and a legend, drawn with Detectron2's ``Visualizer``.
+
+    ``Visualizer.draw_sem_seg`` draws the classes (colours of :func:`class_palette`, names on
+    the larger regions); the legend, on a white panel at the right, lists the classes present,
+    in vocabulary order: a swatch of the class colour (opaque, so the colour is exact) and the
+    name.
 
     Args:
-        image: [H, W, 3] uint8 RGB. labels: [H, W] class indices into ``class_names``.
+        image: [H, W, 3] uint8 RGB. labels: [H, W] indices into ``class_names``.
         class_names: the K names.
+        min_side: small images are enlarged so that their longer side has this many pixels
+            (names stay readable); larger ones are drawn at their size.
+        alpha: opacity of the class colours over the image.
 
     Returns:
-        A PIL image of width W and height H plus the legend.
+        The picture, uint8 RGB [H * s, (W + legend width) * s, 3] (taller when the legend needs
+        it), and the class indices listed in its legend.
     """
-    palette = class_palette(len(class_names))
-    blend = (0.4 * image + 0.6 * colorize(labels, palette)).astype(np.uint8)
-    height = blend.shape[0] + legend_height(len(class_names))
-    canvas = Image.new("RGB", (blend.shape[1], height), "white")
-    canvas.paste(Image.fromarray(blend), (0, 0))
-    draw_legend(ImageDraw.Draw(canvas), blend.shape[0], blend.shape[1], class_names, palette)
-    return canvas
+    from detectron2.data import Metadata
+    from detectron2.utils.visualizer import Visualizer
+
+    height, width = labels.shape
+    num = len(class_names)
+    palette = class_palette(num)
+    present = [int(k) for k in np.unique(labels) if 0 <= k < num]
+    scale = max(1.0, min_side / max(height, width))
+    # Legend geometry in image pixels; matplotlib sizes text in points (1/72 inch) at the
+    # figure's dpi (Visualizer: 100), scaled by `scale`.
+    font = max(math.sqrt(height * width) / 90, 10 / scale)
+    text_h = font * 100 / 72
+    row = 1.8 * text_h
+    swatch = 1.2 * text_h
+    longest = max((len(class_names[k]) for k in present), default=0)
+    panel_w = 3 * swatch + 0.65 * text_h * longest
+    panel_h = 2 * swatch + row * len(present)
+    canvas_h = max(height, math.ceil(panel_h))
+    canvas_w = width + math.ceil(panel_w)
+    canvas = np.full((canvas_h, canvas_w, 3), 255, dtype=np.uint8)
+    canvas[:height, :width] = image
+    padded = np.full((canvas_h, canvas_w), num, dtype=np.int64)  # num: not a class, not drawn
+    padded[:height, :width] = labels
+
+    meta = Metadata(stuff_classes=list(class_names), stuff_colors=[tuple(c) for c in palette])
+    vis = Visualizer(canvas, meta, scale=scale)
+    vis.draw_sem_seg(padded, alpha=alpha)
+    for i, k in enumerate(present):
+        x, y = width + swatch, swatch + i * row
+        corners = np.array([[x, y], [x + swatch, y], [x + swatch, y + swatch], [x, y + swatch]])
+        color = palette[k] / 255.0
+        vis.draw_polygon(corners, color=color, edge_color=color, alpha=1.0)
+        vis.draw_text(
+            class_names[k],
+            (x + 1.5 * swatch, y),
+            font_size=font,
+            color="white",
+            horizontal_alignment="left",
+        )
+    return vis.output.get_image(), present
 
 
 def _pad(cell: np.ndarray, border: int = 2) -> np.ndarray:

@@ -84,7 +84,9 @@ class OCZeroShotSegmentor(nn.Module):
     excluded from the mask losses (see :class:`SetCriterion`). Inference: per-pixel scores over the
     dataset's full vocabulary (seen + unseen), seen-class calibration, whole image or sliding
     window. A sample dict may carry ``"class_names"`` to segment with any vocabulary
-    (open-vocabulary inference; no calibration then).
+    (open-vocabulary inference; no calibration then), and with them ``"class_embeddings"``
+    ([K, D], rows L2-normalised) to use instead of the text embedder's embeddings of the names
+    (``ZeroShotPredictor`` passes synonym-averaged embeddings from its bounded cache this way).
     """
 
     @configurable
@@ -216,9 +218,16 @@ class OCZeroShotSegmentor(nn.Module):
         """
         if "class_names" in sample:  # open vocabulary: any names, nothing is "seen"
             names = list(sample["class_names"])
-            text = self.text_embedder.get(names)
+            text = sample.get("class_embeddings")  # precomputed by the caller (e.g. synonyms)
+            if text is None:
+                text = self.text_embedder.get(names)
+            elif tuple(text.shape[:1]) != (len(names),):
+                raise ValueError(
+                    f"a sample's class_embeddings has shape {tuple(text.shape)} but it names "
+                    f"{len(names)} classes: give one embedding row per class name"
+                )
             ids = torch.arange(len(names), device=self.device)
-            return ids, text, ids.new_zeros(0)
+            return ids, text.to(self.device), ids.new_zeros(0)
         name = sample.get("dataset_name")
         if name is None:
             raise KeyError(
@@ -247,7 +256,7 @@ class OCZeroShotSegmentor(nn.Module):
                 uint8 [3, H, W]; in training "instances" (gt_classes in the dataset's class
                 indices, gt_masks) and "sem_seg" ([H, W]; the dataset's ignore label outside every
                 target); "height"/"width" for the output size at inference; "dataset_name" or
-                "class_names".
+                "class_names" (optionally with "class_embeddings" [K, D]).
         Returns:
             training: dict of weighted losses; inference: list of {"sem_seg": [K, height, width]}.
         """

@@ -2,10 +2,15 @@
 
 from .embeddings import TextEmbedder
 from .templates import TEMPLATE_SETS, clean_class_name, get_templates
+from .vocabulary import SYNONYM_SEPARATOR, Vocabulary, embed_vocabulary, name_key
 
 __all__ = [
+    "SYNONYM_SEPARATOR",
     "TEMPLATE_SETS",
     "TextEmbedder",
+    "Vocabulary",
     "clean_class_name",
+    "embed_vocabulary",
     "get_templates",
+    "name_key",
 ]

@@ -180,6 +180,8 @@ class TextEmbedder(nn.Module):
         class_names: Sequence[str],
         dataset_name: str | None = None,
         embeddings_file: str | None = None,
+        *,
+        cache: bool = True,
     ) -> torch.Tensor:
         """Embeddings of ``class_names``, in that order.
 
@@ -188,6 +190,9 @@ class TextEmbedder(nn.Module):
             dataset_name: registered dataset the names come from; its metadata's
                 ``class_embeddings`` is used when ``embeddings_file`` is None; also named in errors.
             embeddings_file: a class-embedding file for this vocabulary, overriding the metadata.
+            cache: keep the result for the next call with the same names. The cache has no
+                bound (datasets' vocabularies are few): callers that see many vocabularies pass
+                False and bound their own (see ``ZeroShotPredictor``).
 
         Returns:
             [K, D] float tensor on this module's device, rows L2-normalised. The same tensor
@@ -214,7 +219,8 @@ class TextEmbedder(nn.Module):
             )
         dtype = probe.dtype if probe.is_floating_point() else torch.float32
         embeddings = embeddings.to(device=probe.device, dtype=dtype)
-        self._cache[key] = embeddings
+        if cache:
+            self._cache[key] = embeddings
         return embeddings
 
     def _resolve_source(
