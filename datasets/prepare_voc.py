@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Prepare the benchmark from its raw download; see datasets/README.md and `--help`."""
+
+import sys
+
+from ocz_d2.data.prepare.voc import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Command-line plumbing shared by ``datasets/prepare_*.py``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from .common import PrepareError, PrepareResult, format_summary
+
+__all__ = ["base_parser", "datasets_dir", "run_cli"]
+
+
+def datasets_dir() -> str:
+    """``$DETECTRON2_DATASETS`` (default ``"datasets"``)."""
+    return os.environ.get("DETECTRON2_DATASETS", "datasets")
+
+
+def base_parser(description: str, out_name: str) -> argparse.ArgumentParser:
+    """A parser with the options every prepare script shares."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join(datasets_dir(), out_name),
+        help="output folder (the split file expects $DETECTRON2_DATASETS/" + out_name + ")",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes"
+    )
+    parser.add_argument(
+        "--images",
+        choices=("symlink", "hardlink", "copy"),
+        default="symlink",
+        help="how images enter the output folder",
+    )
+    parser.add_argument(
+        "--no-count-check",
+        action="store_true",
+        help="accept image counts that differ from the protocol's",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run_cli(prepare: Callable[..., PrepareResult], args: argparse.Namespace, **kwargs) -> int:
+    """Run ``prepare`` with the shared options; print the summary, or the error (exit 1)."""
+    try:
+        result = prepare(
+            out=args.out,
+            workers=args.workers,
+            image_mode=args.images,
+            check_counts=not args.no_count_check,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(result))
+    return 0
