@@ -307,3 +307,20 @@ def test_prepare_cli_prints_summary_and_errors(tmp_path, capsys):
     assert "train: 1 images" in text and "149 flag" in text
     assert main(["--ade", str(tmp_path / "none"), "--no-count-check", *common]) == 1
     assert "missing folder" in capsys.readouterr().err
+
+
+def test_prepared_voc_loads_through_the_package_split_file(tmp_path):
+    """The prepare script's output is exactly what the registered split file expects."""
+    from detectron2.data import DatasetCatalog
+
+    from ocz_d2.data import register_split_file
+    from ocz_d2.data.prepare.common import SPLITS_DIR
+
+    voc, sbd, _, _ = _voc_raw(tmp_path / "raw")
+    prepare_voc(voc, sbd, tmp_path / "ocz_voc2012", check_counts=False, progress=False)
+    names = register_split_file(SPLITS_DIR / "voc.yaml", root=tmp_path, dataset="test_voc_e2e")
+    assert names == ["ocz_test_voc_e2e_train", "ocz_test_voc_e2e_val"]
+    train = DatasetCatalog.get(names[0])
+    assert sorted(Path(d["file_name"]).stem for d in train) == ["a1", "a2", "s1", "s2"]
+    assert all(Path(d["sem_seg_file_name"]).stem == Path(d["file_name"]).stem for d in train)
+    assert len(DatasetCatalog.get(names[1])) == 2

@@ -1,7 +1,9 @@
 """Zero-shot data: split registration, split files, the dataset mapper, the synthetic benchmark.
 
 Importing this package registers the builtin splits (``ocz_synthetic_{train,val,test}`` and
-``ocz_synthetic_attr_{train,val,test}``) lazily, with roots under ``$DETECTRON2_DATASETS``.
+``ocz_synthetic_attr_{train,val,test}``) and the real benchmarks (``ocz_voc_*``,
+``ocz_coco_stuff_*``, ``ocz_context59_zs3_*``, ``ocz_ade150_*``, ``ocz_{voc,context59}_all_val``)
+lazily, with roots under ``$DETECTRON2_DATASETS``.
 """
 
 from . import builtin as _builtin
@@ -11,7 +13,12 @@ from .augmentations import (
     RandomResizeScale,
     build_zero_shot_augmentations,
 )
-from .builtin import SYNTHETIC_ATTR_SPLIT_FILE, SYNTHETIC_SPLIT_FILE, register_all_synthetic
+from .builtin import (
+    SYNTHETIC_ATTR_SPLIT_FILE,
+    SYNTHETIC_SPLIT_FILE,
+    register_all_benchmarks,
+    register_all_synthetic,
+)
 from .dataset_mapper import ZERO_SHOT_SETTINGS, ZeroShotSemSegDatasetMapper, read_label_map
 from .register_zero_shot import (
     EVALUATOR_TYPE,
@@ -37,6 +44,7 @@ from .synthetic import (
 )
 
 _builtin.register_all_synthetic()
+_builtin.register_all_benchmarks()
 
 __all__ = [
     "EVALUATOR_TYPE",
@@ -61,6 +69,7 @@ __all__ = [
     "load_class_embeddings",
     "load_split_file",
     "read_label_map",
+    "register_all_benchmarks",
     "register_all_synthetic",
     "register_split_file",
     "register_split_files_from_config",

@@ -8,9 +8,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .split_file import register_split_file
+from .register_zero_shot import register_zero_shot_split
+from .split_file import load_split_file, register_split_file
 
-__all__ = ["SYNTHETIC_SPLIT_FILE", "SYNTHETIC_ATTR_SPLIT_FILE", "register_all_synthetic"]
+__all__ = [
+    "SYNTHETIC_SPLIT_FILE",
+    "SYNTHETIC_ATTR_SPLIT_FILE",
+    "BENCHMARK_SPLIT_FILES",
+    "FULL_LABEL_SET_TARGETS",
+    "register_all_synthetic",
+    "register_all_benchmarks",
+]
 
 _SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 #: The package's split file of the synthetic benchmark (class names through CLIP's text tower).
@@ -36,3 +44,54 @@ def register_all_synthetic(root: str | os.PathLike | None = None) -> list[str]:
         for path in (SYNTHETIC_SPLIT_FILE, SYNTHETIC_ATTR_SPLIT_FILE)
         for name in register_split_file(path, root=root, lazy=True)
     ]
+
+
+#: The real benchmarks' split files (``datasets/prepare_*.py`` make their data): registered as
+#: ``ocz_<dataset>_{train,val}`` with the PROTOCOLS.md seen/unseen split.
+BENCHMARK_SPLIT_FILES = tuple(
+    _SPLITS_DIR / name
+    for name in ("voc.yaml", "coco_stuff.yaml", "context59_zs3.yaml", "ade150.yaml")
+)
+#: Cross-domain targets evaluated over their full label set (no unseen class): split file ->
+#: registered dataset base. ADE-150's own split file already has no unseen class
+#: (``ocz_ade150_val``).
+FULL_LABEL_SET_TARGETS = {
+    _SPLITS_DIR / "voc.yaml": "voc_all",
+    _SPLITS_DIR / "context59_zs3.yaml": "context59_all",
+}
+
+
+def register_all_benchmarks(root: str | os.PathLike | None = None) -> list[str]:
+    """Register the real benchmarks lazily (their data may not exist yet).
+
+    Names: ``ocz_voc_{train,val}``, ``ocz_coco_stuff_{train,val}``,
+    ``ocz_context59_zs3_{train,val}``, ``ocz_ade150_{train,val}``, and the full-label-set
+    targets ``ocz_voc_all_val`` and ``ocz_context59_all_val`` (same classes and files as their
+    split file, the unseen list emptied: every class is evaluated as one set).
+
+    Args:
+        root: the datasets folder; ``None`` uses ``$DETECTRON2_DATASETS``.
+
+    Returns:
+        The registered names. Calling again with the same root is a no-op.
+    """
+    names = [
+        n for path in BENCHMARK_SPLIT_FILES for n in register_split_file(path, root=root, lazy=True)
+    ]
+    for path, base in FULL_LABEL_SET_TARGETS.items():
+        data = load_split_file(path)
+        entry = data["splits"]["val"]
+        names.append(
+            register_zero_shot_split(
+                f"ocz_{base}_val",
+                image_root=entry["image_root"],
+                label_root=entry["label_root"],
+                image_ext=entry.get("image_ext"),
+                classes=data["classes"],
+                unseen=[],
+                split_file=path,
+                lazy=True,
+                root=root,
+            )
+        )
+    return names
