@@ -28,6 +28,13 @@ PROTOCOLS = {
         [19, 33, 48, 14, 7, 24, 6, 54, 31, 0],
         "cow motorbike sofa cat boat fence bird tvmonitor keyboard aeroplane".split(),
     ),
+    # Not in PROTOCOLS.md ("Cascade-CLIP uses a different 10-class split"): from Cascade-CLIP's
+    # public config (novel_class of configs/context_59/vpt_seg_zero_vit-b_512x512_40k_12_10.py).
+    "ocz_context59_cascade": (
+        59,
+        [0, 2, 3, 7, 9, 13, 17, 19, 31, 37],
+        "aeroplane bed bedclothes boat bottle car cloth cow keyboard plate".split(),
+    ),
     "ocz_ade150": (150, [], []),
 }
 # Cross-domain targets: the full label set, nothing unseen.
@@ -72,6 +79,11 @@ def test_native_class_orders():
     assert list(coco[80:]) == sorted(coco[80:])
     context = MetadataCatalog.get("ocz_context59_zs3_val").stuff_classes
     assert list(context) == sorted(context)  # the mmseg order is alphabetical
+    cascade = MetadataCatalog.get("ocz_context59_cascade_val")
+    assert (
+        cascade.stuff_classes == context
+        and cascade.sem_seg_root == MetadataCatalog.get("ocz_context59_zs3_val").sem_seg_root
+    )
     ade = MetadataCatalog.get("ocz_ade150_val").stuff_classes
     assert ade[:4] == ["wall", "building", "sky", "floor"] and ade[149] == "flag"
 

@@ -2,8 +2,8 @@
 
 Importing this package registers the builtin splits (``ocz_synthetic_{train,val,test}`` and
 ``ocz_synthetic_attr_{train,val,test}``) and the real benchmarks (``ocz_voc_*``,
-``ocz_coco_stuff_*``, ``ocz_context59_zs3_*``, ``ocz_ade150_*``, ``ocz_{voc,context59}_all_val``)
-lazily, with roots under ``$DETECTRON2_DATASETS``.
+``ocz_coco_stuff_*``, ``ocz_context59_{zs3,cascade}_*``, ``ocz_ade150_*``,
+``ocz_{voc,context59}_all_val``) lazily, with roots under ``$DETECTRON2_DATASETS``.
 """
 
 from . import builtin as _builtin

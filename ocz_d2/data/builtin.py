@@ -50,7 +50,13 @@ def register_all_synthetic(root: str | os.PathLike | None = None) -> list[str]:
 #: ``ocz_<dataset>_{train,val}`` with the PROTOCOLS.md seen/unseen split.
 BENCHMARK_SPLIT_FILES = tuple(
     _SPLITS_DIR / name
-    for name in ("voc.yaml", "coco_stuff.yaml", "context59_zs3.yaml", "ade150.yaml")
+    for name in (
+        "voc.yaml",
+        "coco_stuff.yaml",
+        "context59_zs3.yaml",
+        "context59_cascade.yaml",
+        "ade150.yaml",
+    )
 )
 #: Cross-domain targets evaluated over their full label set (no unseen class): split file ->
 #: registered dataset base. ADE-150's own split file already has no unseen class
@@ -65,7 +71,8 @@ def register_all_benchmarks(root: str | os.PathLike | None = None) -> list[str]:
     """Register the real benchmarks lazily (their data may not exist yet).
 
     Names: ``ocz_voc_{train,val}``, ``ocz_coco_stuff_{train,val}``,
-    ``ocz_context59_zs3_{train,val}``, ``ocz_ade150_{train,val}``, and the full-label-set
+    ``ocz_context59_zs3_{train,val}``, ``ocz_context59_cascade_{train,val}`` (the two published
+    10-class Context splits), ``ocz_ade150_{train,val}``, and the full-label-set
     targets ``ocz_voc_all_val`` and ``ocz_context59_all_val`` (same classes and files as their
     split file, the unseen list emptied: every class is evaluated as one set).
 
