@@ -1,0 +1,112 @@
+"""Every shipped config under configs/ loads and builds a model (with a tiny CLIP and a random tiny
+SSL ViT instead of ViT-B/16 and DINO: nothing downloads), and the protocol configs say what
+PROTOCOLS.md says."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+import ocz_d2.data  # noqa: F401  (registers the builtin splits)
+from ocz_d2.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(
+    p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml")
+)
+TINY = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.OCZ.CLIP.MODEL_NAME", "OCZ-Tiny-ViT",
+    "MODEL.OCZ.CLIP.PRETRAINED", "",
+    "MODEL.OCZ.CLIP.WEIGHTS", "",
+    "MODEL.OCZ.CLIP.OUT_LAYERS", "[1, 3]",
+    "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res1', 'res3']",
+    "MODEL.OCZ.GUIDE.SSL_MODEL", "vit_tiny_patch16_224",
+    "MODEL.OCZ.GUIDE.PRETRAINED", "False",
+    "MODEL.OCZ.DECODER.DEC_LAYERS", "1",
+]  # fmt: skip
+# Protocol configs: file name pattern -> (dataset of TRAIN, setting, iterations, calibration).
+PROTOCOL = re.compile(r"oczss_vitb16_bs(\d+)_(\d+)k")
+
+
+def test_every_config_is_listed():
+    assert len(CONFIGS) >= 25 and "voc/oczss_vitb16_bs16_20k.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_shipped_config_builds_a_model(config, request):
+    from detectron2.data import MetadataCatalog
+
+    cfg = load_config(REPO / "configs" / config, TINY)
+    if any(MetadataCatalog.get(d).get("class_embeddings", None) for d in cfg.DATASETS.TRAIN):
+        # A split with a class-embedding file (the synthetic attribute route): the test data's.
+        data = request.getfixturevalue("synthetic_benchmark")
+        cfg = load_config(
+            REPO / "configs" / config,
+            [*TINY, "MODEL.OCZ.TEXT.EMBEDDINGS_FILE", str(data.class_embeddings)],
+        )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    m = PROTOCOL.search(config)
+    if m:  # the name encodes the model, the total batch and the schedule
+        assert cfg.SOLVER.IMS_PER_BATCH == int(m.group(1))
+        assert cfg.SOLVER.MAX_ITER == int(m.group(2)) * 1000
+        text = (REPO / "configs" / config).read_text()
+        assert "Total batch" in text and "BASE_LR" in text
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if PROTOCOL.search(c)])
+def test_protocol_configs_follow_the_recipe(config):
+    cfg = load_config(REPO / "configs" / config)
+    assert cfg.MODEL.OCZ.CLIP.MODEL_NAME == "ViT-B-16" and cfg.MODEL.OCZ.CLIP.PRETRAINED == "openai"
+    assert cfg.MODEL.OCZ.GUIDE.SSL_MODEL == "vit_base_patch16_224.dino"
+    assert tuple(cfg.INPUT.CROP.SIZE) == (512, 512)
+    assert cfg.MODEL.OCZ.TEST.MODE == "slide"
+    assert tuple(cfg.MODEL.OCZ.TEST.WINDOW_SIZE) == (512, 512)
+    assert tuple(cfg.MODEL.OCZ.TEST.WINDOW_STRIDE) == (426, 426)
+    assert cfg.SOLVER.BASE_LR == 2.5e-5 and cfg.SOLVER.WARMUP_ITERS == 1500
+    assert cfg.SOLVER.POLY_LR_POWER == 0.9 and cfg.SOLVER.WEIGHT_DECAY == 0.01
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0  # the total batch does not follow the GPU count
+    transductive = "transductive" in config
+    assert cfg.INPUT.ZERO_SHOT_SETTING == ("transductive" if transductive else "inductive")
+    cross = config.startswith("cross_domain/")
+    assert cfg.MODEL.OCZ.TEST.CALIBRATION == (0.0 if transductive or cross else 0.1)
+    train = cfg.DATASETS.TRAIN[0]
+    inductive_iters = {"ocz_voc_train": 20000, "ocz_context59": 40000, "ocz_coco_stuff": 80000}
+    base_iters = next(v for k, v in inductive_iters.items() if train.startswith(k))
+    extra = {20000: 10000, 40000: 20000, 80000: 40000}[base_iters] if transductive else 0
+    assert cfg.SOLVER.MAX_ITER == base_iters + extra
+    if cross:
+        assert train == "ocz_coco_stuff_train"
+        assert cfg.DATASETS.TEST[0] in (
+            "ocz_voc_all_val",
+            "ocz_context59_all_val",
+            "ocz_ade150_val",
+        )
+    else:
+        assert cfg.DATASETS.TEST[0] == train.replace("_train", "_val")
+    assert cfg.MODEL.OCZ.TEXT.TEMPLATES == ("imagenet" if "coco_stuff" in train else "single")
+
+
+def test_voc_protocol_config_equals_the_ladder_top():
+    """configs/voc/oczss_vitb16_bs16_20k.yaml (on Base-OCZSS.yaml) is the same model and recipe as
+    the last row of the VOC ladder (configs/voc/ocz_oczss.yaml)."""
+    a = load_config(REPO / "configs" / "voc" / "oczss_vitb16_bs16_20k.yaml")
+    b = load_config(REPO / "configs" / "voc" / "ocz_oczss.yaml")
+    a.OUTPUT_DIR = b.OUTPUT_DIR = ""
+    assert a.dump() == b.dump()
+
+
+def test_cross_domain_targets_are_registered_with_their_full_label_set():
+    from detectron2.data import MetadataCatalog
+
+    for config in [c for c in CONFIGS if c.startswith("cross_domain/")]:
+        cfg = load_config(REPO / "configs" / config)
+        meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        assert list(meta.unseen_classes) == []
+        assert len(meta.stuff_classes) == int(re.search(r"(\d+)\.yaml$", config).group(1))
