@@ -1,7 +1,18 @@
-"""Checkpoints that are never half-written."""
+"""Checkpoints that are never half-written, and that leave out frozen weights.
+
+A module that holds frozen weights declares them with a ``frozen_weights()`` method (see
+:meth:`~ocz_d2.modeling.backbone.clip_prompt.CLIPPromptBackbone.frozen_weights`): ``None``, or
+``{"prefix": <state-dict prefix inside the module>, "source": {...}}`` when the weights can be
+rebuilt from their source (a pretrained tag or a local file). :class:`AtomicCheckpointer` saves
+the model's state without those tensors, plus a record under ``"frozen_weights"``: per module, the
+source and a SHA-256 digest of every left-out tensor. Loading checks that the model as built holds
+the same frozen tensors (names every difference) and fills them in from the model; a checkpoint
+without a record (an older, full one) loads as before.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -30,6 +41,93 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+#: Checkpoint key of the frozen-weights record.
+FROZEN_RECORD_KEY = "frozen_weights"
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    t = tensor.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def frozen_weight_groups(model: torch.nn.Module) -> list[tuple[str, str, dict]]:
+    """``(module name, full state-dict prefix, source)`` of every rebuildable frozen group."""
+    groups = []
+    for name, module in model.named_modules():
+        declare = getattr(module, "frozen_weights", None)
+        if not callable(declare):
+            continue
+        info = declare()
+        if info:
+            groups.append((name, (f"{name}." if name else "") + info["prefix"], info["source"]))
+    return groups
+
+
+def split_frozen_state(model: torch.nn.Module) -> tuple[dict, list[dict]]:
+    """The model's state dict without its rebuildable frozen tensors, and their record.
+
+    Returns:
+        ``(state, records)``: ``records`` holds per group ``module``, ``prefix``, ``source``,
+        ``numel`` and ``sha256`` (tensor name -> digest).
+    """
+    state = model.state_dict()
+    records = []
+    for name, prefix, source in frozen_weight_groups(model):
+        keys = sorted(k for k in state if k.startswith(prefix))
+        records.append(
+            {
+                "module": name,
+                "prefix": prefix,
+                "source": dict(source),
+                "numel": int(sum(state[k].numel() for k in keys)),
+                "sha256": {k: _digest(state[k]) for k in keys},
+            }
+        )
+        for k in keys:
+            del state[k]
+    return state, records
+
+
+def check_frozen_record(model: torch.nn.Module, records: list[dict]) -> dict:
+    """Check a checkpoint's frozen-weights record against ``model`` as built.
+
+    Returns:
+        The frozen tensors to fill in (state-dict name -> tensor, from ``model``).
+
+    Raises:
+        ValueError: a recorded group is absent or differs; the message names the sources and
+            the differing tensors.
+    """
+    state = model.state_dict()
+    groups = {name: (prefix, source) for name, prefix, source in frozen_weight_groups(model)}
+    fill = {}
+    for rec in records:
+        want = rec["source"]
+        if rec["module"] not in groups:
+            raise ValueError(
+                f"the checkpoint left out the frozen weights of {rec['module'] or 'the model'} "
+                f"({want}) and expects the model to rebuild them, but this model has no "
+                "rebuildable frozen weights there (trainable, or random: no pretrained tag or "
+                "file): build it with the recorded weights (MODEL.OCZ.CLIP.PRETRAINED / WEIGHTS)."
+            )
+        prefix, have = groups[rec["module"]]
+        keys = sorted(k for k in state if k.startswith(prefix))
+        extra = [k for k in keys if k not in rec["sha256"]]
+        differ = [k for k in keys if k in rec["sha256"] and _digest(state[k]) != rec["sha256"][k]]
+        if extra or differ:
+            unknown = f", {len(extra)} not in the record (e.g. {extra[:3]})" if extra else ""
+            raise ValueError(
+                f"frozen weights differ from the checkpoint's: it was trained with {want}, this "
+                f"model was built with {have}; {len(differ)} of {len(keys)} tensors differ "
+                f"(e.g. {differ[:3]}){unknown}. Set MODEL.OCZ.CLIP.MODEL_NAME / PRETRAINED / "
+                "WEIGHTS to the recorded source."
+            )
+        fill.update({k: state[k] for k in keys})
+    return fill
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` whose checkpoint and ``last_checkpoint`` tag are written
     atomically (temporary file + rename).
@@ -38,7 +136,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
     already exists (``model_final``) would leave a truncated file, and a kill while writing the tag
     an empty tag. Here the tag names only complete files. Remote paths (``s3://``...) fall back to
     the parent's behaviour.
+
+    Frozen weights that the model rebuilds from their source are left out and recorded (see the
+    module docstring); ``save_frozen=True`` keeps them (a self-contained file).
     """
+
+    def __init__(self, *args, save_frozen: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_frozen = save_frozen
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
@@ -54,13 +159,31 @@ class AtomicCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, f"{name}.pth")
         if not _is_local(save_file):
             return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict()}
+        if self.save_frozen:
+            data = {"model": self.model.state_dict()}
+        else:
+            state, records = split_frozen_state(self.model)
+            data = {"model": state, FROZEN_RECORD_KEY: records}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
         self.logger.info("Saving checkpoint to %s", save_file)
+        os.makedirs(self.save_dir, exist_ok=True)
         _atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(os.path.basename(save_file))
+
+    def _load_model(self, checkpoint):
+        records = checkpoint.get(FROZEN_RECORD_KEY)
+        if records:
+            fill = check_frozen_record(self.model, records)
+            model_state = checkpoint["model"]
+            for k, v in fill.items():
+                model_state.setdefault(k, v)
+            self.logger.info(
+                "Frozen weights (%s) taken from the model as built, checked against the record.",
+                "; ".join(str(r["source"]) for r in records),
+            )
+        return super()._load_model(checkpoint)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")

@@ -271,6 +271,7 @@ class CLIPPromptBackbone(Backbone):
                     delattr(clip_model, attr)
         self.clip_model = clip_model
         self.model_name = model_name
+        self._clip_source = {"model_name": model_name, "pretrained": pretrained, "weights": weights}
         self.has_text_tower = keep_text_tower
 
         visual = clip_model.visual
@@ -358,6 +359,28 @@ class CLIPPromptBackbone(Backbone):
         return {
             name: ShapeSpec(channels=self.width, stride=self.patch_size)
             for name in self._out_features
+        }
+
+    def frozen_weights(self) -> dict | None:
+        """What checkpoints may leave out: the frozen CLIP, when it can be rebuilt from its source.
+
+        Returns:
+            ``None`` when CLIP trains, or when its weights are random (no pretrained tag, no
+            file: nothing could rebuild them, so checkpoints keep them); else ``{"prefix":
+            "clip_model.", "source": {model_name, pretrained, weights (file name), text_tower}}``.
+        """
+        src = self._clip_source
+        if not self.frozen or not (src["weights"] or src["pretrained"]):
+            return None
+        return {
+            "prefix": "clip_model.",
+            "source": {
+                "kind": "open_clip",
+                "model_name": src["model_name"],
+                "pretrained": "" if src["weights"] else src["pretrained"],
+                "weights": os.path.basename(src["weights"]),
+                "text_tower": bool(self.has_text_tower),
+            },
         }
 
     def train(self, mode: bool = True):
