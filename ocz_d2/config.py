@@ -198,6 +198,9 @@ def _add_model_config(cfg: CN) -> None:
     ocz.TEST.WINDOW_SIZE = (512, 512)
     # Sliding-window stride (h, w).
     ocz.TEST.WINDOW_STRIDE = (426, 426)
+    # Sliding windows of one image per forward pass (>= 0): 0 = all of them in one batch; n > 0
+    # caps the batch (memory). The scores do not depend on it.
+    ocz.TEST.SLIDE_BATCH = 0
     # ZeroShotPredictor (tools/segment.py): vocabularies whose text embeddings are kept, least
     # recently used dropped first (>= 0; 0 keeps none).
     ocz.TEST.VOCABULARY_CACHE_SIZE = 8

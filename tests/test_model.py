@@ -241,6 +241,30 @@ def test_slide_averages_overlapping_windows(model_and_data):
     assert not torch.allclose(left[..., 16:], right[..., :32])  # the average is not trivial
 
 
+def test_batched_slide_windows_equal_one_window_at_a_time(model_and_data):
+    """All windows of an image in one forward (SLIDE_BATCH 0), in chunks (3), or one by one (1)
+    give the same scores; the windows form a 2-D grid here (4 windows, overlaps in x and y)."""
+    model, cfg, data = model_and_data
+    sample = _batch(cfg, data.val_name, False, n=1)[0]
+    image = (sample["image"].float() - model.pixel_mean) / model.pixel_std
+    model.eval()
+    saved = model.window_size, model.window_stride, model.slide_batch
+    model.window_size, model.window_stride = (40, 40), (24, 24)
+    assert len(sliding_windows(*image.shape[-2:], model.window_size, model.window_stride)) == 4
+    out = {}
+    try:
+        with torch.no_grad():
+            _, text, _ = model.vocabulary(sample, training=False)
+            for n in (1, 3, 0):
+                model.slide_batch = n
+                out[n] = model._slide_scores(image, text)
+    finally:
+        model.window_size, model.window_stride, model.slide_batch = saved
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[3], out[1], rtol=0, atol=1e-5)
+    assert out[0].shape == (text.shape[0], *image.shape[-2:])
+
+
 def test_training_batch_mixing_datasets_is_an_error(model_and_data):
     model, cfg, data = model_and_data
     batch = _batch(cfg, data.train_name, True)

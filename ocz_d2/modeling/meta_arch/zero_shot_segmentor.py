@@ -106,6 +106,7 @@ class OCZeroShotSegmentor(nn.Module):
         test_mode: str = "whole",
         window_size: tuple[int, int] = (512, 512),
         window_stride: tuple[int, int] = (426, 426),
+        slide_batch: int = 0,
         guide: dict | None = None,
     ):
         """
@@ -122,6 +123,7 @@ class OCZeroShotSegmentor(nn.Module):
             calibration: gamma subtracted from seen-class scores at test (inductive only).
             test_mode: "whole" or "slide".
             window_size, window_stride: sliding-window geometry (h, w) in input pixels.
+            slide_batch: windows of an image per forward pass in slide mode; 0 = all at once.
             guide: where the object prompts' regions come from when a sample has no
                 ``"object_map"``: {"source": "ssl" | "clip" | "oracle", "seeding", "kmeans_iters",
                 "seed", and for "ssl" "ssl_kwargs" (arguments of :class:`SSLGuide`)}. None when
@@ -148,6 +150,9 @@ class OCZeroShotSegmentor(nn.Module):
         self.test_mode = test_mode
         self.window_size = tuple(window_size)
         self.window_stride = tuple(window_stride)
+        if slide_batch < 0:
+            raise ValueError(f"MODEL.OCZ.TEST.SLIDE_BATCH must be >= 0, got {slide_batch}")
+        self.slide_batch = int(slide_batch)
         self.num_objects = int(getattr(backbone, "num_objects", 0))
         if self.num_objects and guide is None:
             raise ValueError("the backbone has object prompts: a guide is required")
@@ -198,6 +203,7 @@ class OCZeroShotSegmentor(nn.Module):
             "test_mode": ocz.TEST.MODE,
             "window_size": ocz.TEST.WINDOW_SIZE,
             "window_stride": ocz.TEST.WINDOW_STRIDE,
+            "slide_batch": ocz.TEST.SLIDE_BATCH,
             "guide": _guide_from_config(cfg) if getattr(backbone, "num_objects", 0) else None,
         }
 
@@ -449,18 +455,21 @@ class OCZeroShotSegmentor(nn.Module):
         self,
         image: torch.Tensor,
         text: torch.Tensor,
-        object_map: torch.Tensor | None = None,
+        object_map: torch.Tensor | list[torch.Tensor | None] | None = None,
         none_value: int = 255,
     ) -> torch.Tensor:
-        """[1, 3, h, w] normalised image -> [1, K, h, w] class scores (padding handled here).
+        """[N, 3, h, w] normalised images of one size -> [N, K, h, w] class scores (padding
+        handled here).
 
-        ``object_map`` is the image's object map [h, w] or None, ``none_value`` its "no region"
-        value (see :meth:`_regions`).
+        ``object_map`` is the object map [h, w] of a single image, a list of N maps (or None
+        entries), or None; ``none_value`` its "no region" value (see :meth:`_regions`).
         """
         h, w = image.shape[-2:]
+        if object_map is None or isinstance(object_map, torch.Tensor):
+            object_map = [object_map] * len(image)
         padded = ImageList.from_tensors(list(image), self.size_divisibility).tensor
-        raw = [image[0] * self.pixel_std + self.pixel_mean]
-        regions = self._regions(padded, raw, [object_map], none_value)
+        raw = [x * self.pixel_std + self.pixel_mean for x in image]
+        regions = self._regions(padded, raw, list(object_map), none_value)
         outputs = self._predict(padded, text, regions)
         masks = F.interpolate(
             outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
@@ -479,19 +488,26 @@ class OCZeroShotSegmentor(nn.Module):
         object_map: torch.Tensor | None = None,
         none_value: int = 255,
     ) -> torch.Tensor:
-        """Average of window scores over a sliding window; [3, H, W] -> [K, H, W]."""
+        """Average of window scores over a sliding window; [3, H, W] -> [K, H, W].
+
+        Every window has the same size (clipped to the image), so the windows go through the
+        model stacked as one batch (at most ``slide_batch`` per forward when that is > 0).
+        """
         height, width = image.shape[-2:]
         scores = image.new_zeros((text.shape[0], height, width))
         counts = image.new_zeros((1, height, width))
-        wh, ww = self.window_size
-        for y, x in sliding_windows(height, width, self.window_size, self.window_stride):
-            crop = image[:, y : y + wh, x : x + ww]
-            ch, cw = crop.shape[-2:]
-            crop_map = object_map[y : y + ch, x : x + cw] if object_map is not None else None
-            scores[:, y : y + ch, x : x + cw] += self._scores(
-                crop[None], text, crop_map, none_value
-            )[0]
-            counts[:, y : y + ch, x : x + cw] += 1
+        wh, ww = min(self.window_size[0], height), min(self.window_size[1], width)
+        corners = sliding_windows(height, width, self.window_size, self.window_stride)
+        step = self.slide_batch or len(corners)
+        for start in range(0, len(corners), step):
+            chunk = corners[start : start + step]
+            crops = torch.stack([image[:, y : y + wh, x : x + ww] for y, x in chunk])
+            maps = None
+            if object_map is not None:
+                maps = [object_map[y : y + wh, x : x + ww] for y, x in chunk]
+            for (y, x), window in zip(chunk, self._scores(crops, text, maps, none_value)):
+                scores[:, y : y + wh, x : x + ww] += window
+                counts[:, y : y + wh, x : x + ww] += 1
         return scores / counts
 
 
