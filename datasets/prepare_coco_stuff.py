@@ -3,7 +3,14 @@
 
 import sys
 
-from ocz_d2.data.prepare.coco_stuff import main
+from ocz_d2.data.prepare.coco_stuff import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    code, text = cli(argv)
+    print(text, file=sys.stderr if code else sys.stdout)
+    return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

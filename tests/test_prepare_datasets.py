@@ -294,8 +294,13 @@ def test_prepare_ade20k_parallel_and_range_check(tmp_path):
 
 
 def test_prepare_cli_prints_summary_and_errors(tmp_path, capsys):
-    from ocz_d2.data.prepare.ade20k import main
+    import importlib.util
 
+    script = Path(__file__).resolve().parents[1] / "datasets" / "prepare_ade20k.py"
+    spec = importlib.util.spec_from_file_location("prepare_ade20k", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
     root = tmp_path / "ADEChallengeData2016"
     _ade_raw(root, n_train=1)
     out = tmp_path / "ocz_ade150"

@@ -22,7 +22,7 @@ from .common import (
     split_classes,
 )
 
-__all__ = ["ADE_COUNTS", "prepare_ade20k", "main"]
+__all__ = ["ADE_COUNTS", "prepare_ade20k", "cli"]
 
 ADE_COUNTS = {"train": 20210, "val": 2000}
 _RAW_SPLITS = {"train": "training", "val": "validation"}
@@ -85,8 +85,9 @@ def prepare_ade20k(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``datasets/prepare_ade20k.py``."""
+def cli(argv: list[str] | None = None) -> tuple[int, str]:
+    """The command line of ``datasets/prepare_ade20k.py``: ``(exit code, text to print)``
+    (see :func:`~ocz_d2.data.prepare.cli.run_cli`)."""
     parser = base_parser(__doc__.splitlines()[0], "ocz_ade150")
     parser.add_argument(
         "--ade",

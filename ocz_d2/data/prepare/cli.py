@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 
 from .common import PrepareError, PrepareResult, format_summary
@@ -45,8 +44,15 @@ def base_parser(description: str, out_name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(prepare: Callable[..., PrepareResult], args: argparse.Namespace, **kwargs) -> int:
-    """Run ``prepare`` with the shared options; print the summary, or the error (exit 1)."""
+def run_cli(
+    prepare: Callable[..., PrepareResult], args: argparse.Namespace, **kwargs
+) -> tuple[int, str]:
+    """Run ``prepare`` with the shared options.
+
+    Returns:
+        ``(0, summary)``, or ``(1, "error: ...")`` for a :class:`PrepareError`; the script prints
+        the text (to stderr when the code is not 0).
+    """
     try:
         result = prepare(
             out=args.out,
@@ -57,7 +63,5 @@ def run_cli(prepare: Callable[..., PrepareResult], args: argparse.Namespace, **k
             **kwargs,
         )
     except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(result))
-    return 0
+        return 1, f"error: {e}"
+    return 0, format_summary(result)

@@ -23,7 +23,7 @@ from .common import (
     split_classes,
 )
 
-__all__ = ["COCO_STUFF_COUNTS", "UNUSED_IDS", "USED_IDS", "prepare_coco_stuff", "main"]
+__all__ = ["COCO_STUFF_COUNTS", "UNUSED_IDS", "USED_IDS", "prepare_coco_stuff", "cli"]
 
 COCO_STUFF_COUNTS = {"train": 118287, "val": 5000}
 #: Raw values (COCO category id - 1) that no class uses.
@@ -95,8 +95,9 @@ def prepare_coco_stuff(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``datasets/prepare_coco_stuff.py``."""
+def cli(argv: list[str] | None = None) -> tuple[int, str]:
+    """The command line of ``datasets/prepare_coco_stuff.py``: ``(exit code, text to print)``
+    (see :func:`~ocz_d2.data.prepare.cli.run_cli`)."""
     parser = base_parser(__doc__.splitlines()[0], "ocz_coco_stuff")
     parser.add_argument(
         "--coco",

@@ -29,9 +29,10 @@ from .common import (
     split_classes,
 )
 
-__all__ = ["CONTEXT_COUNTS", "read_context_labels", "prepare_context", "main"]
+__all__ = ["CONTEXT_COUNTS", "read_context_labels", "prepare_context", "cli"]
 
 CONTEXT_COUNTS = {"train": 4998, "val": 5105}
+_SPLIT_FILE = "ocz_d2/data/splits/context59_zs3.yaml"
 _LINE = re.compile(r"^\s*(\d+)\s*:\s*(.+?)\s*$")
 
 
@@ -116,15 +117,13 @@ def prepare_context(
         workers=workers,
         image_mode=image_mode,
         progress=progress,
-        extra_record={
-            "dataset": "context59",
-            "split_file": "ocz_d2/data/splits/context59_zs3.yaml",
-        },  # noqa: E501
+        extra_record={"dataset": "context59", "split_file": _SPLIT_FILE},
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``datasets/prepare_context.py``."""
+def cli(argv: list[str] | None = None) -> tuple[int, str]:
+    """The command line of ``datasets/prepare_context.py``: ``(exit code, text to print)``
+    (see :func:`~ocz_d2.data.prepare.cli.run_cli`)."""
     parser = base_parser(__doc__.splitlines()[0], "ocz_context59")
     parser.add_argument(
         "--voc2010",

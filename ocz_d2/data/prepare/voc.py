@@ -24,7 +24,7 @@ from .common import (
     split_classes,
 )
 
-__all__ = ["VOC_COUNTS", "prepare_voc", "main"]
+__all__ = ["VOC_COUNTS", "prepare_voc", "cli"]
 
 #: Images per split in the protocol.
 VOC_COUNTS = {"train": 10582, "val": 1449}
@@ -101,8 +101,9 @@ def prepare_voc(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``datasets/prepare_voc.py``."""
+def cli(argv: list[str] | None = None) -> tuple[int, str]:
+    """The command line of ``datasets/prepare_voc.py``: ``(exit code, text to print)``
+    (see :func:`~ocz_d2.data.prepare.cli.run_cli`)."""
     parser = base_parser(__doc__.splitlines()[0], "ocz_voc2012")
     parser.add_argument(
         "--voc",
