@@ -248,6 +248,33 @@ def test_prepare_context59_from_labelmap_mat_files(tmp_path):
             for r, c in names.items():
                 want[raw[i] == r] = classes.index(c)
             np.testing.assert_array_equal(_read(out / "labels" / split / f"{i}.png"), want)
+    # mmseg's converted PNGs of the same images (0 = background, k + 1 = class k) give the same
+    # labels.
+    for split in ids:
+        _write_list(voc / "ImageSets" / "SegmentationContext" / f"{split}.txt", ids[split])
+        for i in ids[split]:
+            want = _read(out / "labels" / split / f"{i}.png")
+            _write_png(
+                voc / "SegmentationClassContext" / f"{i}.png", np.where(want == 255, 0, want + 1)
+            )
+    out2 = tmp_path / "ocz_context59_mmseg"
+    prepare_context(
+        voc, tmp_path / "unused", out2, source="mmseg", check_counts=False, progress=False
+    )
+    for split in ids:
+        for i in ids[split]:
+            np.testing.assert_array_equal(
+                _read(out2 / "labels" / split / f"{i}.png"),
+                _read(out / "labels" / split / f"{i}.png"),
+            )
+    with pytest.raises(PrepareError, match=r"wrong count: train .* has 2 images, .* 4996"):
+        prepare_context(voc, tmp_path / "unused", out2, source="mmseg", progress=False)
+    _write_png(voc / "SegmentationClassContext" / "2008_000007.png", np.full((H, W), 60))
+    (out2 / "labels" / "val" / "2008_000007.png").unlink()
+    with pytest.raises(PrepareError, match=r"raw label values 60\.\.60 are outside .* 0\.\.59"):
+        prepare_context(
+            voc, tmp_path / "unused", out2, source="mmseg", check_counts=False, progress=False
+        )
     # labels.txt without one of the 59 names: named in the error.
     (ctx / "labels.txt").write_text("1: accordion\n2: aeroplane\n")
     with pytest.raises(PrepareError, match=r"lacks the Context-59 classes \['bag'"):

@@ -7,6 +7,11 @@ unlabeled) and ``labels.txt`` (``id: name``). The 59 classes are found in ``labe
 and mapped to the mmseg order of ``context59_zs3.yaml``; every other label becomes 255.
 mmseg's lists (4,996 / 5,104, from the Detail API) can be passed with ``--train-list`` /
 ``--val-list`` (and ``--no-count-check``).
+
+``--source mmseg`` starts instead from mmseg's converted Context (made with the Detail API):
+``VOC2010/SegmentationClassContext/<id>.png`` (0 = background, 1..59 in the same order) and
+``VOC2010/ImageSets/SegmentationContext/{train,val}.txt`` (4,996 / 5,104); 0 becomes 255, k
+becomes k - 1. Both sources give the same labels for the same images.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from .common import (
 __all__ = ["CONTEXT_COUNTS", "read_context_labels", "prepare_context", "cli"]
 
 CONTEXT_COUNTS = {"train": 4998, "val": 5105}
+#: Images per split in mmseg's lists.
+MMSEG_COUNTS = {"train": 4996, "val": 5104}
+SOURCES = ("mat", "mmseg")
 _SPLIT_FILE = "ocz_d2/data/splits/context59_zs3.yaml"
 _LINE = re.compile(r"^\s*(\d+)\s*:\s*(.+?)\s*$")
 
@@ -57,6 +65,7 @@ def prepare_context(
     *,
     train_list: str | Path | None = None,
     val_list: str | Path | None = None,
+    source: str = "mat",
     workers: int = 1,
     image_mode: str = "symlink",
     check_counts: bool = True,
@@ -66,44 +75,57 @@ def prepare_context(
 
     Args:
         voc2010_root: ``.../VOCdevkit/VOC2010``.
-        context_root: folder with ``trainval/*.mat`` and ``labels.txt``.
+        context_root: folder with ``trainval/*.mat`` and ``labels.txt`` (unused for mmseg).
         out: output folder (``$DETECTRON2_DATASETS/ocz_context59`` for the split files).
-        train_list / val_list: id lists; default ``ImageSets/Main/{train,val}.txt``.
+        train_list / val_list: id lists; default ``ImageSets/Main/{train,val}.txt`` (mat) or
+            ``ImageSets/SegmentationContext/{train,val}.txt`` (mmseg).
+        source: ``"mat"`` (the Context release) or ``"mmseg"`` (mmseg's converted PNGs).
         workers, image_mode, progress: see :func:`~ocz_d2.data.prepare.common.run_items`.
-        check_counts: require 4,998 / 5,105 images.
+        check_counts: require 4,998 / 5,105 images (mmseg: 4,996 / 5,104).
     """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     voc2010_root, context_root = Path(voc2010_root), Path(context_root)
     jpeg = require_dir(voc2010_root, "JPEGImages", "VOC2010 images", "--voc2010")
-    mats = require_dir(context_root, "trainval", "Context .mat labels", "--context")
-    raw_ids = read_context_labels(context_root / "labels.txt")
     classes, _ = split_classes("context59_zs3.yaml")
-    missing = [c for c in classes if c not in raw_ids]
-    if missing:
-        raise PrepareError(
-            f"{context_root / 'labels.txt'} lacks the Context-59 classes {missing}: is it the "
-            "459-label list of the Context release?"
+    if source == "mat":
+        labels = require_dir(context_root, "trainval", "Context .mat labels", "--context")
+        raw_ids = read_context_labels(context_root / "labels.txt")
+        missing = [c for c in classes if c not in raw_ids]
+        if missing:
+            raise PrepareError(
+                f"{context_root / 'labels.txt'} lacks the Context-59 classes {missing}: is it "
+                "the 459-label list of the Context release?"
+            )
+        lut = build_lut(max(raw_ids.values()) + 1, {raw_ids[c]: k for k, c in enumerate(classes)})
+        list_dir, counts, ext, reader = "ImageSets/Main", CONTEXT_COUNTS, ".mat", "context_mat"
+    else:
+        labels = require_dir(
+            voc2010_root, "SegmentationClassContext", "mmseg Context PNGs", "--voc2010"
         )
+        # Values above 59 are not in the format: the LUT stops at 59 so that they are reported.
+        lut = build_lut(len(classes) + 1, {k: k - 1 for k in range(1, len(classes) + 1)})
+        list_dir, counts, ext, reader = "ImageSets/SegmentationContext", MMSEG_COUNTS, ".png", "png"
     lists = {}
     for split, given in (("train", train_list), ("val", val_list)):
         if given is None:
-            folder = require_dir(voc2010_root, "ImageSets/Main", "VOC2010 lists", "--voc2010")
+            folder = require_dir(voc2010_root, list_dir, "Context split lists", "--voc2010")
             given = folder / f"{split}.txt"
         lists[split] = read_id_list(Path(given))
         if check_counts:
-            check_count(len(lists[split]), CONTEXT_COUNTS[split], f"{split} list {given}")
+            check_count(len(lists[split]), counts[split], f"{split} list {given}")
     all_ids = lists["train"] + lists["val"]
     check_listed_files([str(jpeg / f"{i}.jpg") for i in all_ids], "images", jpeg)
-    check_listed_files([str(mats / f"{i}.mat") for i in all_ids], "Context labels", mats)
-    lut = build_lut(max(raw_ids.values()) + 1, {raw_ids[c]: k for k, c in enumerate(classes)})
+    check_listed_files([str(labels / f"{i}{ext}") for i in all_ids], "Context labels", labels)
     out = Path(out)
     splits = {
         split: [
             Item(
                 image_src=str(jpeg / f"{i}.jpg"),
-                label_src=str(mats / f"{i}.mat"),
+                label_src=str(labels / f"{i}{ext}"),
                 image_dst=str(out / "images" / split / f"{i}.jpg"),
                 label_dst=str(out / "labels" / split / f"{i}.png"),
-                reader="context_mat",
+                reader=reader,
             )
             for i in ids
         ]
@@ -117,7 +139,7 @@ def prepare_context(
         workers=workers,
         image_mode=image_mode,
         progress=progress,
-        extra_record={"dataset": "context59", "split_file": _SPLIT_FILE},
+        extra_record={"dataset": "context59", "split_file": _SPLIT_FILE, "source": source},
     )
 
 
@@ -135,6 +157,13 @@ def cli(argv: list[str] | None = None) -> tuple[int, str]:
         default=str(Path(datasets_dir()) / "pascal_context"),
         help="folder of the extracted Context trainval.tar.gz (trainval/*.mat, labels.txt)",
     )
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="mat",
+        help="mat: the Context release (trainval/*.mat, labels.txt); mmseg: mmseg's converted "
+        "VOC2010/SegmentationClassContext PNGs and ImageSets/SegmentationContext lists",
+    )
     parser.add_argument("--train-list", default=None, help="train id list (default VOC2010's)")
     parser.add_argument("--val-list", default=None, help="val id list (default VOC2010's)")
     args = parser.parse_args(argv)
@@ -145,4 +174,5 @@ def cli(argv: list[str] | None = None) -> tuple[int, str]:
         context_root=args.context,
         train_list=args.train_list,
         val_list=args.val_list,
+        source=args.source,
     )
