@@ -158,13 +158,16 @@ def test_slide_covers_large_images(setup):
     cfg.merge_from_list(["MODEL.OCZ.TEST.WINDOW_SIZE", "(32, 32)"])
     cfg.merge_from_list(["MODEL.OCZ.TEST.WINDOW_STRIDE", "(24, 24)"])
     predictor = ZeroShotPredictor(cfg, model=copy.deepcopy(model), mode="slide")
-    calls = []
-    predictor.model.transformer_decoder.register_forward_hook(lambda *a: calls.append(1))
+    calls = []  # windows per decoder forward
+    predictor.model.transformer_decoder.register_forward_hook(
+        lambda module, args, out: calls.append(out["pred_logits"].shape[0])
+    )
     image = np.asarray(Image.fromarray(bench_image(data)).resize((96, 80)))
     result = predictor(image, list(data.classes[:4]))
     assert result.labels.shape == (80, 96)
-    # resized to shortest side 64 -> 64 x 77: windows at y in {0, 24, 32}, x in {0, 24, 45}
-    assert len(calls) == 9
+    # resized to shortest side 64 -> 64 x 77: windows at y in {0, 24, 32}, x in {0, 24, 45},
+    # all nine in one forward (MODEL.OCZ.TEST.SLIDE_BATCH 0)
+    assert calls == [9]
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
 
 
