@@ -4,11 +4,12 @@
 import sys
 
 from ocz_d2.data.prepare.ade20k import cli
-from ocz_d2.data.prepare.cli import script_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return script_main(cli, argv)
+    code, text = cli(argv)
+    print(text, file=sys.stderr if code else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 
 import sys
 
-from ocz_d2.data.prepare.cli import script_main
 from ocz_d2.data.prepare.voc import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return script_main(cli, argv)
+    code, text = cli(argv)
+    print(text, file=sys.stderr if code else sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from .common import PrepareError, PrepareResult, format_summary
 
-__all__ = ["base_parser", "datasets_dir", "run_cli", "script_main"]
+__all__ = ["base_parser", "datasets_dir", "run_cli"]
 
 
 def datasets_dir() -> str:
@@ -66,13 +65,3 @@ def run_cli(
     except PrepareError as e:
         return 1, f"error: {e}"
     return 0, format_summary(result)
-
-
-def script_main(
-    cli: Callable[[list[str] | None], tuple[int, str]], argv: Sequence[str] | None = None
-) -> int:
-    """The body of a ``datasets/prepare_*.py`` script: run a dataset's ``cli`` and print its
-    text (to stderr on failure); returns the exit code."""
-    code, text = cli(None if argv is None else list(argv))
-    print(text, file=sys.stderr if code else sys.stdout)
-    return code
