@@ -13,7 +13,6 @@ never used by accident.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -39,16 +38,11 @@ RECORD_NAME = "object_maps.json"
 
 
 def _file_fingerprint(path: str) -> str:
-    """sha256 (first 16 hex digits) of a weights file, "" for no file."""
-    if not path:
-        return ""
+    """sha256 (first 16 hex digits) of a weights file (resolved like MODEL.OCZ.CLIP.WEIGHTS)."""
+    from ..engine.clip_pretrain import file_sha256
     from ..modeling.backbone.clip_prompt import resolve_weights_path
 
-    digest = hashlib.sha256()
-    with open(resolve_weights_path(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(resolve_weights_path(path))[:16]
 
 
 def guide_record(cfg) -> dict:

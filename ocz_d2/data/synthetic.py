@@ -652,6 +652,7 @@ def write_oracle_object_maps(
         ``ocz_<its dataset>_objects_oracle_{train,val,test}``).
     """
     from .object_maps import write_object_map_split_file, write_record
+    from .split_file import load_split_file
 
     root = Path(root).absolute()
     marker = root / _MARKER
@@ -693,7 +694,7 @@ def write_oracle_object_maps(
     return write_object_map_split_file(
         split_file,
         split_file.with_name(f"{split_file.stem}_objects_oracle.yaml"),
-        f"{yaml.safe_load(split_file.read_text())['dataset']}_objects_oracle",
+        f"{load_split_file(split_file)['dataset']}_objects_oracle",
         folders,
         root=root.parent,
     )

@@ -430,9 +430,10 @@ def zero_shot_accuracy(
     }
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -445,7 +446,7 @@ def cache_key(cfg: ClipPretrainConfig, csv_path: Path, extra: dict | None = None
     payload = {
         "config": asdict(cfg),
         "model": open_clip.get_model_config(cfg.model_name),
-        "csv_sha256": _file_sha256(csv_path),
+        "csv_sha256": file_sha256(csv_path),
         "extra": extra or {},
         "version": PRETRAIN_VERSION,
         "torch": torch.__version__.split("+")[0],
@@ -457,7 +458,7 @@ def _valid_cache(folder: Path, key: str) -> bool:
     weights, manifest = folder / "weights.pt", folder / _MANIFEST
     try:
         record = json.loads(manifest.read_text(encoding="utf-8"))
-        return record["key"] == key and record["sha256"] == _file_sha256(weights)
+        return record["key"] == key and record["sha256"] == file_sha256(weights)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -510,7 +511,7 @@ def ensure_pretrained_clip(
         )
     weights = folder / "weights.pt"
     save_atomic(model.state_dict(), weights)
-    record["sha256"] = _file_sha256(weights)
+    record["sha256"] = file_sha256(weights)
     tmp = folder / (_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / _MANIFEST)
@@ -562,7 +563,7 @@ def ensure_synthetic_clip(
         progress=progress,
     )
     target = root / SYNTHETIC_CLIP_FILE
-    if not target.is_file() or _file_sha256(target) != record["sha256"]:
+    if not target.is_file() or file_sha256(target) != record["sha256"]:
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(cached.read_bytes())
         os.replace(tmp, target)

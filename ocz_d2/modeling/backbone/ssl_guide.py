@@ -278,18 +278,6 @@ class SSLGuide(nn.Module):
             seed=self.seed,
         )  # fmt: skip
 
-    def describe(self) -> dict:
-        """What the regions depend on (recorded beside precomputed object maps)."""
-        return {
-            "source": "ssl",
-            "ssl_model": self.model_name,
-            "input_size": self.input_size,
-            "num_objects": self.num_regions,
-            "seeding": self.seeding,
-            "kmeans_iters": self.kmeans_iters,
-            "seed": self.seed,
-        }
-
 
 def cluster_feature_map(
     feats: torch.Tensor,
@@ -322,9 +310,8 @@ def create_ssl_model(
     The random initialisation draws from a generator forked from ``seed``, so a random guide is
     the same in every run and the global RNG is not disturbed.
     """
-    if model_name not in timm.list_models(pretrained=False) and model_name.split(".")[0] not in (
-        timm.list_models(pretrained=False)
-    ):
+    known = set(timm.list_models(pretrained=False))
+    if model_name not in known and model_name.split(".")[0] not in known:
         raise ValueError(
             f"Unknown timm model MODEL.OCZ.GUIDE.SSL_MODEL={model_name!r}; use a timm ViT name "
             "such as 'vit_base_patch16_224.dino' (see timm.list_models('vit_*'))."
