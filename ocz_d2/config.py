@@ -37,7 +37,9 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATASETS.VAL = ()
 
     # Training setting: "inductive" (unseen pixels -> ignore, seen vocabulary only) or
-    # "transductive" (unseen names known; unseen pixels still ignored in the labels).
+    # "transductive" (unseen pixels still ignore in the labels; from MODEL.OCZ.SELF_TRAINING.
+    # START_ITER the unseen names join the vocabulary and ignore pixels get pseudo-labels; no
+    # calibration at test time).
     cfg.INPUT.ZERO_SHOT_SETTING = "inductive"
     # Random rescale: the image is scaled to fit RESIZE_TARGET (h, w) times a factor drawn from
     # RESIZE_SCALE (min, max); RESIZE_SCALE = (1.0, 1.0) keeps the fitted size.
@@ -184,6 +186,45 @@ def _add_model_config(cfg: CN) -> None:
     ocz.LOSS.OVERSAMPLE_RATIO = 3.0
     # Fraction of points chosen by uncertainty; the rest are uniform over valid pixels.
     ocz.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    # --- split matching (Split Matching; DESIGN.md component 8) ---
+    ocz.SPLIT = CN()
+    # N_c, candidate queries: the last N_c of DECODER.NUM_QUERIES, matched to pseudo-masks of the
+    # unannotated pixels; the first NUM_QUERIES - N_c (seen queries) to the ground truth.
+    # 0 = standard matching of all queries to the ground truth (no pseudo-masks computed).
+    ocz.SPLIT.NUM_CANDIDATES = 0
+    # Clusters of CLIP's dense features over the unannotated patches of an image.
+    ocz.SPLIT.NUM_REGIONS = 8
+    # Smallest kept pseudo-mask, as a fraction of the image's pixels.
+    ocz.SPLIT.MIN_AREA = 0.01
+    # Clustering of the pseudo-masks: seeding ("farthest" or "kmeans++"), k-means steps, seed.
+    ocz.SPLIT.SEEDING = "kmeans++"
+    ocz.SPLIT.KMEANS_ITERS = 3
+    ocz.SPLIT.SEED = 0
+    # Weight of -cos(query class embedding, region embedding) in the candidate matching cost.
+    ocz.SPLIT.EMBED_COST = 2.0
+    # Candidate losses: no-object CE of unmatched candidates (weight LOSS.CLASS_WEIGHT), mask
+    # BCE and dice against the pseudo-masks, and the embedding alignment 1 - cos.
+    ocz.SPLIT.MASK_WEIGHT = 5.0
+    ocz.SPLIT.DICE_WEIGHT = 5.0
+    ocz.SPLIT.EMBED_WEIGHT = 2.0
+
+    # --- multi-scale feature enhancement (Split Matching's MFE) ---
+    ocz.MFE = CN()
+    # Refine every pixel-decoder output level with a residual multi-receptive-field block: bool.
+    ocz.MFE.ENABLED = False
+    # Dilation rates of its depth-wise 3x3 branches (plus a global-pool branch).
+    ocz.MFE.RATES = [1, 2, 3]
+
+    # --- transductive self-training (INPUT.ZERO_SHOT_SETTING "transductive") ---
+    ocz.SELF_TRAINING = CN()
+    # Iteration from which ignore pixels get pseudo-labels (argmax over unseen classes of the
+    # current prediction) and the unseen names join the training vocabulary; before it, training
+    # is inductive (seen vocabulary). Read from Detectron2's event storage.
+    ocz.SELF_TRAINING.START_ITER = 0
+    # Least confidence of a pseudo-label: the unseen class's probability at the pixel (the
+    # mask-weighted class distribution of the queries, no-object included).
+    ocz.SELF_TRAINING.THRESHOLD = 0.5
 
     # --- inference ---
     ocz.TEST = CN()

@@ -201,7 +201,8 @@ def test_matcher_perfect_match_costs_less_than_wrong_match():
     target = _random_targets(2, (8, 8), ignore_fraction=0.2)
     outputs = _perfect_outputs([target], 2, 5, [[0, 1]], (8, 8))
     matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=100)
-    cost = matcher._cost_matrix(outputs["pred_logits"][0], outputs["pred_masks"][0], target)
+    pred = {"pred_logits": outputs["pred_logits"][0], "pred_masks": outputs["pred_masks"][0]}
+    cost = matcher._cost_matrix(pred, target)
     assert cost.shape == (2, 2)
     assert cost[0, 0] < cost[0, 1] and cost[1, 1] < cost[1, 0]
     assert cost.diagonal().sum() < cost.fliplr().diagonal().sum()

@@ -3,7 +3,8 @@
 The calibration gamma (subtracted from seen-class scores) trades seen against unseen accuracy, and
 the best value differs between models. :func:`tuned_test` picks it on ``DATASETS.VAL`` from
 ``MODEL.OCZ.TEST.CALIBRATION_GRID`` (highest hIoU; ties go to the smaller gamma) and evaluates
-``DATASETS.TEST`` once with it, through the same evaluator as ``train_net.py --eval-only``.
+``DATASETS.TEST`` once with it, through the same evaluator as ``train_net.py --eval-only``. A
+transductive model is evaluated without calibration (gamma 0, nothing tuned).
 """
 
 from __future__ import annotations
@@ -130,7 +131,11 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
     model = build_model(cfg)
     AtomicCheckpointer(model).load(weights)
     val = cfg.DATASETS.VAL[0]
-    sweep = calibration_sweep(cfg, model, val, cfg.MODEL.OCZ.TEST.CALIBRATION_GRID)
+    # The transductive setting has no calibration at test time (PROTOCOLS.md): nothing to tune.
+    grid = cfg.MODEL.OCZ.TEST.CALIBRATION_GRID
+    if cfg.INPUT.ZERO_SHOT_SETTING == "transductive":
+        grid = [0.0]
+    sweep = calibration_sweep(cfg, model, val, grid)
     gamma = pick_calibration(sweep)
     for g, m in sweep.items():
         logger.info("%s gamma %.2f: seen %.1f unseen %.1f hIoU %.1f", val, g,

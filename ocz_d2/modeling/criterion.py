@@ -9,12 +9,25 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, embedding_class_cost
 from .point_utils import point_sample, sample_uncertain_points
 
-__all__ = ["SetCriterion", "dice_loss", "expand_weight_dict", "sigmoid_ce_loss"]
+__all__ = [
+    "CANDIDATE_PREFIX",
+    "SetCriterion",
+    "SplitCriterion",
+    "build_criterion",
+    "dice_loss",
+    "expand_weight_dict",
+    "sigmoid_ce_loss",
+]
 
-_LOSS_KEYS = {"labels": ("loss_ce",), "masks": ("loss_mask", "loss_dice")}
+_LOSS_KEYS = {
+    "labels": ("loss_ce",),
+    "no_object": ("loss_ce",),
+    "masks": ("loss_mask", "loss_dice"),
+    "embeddings": ("loss_embed",),
+}
 
 
 def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -98,6 +111,12 @@ class SetCriterion(nn.Module):
     - ``loss_mask`` / ``loss_dice``: sigmoid BCE and dice of each matched (query, target) pair on
       points chosen by uncertainty among the image's VALID pixels; summed over pairs and divided
       by the number of target masks (all-reduced over ranks, at least 1).
+    - "no_object" instead of "labels" (targets without class labels, e.g. pseudo-masks):
+      ``loss_ce`` teaches only the unmatched queries no-object; matched ones get no class term.
+    - "embeddings": ``loss_embed``, ``1 - cos(pred_embeds_q, embeds_t)`` of each matched pair,
+      summed and divided like the mask losses (targets carry "embeds" [T, D]).
+
+    The matcher sees all prediction sets of a call at once (one host transfer per call).
 
     Ignore semantics (seen group): pixels with ``valid == False`` (label 255 — unannotated
     pixels and, in inductive training, pixels of unseen classes — and padding) are never sampled,
@@ -149,6 +168,10 @@ class SetCriterion(nn.Module):
         unknown = set(losses) - set(_LOSS_KEYS)
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {sorted(unknown)}; use {_LOSS_KEYS}.")
+        if {"labels", "no_object"} <= set(losses):
+            raise ValueError(
+                "SetCriterion: 'labels' and 'no_object' both define loss_ce; pick one."
+            )
         base_keys = {k for name in losses for k in _LOSS_KEYS[name]}
         missing = base_keys - set(weight_dict)
         if missing:
@@ -217,29 +240,38 @@ class SetCriterion(nn.Module):
                 "MODEL.OCZ.LOSS.DEEP_SUPERVISION."
             )
         num_masks = self._num_masks(targets, outputs["pred_logits"].device)
-        losses = self._losses_of(outputs, targets, num_masks, query_indices)
-        for i, aux in enumerate(aux_outputs[: self.num_aux_layers]):
-            aux_losses = self._losses_of(aux, targets, num_masks, query_indices)
-            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        sets = [outputs] + list(aux_outputs[: self.num_aux_layers])
+        sets = [self._restrict(s, query_indices) for s in sets]
+        matched = self.matcher.match_sets(sets, targets)
+        losses = {}
+        for i, (pred, indices) in enumerate(zip(sets, matched)):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            set_losses = self._losses_of(pred, targets, indices, num_masks)
+            losses.update({f"{k}{suffix}": v for k, v in set_losses.items()})
         return losses
+
+    @staticmethod
+    def _restrict(outputs: dict, query_indices: torch.Tensor | None) -> dict:
+        pred = {k: outputs[k] for k in ("pred_logits", "pred_masks", "pred_embeds") if k in outputs}
+        if query_indices is None:
+            return pred
+        index = query_indices.to(device=pred["pred_logits"].device, dtype=torch.long)
+        return {k: v[:, index] for k, v in pred.items()}
 
     def _losses_of(
         self,
-        outputs: dict,
+        pred: dict,
         targets: list[dict[str, torch.Tensor]],
+        indices: list[tuple[torch.Tensor, torch.Tensor]],
         num_masks: float,
-        query_indices: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        pred = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
-        if query_indices is not None:
-            query_indices = query_indices.to(device=pred["pred_logits"].device, dtype=torch.long)
-            pred = {k: v[:, query_indices] for k, v in pred.items()}
-        indices = self.matcher(pred, targets)
         losses = {}
-        if "labels" in self.losses:
-            losses.update(self.loss_labels(pred, targets, indices))
+        if "labels" in self.losses or "no_object" in self.losses:
+            losses.update(self.loss_labels(pred, targets, indices, "labels" in self.losses))
         if "masks" in self.losses:
             losses.update(self.loss_masks(pred, targets, indices, num_masks))
+        if "embeddings" in self.losses:
+            losses.update(self.loss_embeddings(pred, targets, indices, num_masks))
         return losses
 
     def loss_labels(
@@ -247,8 +279,12 @@ class SetCriterion(nn.Module):
         outputs: dict[str, torch.Tensor],
         targets: list[dict[str, torch.Tensor]],
         indices: list[tuple[torch.Tensor, torch.Tensor]],
+        with_labels: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Weighted cross-entropy over K+1 classes; unmatched queries target no-object (K)."""
+        """Weighted cross-entropy over K+1 classes; unmatched queries target no-object (K).
+
+        Matched queries target their label, or get no class term when ``with_labels`` is False.
+        """
         logits = outputs["pred_logits"].float()
         batch, num_queries, num_classes_plus_one = logits.shape
         no_object = num_classes_plus_one - 1
@@ -256,8 +292,12 @@ class SetCriterion(nn.Module):
             (batch, num_queries), no_object, dtype=torch.int64, device=logits.device
         )
         for b, (query_idx, target_idx) in enumerate(indices):
+            query_idx = query_idx.to(logits.device)
+            if not with_labels:
+                target_classes[b, query_idx] = _NO_CLASS_LOSS
+                continue
             labels = targets[b]["labels"].to(logits.device)
-            target_classes[b, query_idx.to(logits.device)] = labels[target_idx.to(logits.device)]
+            target_classes[b, query_idx] = labels[target_idx.to(logits.device)]
         if not self.no_object_on_ignore:
             on_ignore = self._mostly_on_ignore(outputs["pred_masks"], targets)
             target_classes[on_ignore & (target_classes == no_object)] = _NO_CLASS_LOSS
@@ -325,6 +365,24 @@ class SetCriterion(nn.Module):
                 loss_dice = loss_dice + dice_loss(src_points, tgt_points)
         return {"loss_mask": loss_mask / num_masks, "loss_dice": loss_dice / num_masks}
 
+    def loss_embeddings(
+        self,
+        outputs: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        indices: list[tuple[torch.Tensor, torch.Tensor]],
+        num_masks: float,
+    ) -> dict[str, torch.Tensor]:
+        """``1 - cos`` between each matched query's class embedding and its target's embedding."""
+        embeds = outputs["pred_embeds"]
+        loss = embeds.sum() * 0.0
+        for b, (query_idx, target_idx) in enumerate(indices):
+            if query_idx.numel() == 0:
+                continue
+            pred = embeds[b, query_idx.to(embeds.device)].float()
+            tgt = targets[b]["embeds"].to(embeds.device)[target_idx.to(embeds.device)].float()
+            loss = loss + (1 - F.cosine_similarity(pred, tgt, dim=-1)).sum()
+        return {"loss_embed": loss / num_masks}
+
     @staticmethod
     def _num_masks(targets: list[dict[str, torch.Tensor]], device: torch.device) -> float:
         """Number of target masks in the global batch (at least 1) divided by the world size.
@@ -335,7 +393,7 @@ class SetCriterion(nn.Module):
         ranks was normalised by 1 per rank, i.e. divided by the world size too many times.
         """
         total = torch.as_tensor(
-            float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
+            float(sum(len(t["masks"]) for t in targets)), dtype=torch.float32, device=device
         )
         world_size = comm.get_world_size()
         if world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -355,3 +413,109 @@ class SetCriterion(nn.Module):
         ]
         body = "\n".join("    " + line for line in lines)
         return f"{self.__class__.__name__}(\n{body}\n)"
+
+
+#: Prefix of the candidate group's loss keys in :class:`SplitCriterion` ("loss_cand_mask" ...).
+CANDIDATE_PREFIX = "loss_cand_"
+
+
+class SplitCriterion(nn.Module):
+    """Split matching: two :class:`SetCriterion` on two groups of queries, behind one call.
+
+    Queries ``0..num_seen-1`` (the seen group) are matched to the ground-truth masks of the
+    training vocabulary by ``seen`` (class + mask costs; CE over classes + no-object, mask BCE +
+    dice on annotated pixels). Queries ``num_seen..Q-1`` (the candidate group) are matched to the
+    pseudo-masks of unannotated regions by ``candidate`` (cost ``-cos(query class embedding,
+    region embedding)`` + mask costs; losses: no-object for its unmatched queries, mask BCE + dice
+    against the pseudo-masks and the embedding alignment ``loss_embed``). The candidate keys get
+    the prefix :data:`CANDIDATE_PREFIX` (``loss_ce`` -> ``loss_cand_ce``, ``loss_mask_0`` ->
+    ``loss_cand_mask_0``), so the two groups' losses are logged and weighted separately.
+
+    Targets: the seen group's dicts (see :class:`SetCriterion`), each with a "candidates" dict
+    for the candidate group: "masks" [R, H, W], "embeds" [R, D], "valid" [H, W] (the pixels the
+    pseudo-masks are defined on). With no candidate query (``num_seen`` = Q) this is exactly
+    ``seen`` on all queries.
+    """
+
+    def __init__(self, seen: SetCriterion, candidate: SetCriterion, num_seen: int):
+        super().__init__()
+        if num_seen < 1:
+            raise ValueError(f"SplitCriterion: the seen group needs queries, got {num_seen}.")
+        self.seen = seen
+        self.candidate = candidate
+        self.num_seen = int(num_seen)
+        self.weight_dict = dict(seen.weight_dict)
+        self.weight_dict.update({self._rename(k): v for k, v in candidate.weight_dict.items()})
+
+    @staticmethod
+    def _rename(key: str) -> str:
+        return CANDIDATE_PREFIX + key[len("loss_") :]
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Losses of both groups (see the class docstring); unweighted, as SetCriterion's."""
+        num_queries = outputs["pred_logits"].shape[1]
+        if num_queries < self.num_seen:
+            raise ValueError(
+                f"SplitCriterion: {self.num_seen} seen queries but the decoder has {num_queries}."
+            )
+        device = outputs["pred_logits"].device
+        if num_queries == self.num_seen:
+            return self.seen(outputs, targets)
+        seen_idx = torch.arange(self.num_seen, device=device)
+        losses = self.seen(outputs, targets, seen_idx)
+        missing = [i for i, t in enumerate(targets) if "candidates" not in t]
+        if missing:
+            raise KeyError(
+                f"SplitCriterion: targets {missing} have no 'candidates' (pseudo-masks); the "
+                "meta-architecture adds them when MODEL.OCZ.SPLIT.NUM_CANDIDATES > 0"
+            )
+        candidate_idx = torch.arange(self.num_seen, num_queries, device=device)
+        candidate = self.candidate(outputs, [t["candidates"] for t in targets], candidate_idx)
+        losses.update({self._rename(k): v for k, v in candidate.items()})
+        return losses
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(num_seen={self.num_seen},\n  seen={self.seen!r},\n"
+            f"  candidate={self.candidate!r})"
+        )
+
+
+def build_criterion(cfg) -> SetCriterion | SplitCriterion:
+    """The training criterion of a config: :class:`SetCriterion` on all queries, or with
+    ``MODEL.OCZ.SPLIT.NUM_CANDIDATES`` > 0 a :class:`SplitCriterion` whose candidate group is
+    matched by ``-cos`` of class and region embeddings plus mask costs (``MODEL.OCZ.SPLIT``)."""
+    seen = SetCriterion(cfg)
+    split, loss = cfg.MODEL.OCZ.SPLIT, cfg.MODEL.OCZ.LOSS
+    num_candidates, num_queries = split.NUM_CANDIDATES, cfg.MODEL.OCZ.DECODER.NUM_QUERIES
+    if num_candidates == 0:
+        return seen
+    if not 0 < num_candidates < num_queries:
+        raise ValueError(
+            f"MODEL.OCZ.SPLIT.NUM_CANDIDATES={num_candidates} must lie in [0, "
+            f"MODEL.OCZ.DECODER.NUM_QUERIES={num_queries}): the seen group needs queries too."
+        )
+    matcher = HungarianMatcher(
+        cost_class=split.EMBED_COST,
+        cost_mask=split.MASK_WEIGHT,
+        cost_dice=split.DICE_WEIGHT,
+        num_points=loss.TRAIN_NUM_POINTS,
+        class_cost=embedding_class_cost,
+    )
+    candidate = SetCriterion(
+        matcher=matcher,
+        weight_dict={
+            "loss_ce": loss.CLASS_WEIGHT,
+            "loss_mask": split.MASK_WEIGHT,
+            "loss_dice": split.DICE_WEIGHT,
+            "loss_embed": split.EMBED_WEIGHT,
+        },
+        no_object_weight=loss.NO_OBJECT_WEIGHT,
+        losses=("no_object", "masks", "embeddings"),
+        num_points=loss.TRAIN_NUM_POINTS,
+        oversample_ratio=loss.OVERSAMPLE_RATIO,
+        importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
+        num_aux_layers=seen.num_aux_layers,
+        no_object_on_ignore=True,
+    )
+    return SplitCriterion(seen, candidate, num_queries - num_candidates)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,7 +12,14 @@ from scipy.optimize import linear_sum_assignment
 
 from .point_utils import point_sample, sample_valid_points
 
-__all__ = ["HungarianMatcher", "batch_dice_cost", "batch_sigmoid_ce_cost"]
+__all__ = [
+    "HungarianMatcher",
+    "batch_dice_cost",
+    "batch_sigmoid_ce_cost",
+    "embedding_class_cost",
+    "label_class_cost",
+    "solve_assignments",
+]
 
 # Stand-in for non-finite costs (inf logits give inf or NaN costs); scipy rejects non-finite
 # entries, and any real cost is orders of magnitude smaller.
@@ -51,19 +60,97 @@ def batch_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return 1 - (numerator + 1) / (denominator + 1)
 
 
+def label_class_cost(pred: dict[str, torch.Tensor], target: dict) -> torch.Tensor:
+    """Class cost of labelled targets: ``-softmax(pred_logits)[q, label_t]``.
+
+    Args:
+        pred: one image's "pred_logits" [Q, K+1] (last = no-object).
+        target: "labels" int64 [T] in 0..K-1.
+
+    Returns:
+        [Q, T] cost.
+    """
+    logits = pred["pred_logits"]
+    labels = target["labels"].to(logits.device)
+    num_classes = logits.shape[-1] - 1
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"HungarianMatcher: target labels must lie in [0, {num_classes - 1}] (the current "
+            f"vocabulary); got range [{int(labels.min())}, {int(labels.max())}]. Map labels to "
+            "vocabulary indices and drop ignore (255) before matching."
+        )
+    return -logits.softmax(-1)[:, labels]
+
+
+def embedding_class_cost(pred: dict[str, torch.Tensor], target: dict) -> torch.Tensor:
+    """Class cost of targets described by an embedding (pseudo-masks): ``-cos(e_q, r_t)``.
+
+    Args:
+        pred: one image's "pred_embeds" [Q, D] (L2-normalised query class embeddings).
+        target: "embeds" [T, D] (L2-normalised region embeddings).
+
+    Returns:
+        [Q, T] cost in [-1, 1].
+    """
+    embeds = pred["pred_embeds"]
+    regions = target["embeds"].to(device=embeds.device, dtype=embeds.dtype)
+    if regions.shape[-1] != embeds.shape[-1]:
+        raise ValueError(
+            f"HungarianMatcher: region embeddings have width {regions.shape[-1]} but the query "
+            f"class embeddings {embeds.shape[-1]}: both must live in CLIP's joint space"
+        )
+    return -embeds @ regions.t()
+
+
+def solve_assignments(costs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Minimum-cost one-to-one assignments of several cost matrices, with one host transfer.
+
+    The matrices (any devices, any shapes [Q_i, T_i]) are flattened into one buffer, moved to
+    the CPU at once, and solved one by one with ``scipy.optimize.linear_sum_assignment``;
+    non-finite costs are replaced by a large finite one first.
+
+    Returns:
+        Per matrix ``(rows, cols)`` int64 CPU tensors of length min(Q_i, T_i), rows increasing.
+    """
+    if not costs:
+        return []
+    flat = torch.cat([c.detach().float().reshape(-1) for c in costs])
+    flat = torch.nan_to_num(flat, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=-_INVALID_COST)
+    flat = flat.cpu().numpy()
+    out, offset = [], 0
+    for cost in costs:
+        rows_n, cols_n = cost.shape
+        block = flat[offset : offset + rows_n * cols_n].reshape(rows_n, cols_n)
+        offset += rows_n * cols_n
+        if cols_n == 0 or rows_n == 0:
+            empty = torch.zeros(0, dtype=torch.int64)
+            out.append((empty, empty.clone()))
+            continue
+        row, col = linear_sum_assignment(block)
+        out.append(
+            (torch.as_tensor(row, dtype=torch.int64), torch.as_tensor(col, dtype=torch.int64))
+        )
+    return out
+
+
+ClassCost = Callable[[dict, dict], torch.Tensor]
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to target masks, per image.
 
     Cost of query q and target t (one shared set of points per image, drawn uniformly over the
-    image's valid pixels, so ignore pixels never count)::
+    image's valid pixels, so pixels outside ``valid`` never count)::
 
-        cost_class * (-softmax(pred_logits)[q, label_t])
+        cost_class * class_cost(q, t)
         + cost_mask * mean-BCE(pred_mask_q, mask_t) + cost_dice * dice(pred_mask_q, mask_t)
 
-    The costs are computed in float32 with autocast off; ``scipy.optimize.linear_sum_assignment``
-    runs per image on CPU. With ``query_indices`` only a subset of the queries takes part (a split
-    matcher matches seen queries to seen-class targets and candidate queries to pseudo-masks by
-    calling it twice with two index ranges).
+    ``class_cost`` is a function of one image's predictions and targets:
+    :func:`label_class_cost` (``-softmax(pred_logits)[q, label_t]``, the default, for labelled
+    targets) or :func:`embedding_class_cost` (``-cos(pred_embeds_q, embeds_t)``, for pseudo-masks
+    described by region embeddings). The costs are computed in float32 with autocast off, on the
+    predictions' device; the cost matrices of all images (and of all prediction sets given to
+    :meth:`match_sets`) reach the CPU in one transfer (:func:`solve_assignments`).
     """
 
     @configurable
@@ -74,6 +161,7 @@ class HungarianMatcher(nn.Module):
         cost_mask: float = 1.0,
         cost_dice: float = 1.0,
         num_points: int = 12544,
+        class_cost: ClassCost = label_class_cost,
     ):
         """
         Args:
@@ -81,6 +169,7 @@ class HungarianMatcher(nn.Module):
             cost_mask: weight of the sigmoid binary cross-entropy mask cost.
             cost_dice: weight of the dice cost.
             num_points: points sampled per image (shared by all queries and targets).
+            class_cost: the classification cost function (see the class docstring).
         """
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
@@ -91,6 +180,7 @@ class HungarianMatcher(nn.Module):
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice
         self.num_points = num_points
+        self.class_cost = class_cost
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -112,64 +202,66 @@ class HungarianMatcher(nn.Module):
         """Match the predictions of each image to its targets.
 
         Args:
-            outputs: "pred_logits" [B, Q, K+1] (last = no-object) and "pred_masks" [B, Q, h, w]
-                mask logits.
-            targets: B dicts: "labels" int64 [T] (indices into the current vocabulary 0..K-1),
-                "masks" bool/float [T, H, W] (any resolution), optional "valid" bool [H, W] (not
-                ignore, not padding; all True when absent).
+            outputs: "pred_logits" [B, Q, K+1] (last = no-object), "pred_masks" [B, Q, h, w]
+                mask logits and, for :func:`embedding_class_cost`, "pred_embeds" [B, Q, D].
+            targets: B dicts: "masks" bool/float [T, H, W] (any resolution), optional "valid"
+                bool [H, W] (pixels the masks are defined on; all True when absent), and what
+                the class cost reads: "labels" int64 [T] (indices into the current vocabulary
+                0..K-1) or "embeds" [T, D].
             query_indices: optional int64 [Q'] queries that take part (default: all Q).
 
         Returns:
             B tuples ``(query_idx, target_idx)`` of int64 CPU tensors of length min(Q', T);
             ``query_idx`` indexes the full query set, sorted increasingly.
         """
-        pred_logits = outputs["pred_logits"]
-        pred_masks = outputs["pred_masks"]
-        if len(targets) != pred_logits.shape[0]:
-            raise ValueError(
-                f"HungarianMatcher: {len(targets)} targets for a batch of {pred_logits.shape[0]}."
-            )
-        if query_indices is not None:
-            query_indices = query_indices.to(device=pred_logits.device, dtype=torch.long)
-            pred_logits = pred_logits[:, query_indices]
-            pred_masks = pred_masks[:, query_indices]
+        return self.match_sets([outputs], targets, query_indices)[0]
 
-        indices = []
-        with torch.autocast(device_type=pred_logits.device.type, enabled=False):
-            for b, target in enumerate(targets):
-                cost = self._cost_matrix(pred_logits[b].float(), pred_masks[b].float(), target)
-                if cost.shape[1] == 0:
-                    rows = cols = torch.zeros(0, dtype=torch.int64)
-                else:
-                    cost = torch.nan_to_num(
-                        cost, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=-_INVALID_COST
+    @torch.no_grad()
+    def match_sets(
+        self,
+        sets: list[dict[str, torch.Tensor]],
+        targets: list[dict[str, torch.Tensor]],
+        query_indices: torch.Tensor | None = None,
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`forward` for several prediction sets (e.g. the final and the auxiliary
+        predictions of deep supervision) against the same targets, with one host transfer.
+
+        Returns:
+            Per set, per image ``(query_idx, target_idx)`` (as :meth:`forward`).
+        """
+        costs = []
+        for outputs in sets:
+            batch = outputs["pred_masks"].shape[0]
+            if len(targets) != batch:
+                raise ValueError(
+                    f"HungarianMatcher: {len(targets)} targets for a batch of {batch}."
+                )
+            pred = {k: v for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+            if query_indices is not None:
+                index = query_indices.to(device=outputs["pred_masks"].device, dtype=torch.long)
+                pred = {k: v[:, index] for k, v in pred.items()}
+            with torch.autocast(device_type=outputs["pred_masks"].device.type, enabled=False):
+                for b, target in enumerate(targets):
+                    costs.append(
+                        self._cost_matrix({k: v[b].float() for k, v in pred.items()}, target)
                     )
-                    row, col = linear_sum_assignment(cost.cpu().numpy())
-                    rows = torch.as_tensor(row, dtype=torch.int64)
-                    cols = torch.as_tensor(col, dtype=torch.int64)
-                if query_indices is not None:
-                    rows = query_indices.cpu()[rows]
-                indices.append((rows, cols))
-        return indices
+        solved = solve_assignments(costs)
+        if query_indices is not None:
+            to_full = query_indices.cpu().long()
+            solved = [(to_full[rows], cols) for rows, cols in solved]
+        n = len(targets)
+        return [solved[i * n : (i + 1) * n] for i in range(len(sets))]
 
-    def _cost_matrix(
-        self, logits: torch.Tensor, mask_logits: torch.Tensor, target: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def _cost_matrix(self, pred: dict[str, torch.Tensor], target: dict) -> torch.Tensor:
         """[Q, T] weighted cost of one image (see the class docstring)."""
-        labels = target["labels"].to(logits.device)
-        num_classes = logits.shape[-1] - 1
-        num_queries, num_targets = logits.shape[0], labels.shape[0]
+        mask_logits = pred["pred_masks"]
+        masks = target["masks"].to(device=mask_logits.device, dtype=torch.float32)
+        num_queries, num_targets = mask_logits.shape[0], masks.shape[0]
         if num_targets == 0:
-            return logits.new_zeros((num_queries, 0))
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(
-                f"HungarianMatcher: target labels must lie in [0, {num_classes - 1}] (the current "
-                f"vocabulary); got range [{int(labels.min())}, {int(labels.max())}]. Map labels to "
-                "vocabulary indices and drop ignore (255) before matching."
-            )
-        cost = -self.cost_class * logits.softmax(-1)[:, labels]
-
-        masks = target["masks"].to(device=logits.device, dtype=torch.float32)
+            return mask_logits.new_zeros((num_queries, 0))
+        cost = mask_logits.new_zeros((num_queries, num_targets))
+        if self.cost_class:
+            cost = cost + self.cost_class * self.class_cost(pred, target)
         valid = target.get("valid")
         if valid is None:
             valid = torch.ones(masks.shape[-2:], dtype=torch.bool, device=masks.device)
@@ -195,5 +287,6 @@ class HungarianMatcher(nn.Module):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
-            f"cost_dice={self.cost_dice}, num_points={self.num_points})"
+            f"cost_dice={self.cost_dice}, num_points={self.num_points}, "
+            f"class_cost={self.class_cost.__name__})"
         )

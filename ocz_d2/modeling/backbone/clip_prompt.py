@@ -528,7 +528,9 @@ class CLIPPromptBackbone(Backbone):
             - "extra": [B, n, width] final extra-token states after ``ln_post`` (only when
               ``extra_tokens`` is given);
             - "objects": [B, n_o, width] object features OF, the object prompts' final states
-              after ``ln_post`` (only with object prompts).
+              after ``ln_post`` (only with object prompts);
+            - "last_input": [B, T, width] the token sequence entering the last block (CLS,
+              patches, visual prompts, extra tokens), for :meth:`region_embeddings`.
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
@@ -564,6 +566,7 @@ class CLIPPromptBackbone(Backbone):
 
         outputs: dict[str, torch.Tensor] = {}
         extra_state: torch.Tensor | None = None
+        last = len(visual.transformer.resblocks) - 1
         for i, block in enumerate(visual.transformer.resblocks):
             parts = [tokens]
             if self.visual_prompts is not None:
@@ -573,6 +576,8 @@ class CLIPPromptBackbone(Backbone):
             if next_extra is not None:
                 parts.append(self._check_extra(next_extra(i, extra_state), batch, i, extra_state))
             seq = torch.cat(parts, dim=1) if len(parts) > 1 else tokens
+            if i == last:
+                outputs["last_input"] = seq
             if attn_mask is not None and mask is None:
                 heads = _num_heads(block)
                 mask = _prepare_attn_mask(attn_mask, batch, heads, seq.shape[1], seq.dtype)
@@ -592,6 +597,55 @@ class CLIPPromptBackbone(Backbone):
             key = "objects" if self.object_prompts is not None else "extra"
             outputs[key] = visual.ln_post(extra_state)
         return outputs
+
+    def region_embeddings(self, last_input: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of image regions: the last block run for the CLS token alone,
+        with its attention restricted to each region's patches.
+
+        In the region pass the CLS token sees itself, the visual prompts and the patches of the
+        region (in the full pass it sees itself, the visual prompts and every patch; never the
+        extra tokens), so a region covering the whole image gives exactly the ``"cls"`` output.
+
+        Args:
+            last_input: [B, T, width], ``forward(...)["last_input"]``.
+            masks: bool [B, R, gh, gw], the patches of each of R regions per image (an empty
+                region sees only the CLS token and the prompts).
+
+        Returns:
+            [B, R, D] L2-normalised embeddings in CLIP's joint space.
+        """
+        visual = self.clip_model.visual
+        block = visual.transformer.resblocks[-1]
+        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            raise TypeError(
+                "region_embeddings needs open_clip's ResidualAttentionBlock (nn.MultiheadAttention"
+                f" in block.attn); this CLIP's last block is {type(block).__name__}"
+            )
+        b, r = masks.shape[:2]
+        grid_hw = tuple(masks.shape[-2:])
+        n_patch = grid_hw[0] * grid_hw[1]
+        num_extra = last_input.shape[1] - 1 - n_patch - self.num_prompts
+        if last_input.shape[0] != b or num_extra < 0:
+            raise ValueError(
+                f"region masks {tuple(masks.shape)} do not fit the token sequence "
+                f"{tuple(last_input.shape)} (CLS + gh*gw patches + {self.num_prompts} prompts + "
+                "extra tokens)"
+            )
+        layout = self.token_layout(grid_hw, num_extra)
+        closed = torch.ones(b, r, last_input.shape[1], dtype=torch.bool, device=masks.device)
+        closed[..., layout["cls"]] = False
+        closed[..., layout["prompt"]] = False
+        closed[..., layout["patch"]] = ~masks.reshape(b, r, n_patch)
+        heads = _num_heads(block)
+        bias = torch.zeros(closed.shape, dtype=last_input.dtype, device=last_input.device)
+        bias = bias.masked_fill(closed.to(last_input.device), float("-inf"))
+        bias = bias.repeat_interleave(heads, dim=0)  # [B * heads, R, T]
+        cls = last_input[:, :1].expand(-1, r, -1)  # one CLS query per region
+        kv = block.ln_1(last_input)
+        attended = block.attn(block.ln_1(cls), kv, kv, need_weights=False, attn_mask=bias)[0]
+        x = cls + block.ls_1(attended)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return F.normalize(visual.ln_post(x) @ visual.proj, dim=-1)
 
     @torch.no_grad()
     def plain_patch_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ def voronoi_cluster(
     iters: int = 0,
     seed: int = 0,
     valid: torch.Tensor | None = None,
+    allow_fewer: bool = False,
 ) -> torch.Tensor:
     """Cluster each image's patch features into ``num_regions`` non-empty regions.
 
@@ -62,10 +63,13 @@ def voronoi_cluster(
         seed: seed of the random draws.
         valid: optional bool [B, N]; invalid patches (padding) are neither seeds nor members and
             get :data:`NO_REGION`.
+        allow_fewer: an image with n < k valid patches (even none) gets n regions, 0..n-1, and
+            regions n..k-1 stay empty, instead of an error (pseudo-masks of unannotated pixels
+            use this: some images have few or none).
 
     Returns:
         int64 [B, N] region index per patch in [0, k), NO_REGION where invalid. Every region has
-        at least one patch.
+        at least one patch (with ``allow_fewer``: every region below the image's valid count).
     """
     if seeding not in SEEDINGS:
         raise ValueError(f"MODEL.OCZ.GUIDE.SEEDING={seeding!r}: use one of {SEEDINGS}.")
@@ -76,7 +80,7 @@ def voronoi_cluster(
     if valid is None:
         valid = torch.ones(b, n, dtype=torch.bool, device=device)
     fewest = int(valid.sum(1).min()) if b else n
-    if num_regions < 1 or num_regions > fewest:
+    if num_regions < 1 or (num_regions > fewest and not allow_fewer):
         raise ValueError(
             f"cannot cluster into {num_regions} regions: an image has {fewest} valid patches. "
             "Lower MODEL.OCZ.OBJECTS.NUM or use larger inputs."
@@ -87,12 +91,16 @@ def voronoi_cluster(
 
     # Seeds: distinct valid patches. `closest` is each patch's squared distance to its nearest
     # chosen seed; chosen and invalid patches are excluded from the next draw.
-    first = torch.multinomial(valid.float().cpu(), 1, generator=gen).squeeze(1).to(device)
+    # An image without any valid patch draws its (dead) first seed from all patches.
+    draw = torch.where(valid.any(1, keepdim=True), valid, torch.ones_like(valid))
+    first = torch.multinomial(draw.float().cpu(), 1, generator=gen).squeeze(1).to(device)
     seeds = [first]
+    alive = [valid[rows, first]]  # a seed is alive when it is a valid patch
     closest = _sq_dist(x, x[rows, first])
     available = valid.clone()
     available[rows, first] = False
     for _ in range(1, num_regions):
+        alive.append(available.any(1))
         score = torch.where(available, closest, torch.full_like(closest, -1.0))
         if seeding == "farthest":
             nxt = score.argmax(1)
@@ -100,20 +108,25 @@ def voronoi_cluster(
             weight = score.clamp_min(0.0)
             # All-duplicate features give zero weights: fall back to a uniform draw.
             weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, available.float())
+            # An image with nothing left draws a dead seed uniformly (masked out below).
+            weight = torch.where(alive[-1][:, None], weight, torch.ones_like(weight))
             nxt = torch.multinomial(weight.cpu(), 1, generator=gen).squeeze(1).to(device)
         seeds.append(nxt)
         available[rows, nxt] = False
         closest = torch.minimum(closest, _sq_dist(x, x[rows, nxt]))
     seed_idx = torch.stack(seeds, 1)  # [B, k]
+    alive = torch.stack(alive, 1)  # [B, k]; all True unless allow_fewer
 
     centers = x.gather(1, seed_idx[..., None].expand(-1, -1, x.shape[-1]))
-    assign = _assign(x, centers, valid)
+    assign = _assign(x, centers, valid, alive)
     # A seed always belongs to its own cell (ties between duplicate features could say otherwise).
-    assign.scatter_(1, seed_idx, torch.arange(num_regions, device=device).expand(b, -1))
+    # (Live seeds only: live seeds are distinct valid patches, a dead one may repeat any patch.)
+    live_rows, live_j = alive.nonzero(as_tuple=True)
+    assign[live_rows, seed_idx[live_rows, live_j]] = live_j
     for _ in range(iters):
         centers = _centroids(x, assign, num_regions, valid)
-        assign = _assign(x, centers, valid)
-        assign = _fill_empty(x, assign, centers, num_regions, valid)
+        assign = _assign(x, centers, valid, alive)
+        assign = _fill_empty(x, assign, centers, num_regions, valid, alive)
     return assign
 
 
@@ -122,9 +135,12 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (x - c[:, None]).pow(2).sum(-1)
 
 
-def _assign(x: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    assign = torch.cdist(x, centers.to(x.dtype)).argmin(-1)
-    return assign.masked_fill(~valid, NO_REGION)
+def _assign(
+    x: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor, alive: torch.Tensor
+) -> torch.Tensor:
+    dist = torch.cdist(x, centers.to(x.dtype))
+    dist = dist.masked_fill(~alive[:, None, :], float("inf"))
+    return dist.argmin(-1).masked_fill(~valid, NO_REGION)
 
 
 def _centroids(x: torch.Tensor, assign: torch.Tensor, k: int, valid: torch.Tensor) -> torch.Tensor:
@@ -135,12 +151,18 @@ def _centroids(x: torch.Tensor, assign: torch.Tensor, k: int, valid: torch.Tenso
 
 
 def _fill_empty(
-    x: torch.Tensor, assign: torch.Tensor, centers: torch.Tensor, k: int, valid: torch.Tensor
+    x: torch.Tensor,
+    assign: torch.Tensor,
+    centers: torch.Tensor,
+    k: int,
+    valid: torch.Tensor,
+    alive: torch.Tensor,
 ) -> torch.Tensor:
-    """Give every empty region the patch worst served by its own region (one with > 1 member)."""
+    """Give every empty (live) region the patch worst served by its own region (one with > 1
+    member)."""
     for j in range(k):
         counts = F.one_hot(assign.clamp_min(0), k).mul(valid[..., None]).sum(1)  # [B, k]
-        empty = counts[:, j] == 0
+        empty = (counts[:, j] == 0) & alive[:, j]
         if not empty.any():
             continue
         own = centers.gather(1, assign.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))

@@ -12,6 +12,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
@@ -23,7 +24,8 @@ from ..backbone.ssl_guide import (
     cluster_feature_map,
     label_map_to_grid,
 )
-from ..criterion import SetCriterion
+from ..criterion import SetCriterion, SplitCriterion, build_criterion
+from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
 
@@ -79,9 +81,13 @@ def sliding_windows(height: int, width: int, window: tuple[int, int], stride: tu
 class OCZeroShotSegmentor(nn.Module):
     """Zero-shot semantic segmentation by mask classification against text embeddings.
 
-    Training: the vocabulary is the seen classes of the batch's dataset (inductive) or all its
-    classes (transductive); targets are one binary mask per class present, with ignore pixels
-    excluded from the mask losses (see :class:`SetCriterion`). Inference: per-pixel scores over the
+    Training: the vocabulary is the seen classes of the batch's dataset (inductive, and
+    transductive before self-training starts) or all its classes (transductive self-training);
+    targets are one binary mask per class present, with ignore pixels excluded from the mask
+    losses (see :class:`SetCriterion`). With split matching (``pseudo_masker``), the candidate
+    queries are trained on pseudo-masks of the ignore pixels (:class:`SplitCriterion`); with
+    self-training, ignore pixels that the current prediction assigns confidently to an unseen
+    class join the targets first. Inference: per-pixel scores over the
     dataset's full vocabulary (seen + unseen), seen-class calibration, whole image or sliding
     window. A sample dict may carry ``"class_names"`` to segment with any vocabulary
     (open-vocabulary inference; no calibration then), and with them ``"class_embeddings"``
@@ -96,7 +102,7 @@ class OCZeroShotSegmentor(nn.Module):
         backbone: nn.Module,
         pixel_decoder: nn.Module,
         transformer_decoder: nn.Module,
-        criterion: SetCriterion,
+        criterion: SetCriterion | SplitCriterion,
         text_embedder: TextEmbedder,
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
@@ -108,6 +114,8 @@ class OCZeroShotSegmentor(nn.Module):
         window_stride: tuple[int, int] = (426, 426),
         slide_batch: int = 0,
         guide: dict | None = None,
+        pseudo_masker: PseudoMaskGenerator | None = None,
+        self_training: dict | None = None,
     ):
         """
         Args:
@@ -129,6 +137,10 @@ class OCZeroShotSegmentor(nn.Module):
                 "seed", and for "ssl" "ssl_kwargs" (arguments of :class:`SSLGuide`)}. None when
                 the backbone has no object prompts. The SSL model is built on first use, so
                 training on object maps never builds (or downloads) it.
+            pseudo_masker: pseudo-masks of the ignore pixels for the candidate queries; required
+                by (and only with) a :class:`SplitCriterion` with candidate queries.
+            self_training: {"start_iter", "threshold"} of transductive self-training (see
+                ``MODEL.OCZ.SELF_TRAINING``); used only in the transductive setting.
         """
         super().__init__()
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
@@ -161,6 +173,16 @@ class OCZeroShotSegmentor(nn.Module):
         self.guide = guide if self.num_objects else None
         # Built lazily, kept out of the state dict (frozen, and possibly large).
         self._ssl_guide: list[SSLGuide] = []
+        has_candidates = isinstance(criterion, SplitCriterion)
+        if has_candidates != (pseudo_masker is not None):
+            raise ValueError("split matching needs both a SplitCriterion and a pseudo_masker")
+        if has_candidates and not hasattr(backbone, "region_embeddings"):
+            raise TypeError(
+                f"split matching needs region embeddings from the backbone; "
+                f"{type(backbone).__name__} has no region_embeddings (use CLIPPromptBackbone)"
+            )
+        self.pseudo_masker = pseudo_masker
+        self.self_training = dict(self_training or {"start_iter": 0, "threshold": 0.5})
 
     @classmethod
     def from_config(cls, cfg):
@@ -180,7 +202,11 @@ class OCZeroShotSegmentor(nn.Module):
             **_pixel_decoder_widths(pixel_decoder, cfg.MODEL.SEM_SEG_HEAD.NAME),
             text_dim=text_embedder.dim,
         )
-        criterion = SetCriterion(cfg)
+        criterion = build_criterion(cfg)
+        pseudo_masker = None
+        if isinstance(criterion, SplitCriterion):
+            pseudo_masker = PseudoMaskGenerator(cfg)
+            _check_region_embedding_width(backbone, text_embedder.dim)
         _check_pixel_stats(cfg, backbone)
         if getattr(backbone, "num_objects", 0):
             check_object_map_records(cfg, datasets + list(cfg.DATASETS.VAL))
@@ -205,6 +231,11 @@ class OCZeroShotSegmentor(nn.Module):
             "window_stride": ocz.TEST.WINDOW_STRIDE,
             "slide_batch": ocz.TEST.SLIDE_BATCH,
             "guide": _guide_from_config(cfg) if getattr(backbone, "num_objects", 0) else None,
+            "pseudo_masker": pseudo_masker,
+            "self_training": {
+                "start_iter": ocz.SELF_TRAINING.START_ITER,
+                "threshold": ocz.SELF_TRAINING.THRESHOLD,
+            },
         }
 
     @property
@@ -246,7 +277,7 @@ class OCZeroShotSegmentor(nn.Module):
             meta.get("seen_classes", list(range(len(classes)))), dtype=torch.long
         )
         text = self.text_embedder.get(classes, dataset_name=name)
-        if training and self.zero_shot_setting == "inductive":
+        if training and not self.self_training_active():
             return (
                 seen.to(self.device),
                 text[seen.to(text.device)],
@@ -278,10 +309,31 @@ class OCZeroShotSegmentor(nn.Module):
 
     def _predict(
         self, images: torch.Tensor, text: torch.Tensor, regions: torch.Tensor | None = None
-    ) -> dict:
+    ) -> tuple[dict, dict]:
+        """Decoder outputs and the backbone features (split matching reads "dense" and
+        "last_input" from them)."""
         features = self.backbone(images, regions) if self.num_objects else self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
-        return self.transformer_decoder(multi_scale, mask_features, text)
+        return self.transformer_decoder(multi_scale, mask_features, text), features
+
+    def self_training_active(self) -> bool:
+        """Whether training is in its self-training phase: transductive setting, and the
+        iteration (Detectron2's event storage) has reached ``MODEL.OCZ.SELF_TRAINING.START_ITER``.
+        """
+        if self.zero_shot_setting != "transductive":
+            return False
+        start = self.self_training["start_iter"]
+        if start <= 0:
+            return True
+        try:
+            storage = get_event_storage()
+        except AssertionError as e:
+            raise RuntimeError(
+                "self-training starts at MODEL.OCZ.SELF_TRAINING.START_ITER and reads the "
+                "iteration from Detectron2's EventStorage: train inside "
+                "`with EventStorage(start_iter):` (DefaultTrainer does)"
+            ) from e
+        return storage.iter >= start
 
     # ------------------------------------------------------------------ object regions
     def _regions(
@@ -376,7 +428,7 @@ class OCZeroShotSegmentor(nn.Module):
                 "vocabularies; use one dataset per batch (DATALOADER.ASPECT_RATIO_GROUPING off and "
                 "one entry in DATASETS.TRAIN, or datasets that share a class list)"
             )
-        class_ids, text, _ = self.vocabulary(batched_inputs[0], training=True)
+        class_ids, text, seen_vocab = self.vocabulary(batched_inputs[0], training=True)
         images = self._normalize(batched_inputs)
         ignore = ignore_label_of(batched_inputs[0].get("dataset_name"))
         regions = self._regions(
@@ -385,8 +437,12 @@ class OCZeroShotSegmentor(nn.Module):
             [x.get(OBJECT_MAP_KEY) for x in batched_inputs],
             ignore,
         )
-        outputs = self._predict(images.tensor, text, regions)
+        outputs, features = self._predict(images.tensor, text, regions)
         targets = self._prepare_targets(batched_inputs, images.tensor.shape[-2:], class_ids, ignore)
+        if self.self_training_active():
+            self._add_pseudo_labels(targets, outputs, seen_vocab)
+        if self.pseudo_masker is not None:
+            self._add_candidates(targets, features, batched_inputs)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
@@ -404,7 +460,8 @@ class OCZeroShotSegmentor(nn.Module):
 
         Returns:
             One dict per image: "labels" int64 [T] vocabulary indices, "masks" float [T, H, W],
-            "valid" bool [H, W].
+            "valid" bool [H, W] (annotated pixels), "unlabeled" bool [H, W] (ignore pixels of the
+            image, padding excluded) and "area" (the image's unpadded pixel count).
         """
         num_classes = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
         to_vocab = torch.full((max(num_classes, 1),), -1, dtype=torch.long, device=self.device)
@@ -430,9 +487,69 @@ class OCZeroShotSegmentor(nn.Module):
             padded[:, :h, :w] = masks.float()
             valid = torch.zeros((h_pad, w_pad), dtype=torch.bool, device=self.device)
             valid[:h, :w] = sem_seg != ignore_label
+            unlabeled = torch.zeros_like(valid)
+            unlabeled[:h, :w] = sem_seg == ignore_label
             labels = to_vocab[gt_classes] if gt_classes.numel() else gt_classes
-            targets.append({"labels": labels, "masks": padded, "valid": valid})
+            targets.append(
+                {"labels": labels, "masks": padded, "valid": valid, "unlabeled": unlabeled,
+                 "area": h * w}
+            )  # fmt: skip
         return targets
+
+    @torch.no_grad()
+    def _add_pseudo_labels(
+        self, targets: list[dict], outputs: dict, seen_vocab: torch.Tensor
+    ) -> None:
+        """Self-training: ignore pixels that this step's prediction assigns to an unseen class
+        with probability >= threshold (:func:`pixel_class_probabilities`, :func:`pseudo_label`)
+        become one target mask per unseen class present; they join "valid" and leave
+        "unlabeled"."""
+        num_classes = outputs["pred_logits"].shape[-1] - 1
+        is_seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+        is_seen[seen_vocab.to(self.device)] = True
+        unseen = torch.nonzero(~is_seen).squeeze(1)
+        size = targets[0]["valid"].shape
+        masks = F.interpolate(
+            outputs["pred_masks"].detach().float(), size=size, mode="bilinear", align_corners=False
+        )
+        logits = outputs["pred_logits"].detach().float()
+        for target, lg, mk in zip(targets, logits, masks):
+            labels = pseudo_label(
+                pixel_class_probabilities(lg, mk), target["unlabeled"], unseen,
+                self.self_training["threshold"],
+            )  # fmt: skip
+            present = torch.unique(labels)
+            present = present[present >= 0]
+            new = (labels[None] == present[:, None, None]).float()
+            target["labels"] = torch.cat([target["labels"], present])
+            target["masks"] = torch.cat([target["masks"], new])
+            target["valid"] = target["valid"] | (labels >= 0)
+            target["unlabeled"] = target["unlabeled"] & (labels < 0)
+
+    @torch.no_grad()
+    def _add_candidates(self, targets: list[dict], features: dict, batched_inputs) -> None:
+        """Split matching: each target gets "candidates", the pseudo-masks of its unlabeled
+        pixels with their region embeddings, defined on the annotated and pseudo-masked pixels.
+        """
+        unlabeled = torch.stack([t["unlabeled"] for t in targets])
+        areas = torch.tensor([t["area"] for t in targets], device=self.device)
+        masks, patch_masks = self.pseudo_masker(features["dense"].detach(), unlabeled, areas)
+        most = max(len(m) for m in masks)
+        dim = features["cls"].shape[-1]
+        embeds = features["cls"].new_zeros((len(targets), most, dim))
+        if most:
+            grid = patch_masks[0].shape[-2:]
+            padded = torch.zeros((len(targets), most, *grid), dtype=torch.bool, device=self.device)
+            for b, p in enumerate(patch_masks):
+                padded[b, : len(p)] = p
+            embeds = self.backbone.region_embeddings(features["last_input"].detach(), padded)
+        for b, (target, m) in enumerate(zip(targets, masks)):
+            covered = m.any(0) if len(m) else torch.zeros_like(target["valid"])
+            target["candidates"] = {
+                "masks": m.float(),
+                "embeds": embeds[b, : len(m)].float(),
+                "valid": target["valid"] | covered,
+            }
 
     # ------------------------------------------------------------------ inference
     def _inference_one(self, sample: dict) -> dict:
@@ -470,7 +587,7 @@ class OCZeroShotSegmentor(nn.Module):
         padded = ImageList.from_tensors(list(image), self.size_divisibility).tensor
         raw = [x * self.pixel_std + self.pixel_mean for x in image]
         regions = self._regions(padded, raw, list(object_map), none_value)
-        outputs = self._predict(padded, text, regions)
+        outputs, _ = self._predict(padded, text, regions)
         masks = F.interpolate(
             outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
         )[..., :h, :w]
@@ -531,6 +648,20 @@ def _guide_from_config(cfg) -> dict:
             "input_size": guide.INPUT_SIZE,
         },
     }
+
+
+def _check_region_embedding_width(backbone: nn.Module, text_dim: int) -> None:
+    """Split matching compares query class embeddings (text width) with CLIP region embeddings
+    (the image tower's output width): they must agree."""
+    proj = getattr(getattr(getattr(backbone, "clip_model", None), "visual", None), "proj", None)
+    width = None if proj is None else int(proj.shape[-1])
+    if width != text_dim:
+        raise ValueError(
+            f"split matching (MODEL.OCZ.SPLIT.NUM_CANDIDATES > 0) compares the queries' class "
+            f"embeddings (width {text_dim}, the class embeddings') with CLIP region embeddings "
+            f"(width {width}); they must match: use the CLIP text tower or an embedding file "
+            "made with the same CLIP, or set NUM_CANDIDATES 0"
+        )
 
 
 def _pixel_decoder_widths(pixel_decoder: nn.Module, name: str) -> dict[str, int]:

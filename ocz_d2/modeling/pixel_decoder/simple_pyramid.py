@@ -12,6 +12,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from .mfe import MultiScaleFeatureEnhancement
 from .ora import ObjectRefinementAttention
 
 __all__ = ["SimplePyramidPixelDecoder"]
@@ -85,6 +86,9 @@ class SimplePyramidPixelDecoder(nn.Module):
     3. FPN: top-down from the coarsest level, each finer level adds the nearest-upsampled coarser
        output and goes through a 3x3 conv + norm + ReLU; the finest (``mask_stride``) output
        gives ``mask_features`` by a 1x1 conv.
+    4. MFE (optional, ``mfe_rates``): every FPN output is refined by its own
+       :class:`MultiScaleFeatureEnhancement` (residual multi-receptive-field aggregation) before
+       it is returned or projected to the mask features.
 
     Any input size works: from an h x w input grid, a level 2**k times finer is
     (h * 2**k) x (w * 2**k) and a level 2**k times coarser is ceil(h / 2**k) x ceil(w / 2**k).
@@ -101,6 +105,7 @@ class SimplePyramidPixelDecoder(nn.Module):
         decoder_strides: tuple[int, ...] = (32, 16, 8),
         mask_stride: int = 4,
         refiner: nn.Module | None = None,
+        mfe_rates: tuple[int, ...] | None = None,
     ):
         """
         Args:
@@ -115,6 +120,7 @@ class SimplePyramidPixelDecoder(nn.Module):
             mask_stride: stride of ``mask_features``; at most min(decoder_strides).
             refiner: optional module ``refiner(pf [B, C, h, w], objects [B, n, C] | None) ->
                 [B, C, h, w]`` applied to the last input feature (ORA); None: no refinement.
+            mfe_rates: dilation rates of MFE on every output level; None: no MFE.
         """
         super().__init__()
         if not input_shape:
@@ -153,6 +159,13 @@ class SimplePyramidPixelDecoder(nn.Module):
         self.fpn_convs = nn.ModuleList(
             _conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in self.level_strides[1:]
         )
+        self.mfe = (
+            nn.ModuleList(
+                MultiScaleFeatureEnhancement(conv_dim, mfe_rates) for _ in self.level_strides
+            )
+            if mfe_rates
+            else None
+        )
         self.mask_proj = Conv2d(conv_dim, mask_dim, kernel_size=1)
         weight_init.c2_xavier_fill(self.mask_proj)
         logger.debug(
@@ -183,6 +196,7 @@ class SimplePyramidPixelDecoder(nn.Module):
             "refiner": build_object_refiner(cfg, input_shape[names[-1]].channels)
             if names
             else None,
+            "mfe_rates": tuple(cfg.MODEL.OCZ.MFE.RATES) if cfg.MODEL.OCZ.MFE.ENABLED else None,
         }
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -216,6 +230,8 @@ class SimplePyramidPixelDecoder(nn.Module):
         for level, conv in zip(levels[1:], self.fpn_convs):
             top_down = F.interpolate(outputs[-1], size=level.shape[-2:], mode="nearest")
             outputs.append(conv(level + top_down))
+        if self.mfe is not None:
+            outputs = [mfe(x) for mfe, x in zip(self.mfe, outputs)]
         by_stride = dict(zip(self.level_strides, outputs))
         mask_features = self.mask_proj(by_stride[self.mask_stride])
         return mask_features, [by_stride[s] for s in self.decoder_strides]
