@@ -197,16 +197,21 @@ def _add_model_config(cfg: CN) -> None:
     ocz.SPLIT.NUM_REGIONS = 8
     # Smallest kept pseudo-mask, as a fraction of the image's pixels.
     ocz.SPLIT.MIN_AREA = 0.01
-    # Clustering of the pseudo-masks: seeding ("farthest" or "kmeans++"), k-means steps, seed.
+    # Seed selection of that clustering: "farthest" or "kmeans++" (see MODEL.OCZ.GUIDE.SEEDING).
     ocz.SPLIT.SEEDING = "kmeans++"
+    # k-means refinement steps of that clustering.
     ocz.SPLIT.KMEANS_ITERS = 3
+    # Seed of that clustering's random draws (the same every step: deterministic targets).
     ocz.SPLIT.SEED = 0
     # Weight of -cos(query class embedding, region embedding) in the candidate matching cost.
     ocz.SPLIT.EMBED_COST = 2.0
-    # Candidate losses: no-object CE of unmatched candidates (weight LOSS.CLASS_WEIGHT), mask
-    # BCE and dice against the pseudo-masks, and the embedding alignment 1 - cos.
+    # Candidate losses (keys loss_cand_*): no-object CE of the unmatched candidates (weight
+    # LOSS.CLASS_WEIGHT), and for matched ones: mask BCE against the pseudo-mask (weight, also
+    # of its matching cost) ...
     ocz.SPLIT.MASK_WEIGHT = 5.0
+    # ... dice against the pseudo-mask (weight, also of its matching cost) ...
     ocz.SPLIT.DICE_WEIGHT = 5.0
+    # ... and the alignment 1 - cos(query class embedding, region embedding) (weight).
     ocz.SPLIT.EMBED_WEIGHT = 2.0
 
     # --- multi-scale feature enhancement (Split Matching's MFE) ---

@@ -50,9 +50,10 @@ def test_output_keys_shapes_and_strides(size):
     with torch.no_grad():
         out = backbone(images(2, h, w))
     gh, gw = h // 16, w // 16
-    assert set(out) == {"res0", "res2", "res3", "patch", "dense", "cls"}
+    assert set(out) == {"res0", "res2", "res3", "patch", "dense", "cls", "last_input"}
     for name in ("res0", "res2", "res3", "patch"):
         assert out[name].shape == (2, WIDTH, gh, gw)
+    assert out["last_input"].shape == (2, 1 + gh * gw + backbone.num_prompts, WIDTH)
     assert out["dense"].shape == (2, EMBED_DIM, gh, gw)
     assert out["cls"].shape == (2, EMBED_DIM)
     torch.testing.assert_close(out["dense"].norm(dim=1), torch.ones(2, gh, gw))
