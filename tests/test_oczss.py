@@ -472,7 +472,14 @@ def test_oracle_maps_are_the_true_instances(synthetic_benchmark_factory):
         write_oracle_object_maps(data.root, num_objects=4)
 
 
-VOC_LADDER = ["Base-VOC-ZeroShot.yaml", "ocz_ora.yaml", "ocz_objects.yaml", "ocz_oczss.yaml"]
+VOC_LADDER = [
+    "Base-VOC-ZeroShot.yaml",
+    "ocz_ora.yaml",
+    "ocz_objects.yaml",
+    "ocz_oczss.yaml",
+    "ocz_oczss_split.yaml",
+    "ocz_oczss_split_transductive.yaml",
+]
 
 
 @pytest.mark.parametrize("config", VOC_LADDER)
@@ -506,7 +513,10 @@ def test_paper_scale_voc_ladder_builds_and_trains_a_step(config, synthetic_bench
     if config != VOC_LADDER[0]:
         ora = model.pixel_decoder.refiner
         assert ora.num_rounds == 4 and ora.num_heads == 8
-        assert ora.granular == (config == "ocz_oczss.yaml")
+        assert ora.granular == (config not in VOC_LADDER[1:3])
+    split = config.startswith("ocz_oczss_split")
+    assert (model.pseudo_masker is not None) == split
+    assert (model.pixel_decoder.mfe is not None) == split
     assert model.num_objects == (6 if config in VOC_LADDER[2:] else 0)
     mapper = ZeroShotSemSegDatasetMapper(cfg, True)
     batch = [mapper(d) for d in DatasetCatalog.get(data.train_name)[:2]]

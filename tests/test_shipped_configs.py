@@ -81,6 +81,8 @@ def test_protocol_configs_follow_the_recipe(config):
     base_iters = next(v for k, v in inductive_iters.items() if train.startswith(k))
     extra = {20000: 10000, 40000: 20000, 80000: 40000}[base_iters] if transductive else 0
     assert cfg.SOLVER.MAX_ITER == base_iters + extra
+    if transductive:  # self-training for the added iterations
+        assert cfg.MODEL.OCZ.SELF_TRAINING.START_ITER == base_iters
     if cross:
         assert train == "ocz_coco_stuff_train"
         assert cfg.DATASETS.TEST[0] in (
