@@ -224,33 +224,34 @@ class HungarianMatcher(nn.Module):
         query_indices: torch.Tensor | None = None,
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """:meth:`forward` for several prediction sets (e.g. the final and the auxiliary
-        predictions of deep supervision) against the same targets, with one host transfer.
+        predictions of deep supervision) against the same targets, with one host transfer. The
+        sets of an image are costed together, on one shared draw of points.
 
         Returns:
             Per set, per image ``(query_idx, target_idx)`` (as :meth:`forward`).
         """
-        costs = []
-        for outputs in sets:
-            batch = outputs["pred_masks"].shape[0]
-            if len(targets) != batch:
-                raise ValueError(
-                    f"HungarianMatcher: {len(targets)} targets for a batch of {batch}."
-                )
-            pred = {k: v for k, v in outputs.items() if isinstance(v, torch.Tensor)}
-            if query_indices is not None:
-                index = query_indices.to(device=outputs["pred_masks"].device, dtype=torch.long)
-                pred = {k: v[:, index] for k, v in pred.items()}
-            with torch.autocast(device_type=outputs["pred_masks"].device.type, enabled=False):
-                for b, target in enumerate(targets):
-                    costs.append(
-                        self._cost_matrix({k: v[b].float() for k, v in pred.items()}, target)
-                    )
+        batch = sets[0]["pred_masks"].shape[0]
+        if len(targets) != batch or any(s["pred_masks"].shape[0] != batch for s in sets):
+            raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {batch}.")
+        device = sets[0]["pred_masks"].device
+        preds = [{k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for s in sets]
+        if query_indices is not None:
+            index = query_indices.to(device=device, dtype=torch.long)
+            preds = [{k: v[:, index] for k, v in p.items()} for p in preds]
+        keys = [k for k in preds[0] if all(k in p for p in preds)]
+        num_queries = preds[0]["pred_masks"].shape[1]
+        per_image = []
+        with torch.autocast(device_type=device.type, enabled=False):
+            for b, target in enumerate(targets):
+                # All sets of an image in one cost matrix [S * Q, T] (the same points for all).
+                stacked = {k: torch.cat([p[k][b] for p in preds]).float() for k in keys}
+                per_image.append(self._cost_matrix(stacked, target).split(num_queries))
+        costs = [per_image[b][i] for i in range(len(sets)) for b in range(batch)]
         solved = solve_assignments(costs)
         if query_indices is not None:
             to_full = query_indices.cpu().long()
             solved = [(to_full[rows], cols) for rows, cols in solved]
-        n = len(targets)
-        return [solved[i * n : (i + 1) * n] for i in range(len(sets))]
+        return [solved[i * batch : (i + 1) * batch] for i in range(len(sets))]
 
     def _cost_matrix(self, pred: dict[str, torch.Tensor], target: dict) -> torch.Tensor:
         """[Q, T] weighted cost of one image (see the class docstring)."""
