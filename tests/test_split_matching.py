@@ -386,9 +386,12 @@ def test_self_training_starts_at_its_iteration(synthetic_benchmark):
         model(batch)
     outputs, targets = captured[-1]
     assert outputs["pred_logits"].shape[-1] == len(seen) + 1  # inductive: seen vocabulary
-    with EventStorage(start_iter=5):
+    with EventStorage(start_iter=5) as storage:
         assert model.self_training_active()
         model(batch)
+        # Threshold 0: every ignore pixel is pseudo-labelled, and the log says so.
+        assert storage.history("self_training/pseudo_labelled_fraction").latest() == 1.0
+        assert storage.history("split/pseudo_masks_per_image").latest() == 0.0
     outputs, targets = captured[-1]
     assert outputs["pred_logits"].shape[-1] == num_classes + 1  # unseen names join
     unseen_vocab = set(range(num_classes)) - set(seen)

@@ -513,6 +513,7 @@ class OCZeroShotSegmentor(nn.Module):
             outputs["pred_masks"].detach().float(), size=size, mode="bilinear", align_corners=False
         )
         logits = outputs["pred_logits"].detach().float()
+        labelled = unlabeled = 0
         for target, lg, mk in zip(targets, logits, masks):
             labels = pseudo_label(
                 pixel_class_probabilities(lg, mk), target["unlabeled"], unseen,
@@ -525,6 +526,9 @@ class OCZeroShotSegmentor(nn.Module):
             target["masks"] = torch.cat([target["masks"], new])
             target["valid"] = target["valid"] | (labels >= 0)
             target["unlabeled"] = target["unlabeled"] & (labels < 0)
+            labelled += int((labels >= 0).sum())
+            unlabeled += int(target["unlabeled"].sum()) + int((labels >= 0).sum())
+        _put_scalar("self_training/pseudo_labelled_fraction", labelled / max(unlabeled, 1))
 
     @torch.no_grad()
     def _add_candidates(self, targets: list[dict], features: dict, batched_inputs) -> None:
@@ -543,6 +547,7 @@ class OCZeroShotSegmentor(nn.Module):
             for b, p in enumerate(patch_masks):
                 padded[b, : len(p)] = p
             embeds = self.backbone.region_embeddings(features["last_input"].detach(), padded)
+        _put_scalar("split/pseudo_masks_per_image", sum(len(m) for m in masks) / len(masks))
         for b, (target, m) in enumerate(zip(targets, masks)):
             covered = m.any(0) if len(m) else torch.zeros_like(target["valid"])
             target["candidates"] = {
@@ -648,6 +653,14 @@ def _guide_from_config(cfg) -> dict:
             "input_size": guide.INPUT_SIZE,
         },
     }
+
+
+def _put_scalar(name: str, value: float) -> None:
+    """Log a training scalar to Detectron2's event storage, if there is one."""
+    try:
+        get_event_storage().put_scalar(name, value)
+    except AssertionError:  # no storage: called outside a trainer
+        pass
 
 
 def _check_region_embedding_width(backbone: nn.Module, text_dim: int) -> None:
