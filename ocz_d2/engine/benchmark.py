@@ -1,0 +1,766 @@
+"""Benchmark harness: the cost of every component of one or more configs, side by side.
+
+For each row (a config file plus ``KEY VALUE`` overrides, as in :mod:`ocz_d2.engine.report`) the
+model is built (random weights unless the config names a local file) and measured on synthetic
+inputs built like the dataset mapper's outputs (:func:`synthetic_inputs`):
+
+- parameters, total and trainable;
+- FLOPs of one image's inference forward, in total and per component (:data:`FLOP_COMPONENTS`),
+  and of the online guide that finds the object prompts' regions when no object map is given.
+  Counted by ``torch.utils.flop_counter`` (fvcore cannot trace this model: its shape checks are
+  data-dependent Python) and reported in fvcore's convention, one multiply-add = one FLOP;
+- inference latency (one forward of the batch, no gradient) with object maps given and with the
+  online guide, and training step time (forward, losses, backward, optimizer step with the
+  trainer's optimizer, :func:`~ocz_d2.engine.optimizer.build_optimizer`): median and quartiles
+  over ``repeats`` runs after ``warmup`` runs;
+- time per component inside the training step (:data:`TIMED_COMPONENTS`: matchers, pseudo-mask
+  clustering, criterion), by forward pre/post hooks on the modules found;
+- peak memory: the process's CPU RSS (reset per row where Linux allows it) and the CUDA allocator's
+  peak;
+- the train data loader's images/s (when the dataset's files exist) and the evaluator's
+  ``process`` throughput in pixels/s on random predictions;
+- every headline number divided by the first row's (:func:`add_ratios`).
+
+Components are found by module path or class name, so a config without one (or a model from
+before it existed) reports it as absent (``None``), never as an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .report import ReportRow
+
+__all__ = [
+    "FLOP_COMPONENTS",
+    "TIMED_COMPONENTS",
+    "BenchmarkSettings",
+    "Component",
+    "add_ratios",
+    "benchmark_row",
+    "count_flops",
+    "format_markdown",
+    "run_benchmark",
+    "synthetic_inputs",
+    "timing_stats",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Headline numbers of a row (its ``"summary"``), divided by the first row's in ``"ratio"``.
+SUMMARY_KEYS = (
+    "params_total",
+    "params_trainable",
+    "gflops",
+    "inference_ms",
+    "inference_online_ms",
+    "train_step_ms",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+    "loader_images_per_s",
+    "eval_mpixels_per_s",
+)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A part of the model, found by module path (``named_modules`` name) or class name.
+
+    Its cost is the sum over the matching modules that are not inside another matching module
+    (a module called several times, like ORA's rounds, counts every call).
+    """
+
+    name: str
+    path: str | None = None
+    class_name: str | None = None
+
+    def modules(self, model: nn.Module) -> list[str]:
+        """Paths of the outermost matching modules of ``model`` (empty when absent)."""
+        found: list[str] = []
+        for path, module in model.named_modules():
+            if path and (path == self.path or type(module).__name__ == self.class_name):
+                if not any(path.startswith(outer + ".") for outer in found):
+                    found.append(path)
+        return found
+
+
+#: FLOP components. ``pixel_decoder`` includes ORA and MFE, ``backbone`` the object prompts and
+#: ``ora`` its granular attention; the object prompts' own module only builds their tokens and
+#: attention mask: the cost of the extra tokens falls in CLIP's blocks, i.e. in ``backbone``.
+FLOP_COMPONENTS = (
+    Component("backbone", path="backbone"),
+    Component("object_prompts", path="backbone.object_prompts"),
+    Component("ora", path="pixel_decoder.refiner"),
+    Component("granular_attention", class_name="GranularExtractor"),
+    Component("pixel_decoder", path="pixel_decoder"),
+    Component("mfe", path="pixel_decoder.mfe"),
+    Component("transformer_decoder", path="transformer_decoder"),
+)
+
+#: Components timed inside the training step (the criterion includes its matcher calls).
+TIMED_COMPONENTS = (
+    Component("matcher", class_name="HungarianMatcher"),
+    Component("pseudo_masks", path="pseudo_masker"),
+    Component("criterion", path="criterion"),
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What every row is measured with.
+
+    Attributes:
+        size: side of the square synthetic images, in pixels.
+        batch: images per inference call and per training step.
+        device: "cpu" or "cuda" (sets ``MODEL.DEVICE``).
+        repeats: timed runs of each measurement.
+        warmup: untimed runs before them.
+        loader_batches: batches timed from the train data loader (0 skips it).
+        seed: seed of the random weights and of the synthetic inputs.
+    """
+
+    size: int = 128
+    batch: int = 8
+    device: str = "cpu"
+    repeats: int = 10
+    warmup: int = 3
+    loader_batches: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.size < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"size, batch and repeats must be >= 1 and warmup >= 0: {self}")
+        if self.loader_batches < 0:
+            raise ValueError(f"loader_batches must be >= 0, got {self.loader_batches}")
+
+
+# ---------------------------------------------------------------------- synthetic inputs
+def _blocky(
+    num_images: int, size: int, values: torch.Tensor, cells: int, generator: torch.Generator
+) -> torch.Tensor:
+    """int64 [N, size, size] maps of ``cells x cells`` blocks, each a random entry of ``values``."""
+    idx = torch.randint(0, len(values), (num_images, 1, cells, cells), generator=generator)
+    grid = values[idx].float()
+    return F.interpolate(grid, size=(size, size), mode="nearest")[:, 0].long()
+
+
+def synthetic_inputs(
+    dataset_name: str,
+    num_images: int,
+    size: int,
+    *,
+    training: bool,
+    num_objects: int = 0,
+    seed: int = 0,
+) -> list[dict]:
+    """Random model inputs shaped like :class:`~ocz_d2.data.ZeroShotSemSegDatasetMapper`'s.
+
+    Each dict has "image" (uint8 [3, size, size]), "height", "width", "dataset_name" and, when
+    ``num_objects > 0``, an object map (int64 [size, size], regions ``0 .. n_o - 1`` in blocks);
+    in training also "sem_seg" (int64 [size, size]: seen classes and the ignore label in blocks)
+    and "instances" (one mask per class present, as the mapper builds them).
+
+    Args:
+        dataset_name: a registered zero-shot dataset (its metadata gives the classes, the seen
+            ones and the ignore label; its files need not exist).
+        num_images: N.
+        size: image side.
+        training: add the training targets.
+        num_objects: n_o of the model's object prompts (0: no object map).
+        seed: the inputs are a function of it.
+    """
+    from detectron2.data import MetadataCatalog
+
+    from ..data import ZeroShotSemSegDatasetMapper
+    from ..data.object_maps import OBJECT_MAP_KEY
+    from ..data.register_zero_shot import ignore_label_of
+
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("stuff_classes", None)
+    if not classes:
+        raise ValueError(
+            f"dataset {dataset_name!r} has no classes in its metadata: register it (a split file "
+            "in DATASETS.SPLIT_FILES) or name a registered one in DATASETS.TRAIN"
+        )
+    ignore = ignore_label_of(dataset_name)
+    seen = list(meta.get("seen_classes", range(len(classes))))
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num_images, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = _blocky(num_images, size, torch.tensor([*seen, ignore]), 4, g)
+    maps = None
+    if num_objects:
+        maps = _blocky(num_images, size, torch.arange(num_objects), 3, g)
+    samples = []
+    for i in range(num_images):
+        sample = {"image": images[i], "height": size, "width": size, "dataset_name": dataset_name}
+        if maps is not None:
+            sample[OBJECT_MAP_KEY] = maps[i]
+        if training:
+            sample["sem_seg"] = labels[i]
+            # The mapper's own construction of the targets.
+            sample["instances"] = ZeroShotSemSegDatasetMapper._instances(labels[i], ignore)
+        samples.append(sample)
+    return samples
+
+
+def _without_object_maps(samples: list[dict]) -> list[dict]:
+    from ..data.object_maps import OBJECT_MAP_KEY
+
+    return [{k: v for k, v in s.items() if k != OBJECT_MAP_KEY} for s in samples]
+
+
+# ---------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of run times, in milliseconds."""
+    ms = np.asarray(seconds, dtype=float) * 1e3
+    q1, median, q3 = np.percentile(ms, [25, 50, 75])
+    return {
+        "median_ms": float(median),
+        "q1_ms": float(q1),
+        "q3_ms": float(q3),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "runs": len(ms),
+    }
+
+
+def _time_runs(
+    fn: Callable[[], object], settings: BenchmarkSettings, device: torch.device
+) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(settings.warmup):
+        fn()
+    times = []
+    for _ in range(settings.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class ComponentTimer:
+    """Wall time spent in the modules of some components, by forward pre/post hooks.
+
+    Use as a context manager (the hooks exist inside it); :meth:`start_step` opens a new step
+    and :attr:`steps` holds, per step, the seconds of each component (calls of a component in a
+    step add up).
+    """
+
+    def __init__(self, model: nn.Module, components: Sequence[Component], device: torch.device):
+        self.device = device
+        self.found = {c.name: c.modules(model) for c in components}
+        self._modules = dict(model.named_modules())
+        self.steps: list[dict[str, float]] = []
+        self._handles: list = []
+
+    def __enter__(self) -> ComponentTimer:
+        for name, paths in self.found.items():
+            for path in paths:
+                self._hook(self._modules[path], name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, name: str) -> None:
+        starts: list[float] = []  # a stack: a module may be re-entered
+
+        def pre(*_):
+            _sync(self.device)
+            starts.append(time.perf_counter())
+
+        def post(*_):
+            _sync(self.device)
+            elapsed = time.perf_counter() - starts.pop()
+            if self.steps:
+                self.steps[-1][name] = self.steps[-1].get(name, 0.0) + elapsed
+
+        self._handles.append(module.register_forward_pre_hook(pre))
+        self._handles.append(module.register_forward_hook(post))
+
+    def start_step(self) -> None:
+        self.steps.append({})
+
+    def summary(self, step_seconds: Sequence[float]) -> dict[str, dict | None]:
+        """Per component: median ms per step, median share of the step, modules timed; None
+        for a component the model does not have. ``step_seconds`` are the timed steps, the last
+        ``len(step_seconds)`` entries of :attr:`steps`."""
+        timed = self.steps[-len(step_seconds) :]
+        result: dict[str, dict | None] = {}
+        for name, paths in self.found.items():
+            if not paths:
+                result[name] = None
+                continue
+            seconds = np.array([s.get(name, 0.0) for s in timed])
+            result[name] = {
+                "median_ms": float(np.median(seconds) * 1e3),
+                "share_of_step": float(np.median(seconds / np.asarray(step_seconds))),
+                "modules": paths,
+            }
+        return result
+
+
+# ---------------------------------------------------------------------- FLOPs
+@contextlib.contextmanager
+def _flop_counter() -> Iterator:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # Module tracking needs autograd on (under no_grad it fails on parameters used as inputs).
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
+def _module_flops(counter, root: str) -> dict[str, int]:
+    """Multiply-adds per module path (the counter names modules ``<root class>.<path>``)."""
+    flops = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == root or name.startswith(root + "."):
+            flops[name[len(root) + 1 :]] = sum(ops.values()) // 2  # torch counts 2 per MAC
+    return flops
+
+
+def count_flops(model: nn.Module, samples: list[dict]) -> dict:
+    """FLOPs (multiply-adds) of ``model``'s inference forward on ``samples``, per component.
+
+    Returns:
+        {"total": int, "components": {name: int or None (absent)}} over :data:`FLOP_COMPONENTS`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with _flop_counter() as counter:
+            model(samples)
+    finally:
+        model.train(was_training)
+    per_module = _module_flops(counter, type(model).__name__)
+    components = {}
+    for component in FLOP_COMPONENTS:
+        paths = component.modules(model)
+        components[component.name] = sum(per_module.get(p, 0) for p in paths) if paths else None
+    return {"total": counter.get_total_flops() // 2, "components": components}
+
+
+def _guide_flops(model: nn.Module, samples: list[dict]) -> int:
+    """Multiply-adds of the online guide (features and clustering) for ``samples``."""
+    with _flop_counter() as counter:
+        model.online_regions([s["image"] for s in samples])
+    return counter.get_total_flops() // 2
+
+
+# ---------------------------------------------------------------------- memory
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux ``clear_refs``); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (``VmHWM``, else ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------- data and evaluation
+def _loader_throughput(cfg, batches: int) -> dict:
+    """Images/s of the config's train loader (as the trainer builds it) over ``batches``
+    batches after the first; {"available": False, "reason"} when its data is missing."""
+    from detectron2.data import DatasetCatalog, build_detection_train_loader
+
+    from ..data import ZeroShotSemSegDatasetMapper
+
+    name = cfg.DATASETS.TRAIN[0]
+    try:
+        DatasetCatalog.get(name)
+    except FileNotFoundError as e:
+        return {"available": False, "reason": str(e)}
+    loader = build_detection_train_loader(cfg, mapper=ZeroShotSemSegDatasetMapper(cfg, True))
+    batches_iter = iter(loader)
+    start = time.perf_counter()
+    next(batches_iter)  # worker start-up
+    first = time.perf_counter() - start
+    images = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        images += len(next(batches_iter))
+    seconds = time.perf_counter() - start
+    del batches_iter, loader  # stops the workers
+    return {
+        "available": True,
+        "dataset": name,
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "first_batch_s": first,
+        "images_per_s": images / seconds,
+    }
+
+
+def _evaluator_throughput(dataset_name: str, settings: BenchmarkSettings) -> dict:
+    """Pixels/s of :class:`ZeroShotSemSegEvaluator`'s ``process`` on random [K, H, W] scores
+    (argmax, then confusion counting), and of the counting alone
+    (:func:`accumulate_confusion` on the argmax), each the median over ``repeats`` batches."""
+    from detectron2.data import MetadataCatalog
+
+    from ..data.register_zero_shot import ignore_label_of
+    from ..evaluation import ZeroShotSemSegEvaluator, accumulate_confusion
+
+    num_classes = len(MetadataCatalog.get(dataset_name).stuff_classes)
+    ignore = ignore_label_of(dataset_name)
+    g = torch.Generator().manual_seed(settings.seed)
+    shape = (settings.batch, settings.size, settings.size)
+    labels = torch.randint(0, num_classes, shape, generator=g)
+    labels[:, ::7] = ignore
+    scores = [torch.rand((num_classes, *shape[1:]), generator=g) for _ in range(len(labels))]
+    evaluator = ZeroShotSemSegEvaluator(dataset_name, distributed=False)
+    evaluator.reset()
+    inputs = [{"sem_seg": label} for label in labels]
+    outputs = [{"sem_seg": s} for s in scores]
+    process = _time_runs(lambda: evaluator.process(inputs, outputs), settings, torch.device("cpu"))
+    pairs = [(s.argmax(0).numpy(), label.numpy()) for s, label in zip(scores, labels)]
+    conf = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+
+    def accumulate():
+        for pred, gt in pairs:
+            accumulate_confusion(pred, gt, num_classes=num_classes, ignore_label=ignore, out=conf)
+
+    counting = _time_runs(accumulate, settings, torch.device("cpu"))
+    pixels = math.prod(shape)
+    return {
+        "dataset": dataset_name,
+        "num_classes": num_classes,
+        "mpixels_per_s": pixels / float(np.median(process)) / 1e6,
+        "accumulate_mpixels_per_s": pixels / float(np.median(counting)) / 1e6,
+    }
+
+
+# ---------------------------------------------------------------------- one row
+def _load_row_config(row: ReportRow, settings: BenchmarkSettings):
+    from ..config import load_config
+    from ..data import register_split_files_from_config
+
+    cfg = load_config(row.config_file, row.opts)
+    cfg.MODEL.DEVICE = settings.device
+    cfg.SOLVER.IMS_PER_BATCH = settings.batch
+    cfg.freeze()
+    register_split_files_from_config(cfg)
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError(f"row {row.name!r}: DATASETS.TRAIN is empty; name a registered dataset")
+    return cfg
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: list[dict]) -> None:
+    """One step as Detectron2's ``SimpleTrainer`` runs it."""
+    losses = model(batch)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _online_guide_skip_reason(model: nn.Module) -> str | None:
+    """Why the model cannot run inference without object maps, or None if it can."""
+    if not getattr(model, "num_objects", 0):
+        return "no object prompts"
+    if model.guide["source"] == "oracle":
+        return "oracle guide: object maps only"
+    return None
+
+
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Reset the peak RSS and the CUDA allocator's peak; False where the RSS peak cannot be."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return _reset_peak_rss()
+
+
+def _parameters(model: nn.Module) -> dict[str, int | None]:
+    """Total and trainable parameters of the model, and the (frozen) online SSL guide's, which
+    is not a registered submodule (None without one)."""
+    guide = getattr(model, "guide", None)
+    ssl = guide is not None and guide["source"] == "ssl"
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "ssl_guide": sum(p.numel() for p in model.ssl_guide().parameters()) if ssl else None,
+    }
+
+
+def _time_inference(
+    model: nn.Module, batch: list[dict], settings: BenchmarkSettings, device: torch.device
+) -> dict:
+    """Inference latency of ``batch`` as given (with its object maps, if any) and, where the
+    model can, with the online guide instead of the maps."""
+    model.eval()
+    skip = _online_guide_skip_reason(model)
+    online_batch = _without_object_maps(batch)
+    with torch.no_grad():
+        given = _time_runs(lambda: model(batch), settings, device)
+        online = None if skip else _time_runs(lambda: model(online_batch), settings, device)
+    return {
+        "inference": timing_stats(given),
+        "inference_online_guide": {"skipped": skip} if skip else timing_stats(online),
+    }
+
+
+def _time_training(
+    cfg, model: nn.Module, batch: list[dict], settings: BenchmarkSettings, device: torch.device
+) -> tuple[dict, dict]:
+    """Training step time and, per timed component, its time in the step.
+
+    Returns:
+        (:func:`timing_stats` of the step, :meth:`ComponentTimer.summary`).
+    """
+    from detectron2.utils.events import EventStorage
+
+    from .optimizer import build_optimizer
+
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    step_times = []
+    with EventStorage(), ComponentTimer(model, TIMED_COMPONENTS, device) as timer:
+        for i in range(settings.warmup + settings.repeats):
+            timer.start_step()
+            _sync(device)
+            start = time.perf_counter()
+            _train_step(model, optimizer, batch)
+            _sync(device)
+            if i >= settings.warmup:
+                step_times.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
+    return timing_stats(step_times), timer.summary(step_times)
+
+
+def _flops(model: nn.Module, sample: dict, size: int) -> dict:
+    """:func:`count_flops` of one image (object map given) and the online guide's FLOPs."""
+    flops = count_flops(model, [sample])
+    online = _online_guide_skip_reason(model) is None
+    flops["guide_online"] = _guide_flops(model, [sample]) if online else None
+    flops["per"] = f"one {size}x{size} image, multiply-adds"
+    return flops
+
+
+def benchmark_row(row: ReportRow, settings: BenchmarkSettings) -> dict:
+    """Measure one row (see the module docstring); the result is JSON-serialisable."""
+    from detectron2.modeling import build_model
+
+    cfg = _load_row_config(row, settings)
+    dataset = cfg.DATASETS.TRAIN[0]
+    device = torch.device(settings.device)
+    rss_reset = _reset_peak_memory(device)
+    torch.manual_seed(settings.seed)
+    model = build_model(cfg)
+    num_objects = int(getattr(model, "num_objects", 0))
+    batches = [
+        synthetic_inputs(
+            dataset, settings.batch, settings.size, training=training, num_objects=num_objects,
+            seed=settings.seed + i,
+        )
+        for i, training in enumerate((True, False))
+    ]  # fmt: skip
+    result: dict = {"name": row.name, "config_file": row.config_file, "opts": list(row.opts)}
+    result["dataset"] = dataset
+    result["params"] = _parameters(model)  # builds the SSL guide: outside the timed runs
+    logger.info("[%s] inference", row.name)
+    result["times"] = _time_inference(model, batches[1], settings, device)
+    logger.info("[%s] training step", row.name)
+    step, components = _time_training(cfg, model, batches[0], settings, device)
+    result["times"]["train_step"] = step
+    result["train_step_components"] = components
+    result["memory"] = {
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_scope": "row" if rss_reset else "process",
+        "peak_cuda_mb": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
+    }
+    logger.info("[%s] FLOPs", row.name)
+    result["flops"] = _flops(model, batches[1][0], settings.size)
+    logger.info("[%s] data loader and evaluator", row.name)
+    result["data_loader"] = (
+        _loader_throughput(cfg, settings.loader_batches)
+        if settings.loader_batches
+        else {"available": False, "reason": "not measured (loader_batches 0)"}
+    )
+    eval_dataset = (list(cfg.DATASETS.TEST) or [dataset])[0]
+    result["evaluation"] = _evaluator_throughput(eval_dataset, settings)
+    result["summary"] = _summary(result)
+    return result
+
+
+def _summary(result: dict) -> dict[str, float | None]:
+    times = result["times"]
+    online = times["inference_online_guide"]
+    return {
+        "params_total": result["params"]["total"],
+        "params_trainable": result["params"]["trainable"],
+        "gflops": result["flops"]["total"] / 1e9,
+        "inference_ms": times["inference"]["median_ms"],
+        "inference_online_ms": online.get("median_ms"),
+        "train_step_ms": times["train_step"]["median_ms"],
+        "peak_rss_mb": result["memory"]["peak_rss_mb"],
+        "peak_cuda_mb": result["memory"]["peak_cuda_mb"],
+        "loader_images_per_s": result["data_loader"].get("images_per_s"),
+        "eval_mpixels_per_s": result["evaluation"]["mpixels_per_s"],
+    }
+
+
+# ---------------------------------------------------------------------- all rows
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Set each row's ``"ratio"``: its summary divided by the first row's (None where either
+    is missing or the first is 0). Returns ``rows``."""
+    first = rows[0]["summary"] if rows else {}
+    for row in rows:
+        row["ratio"] = {
+            key: (
+                value / first[key]
+                if value is not None and first.get(key) not in (None, 0)
+                else None
+            )
+            for key, value in row["summary"].items()
+        }
+    return rows
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _environment(settings: BenchmarkSettings) -> dict:
+    device = torch.device(settings.device)
+    return {
+        "torch": torch.__version__,
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "nice": os.nice(0),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def run_benchmark(rows: Sequence[ReportRow], settings: BenchmarkSettings) -> dict:
+    """Measure every row, in order, with the same settings.
+
+    Returns:
+        {"settings", "environment", "rows": [per-row results with "summary" and "ratio"]}.
+    """
+    names = [r.name for r in rows]
+    if not rows or len(set(names)) != len(names):
+        raise ValueError(f"give at least one row, with unique names: {names}")
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    environment = _environment(settings)
+    results = [benchmark_row(row, settings) for row in rows]
+    return {"settings": asdict(settings), "environment": environment, "rows": add_ratios(results)}
+
+
+# ---------------------------------------------------------------------- tables
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "absent" if value is None else f"{value:,.{digits}f}"
+
+
+def _spread(stats: dict) -> str:
+    if "median_ms" not in stats:
+        return stats.get("skipped", "–")
+    return f"{stats['median_ms']:.1f} [{stats['q1_ms']:.1f}–{stats['q3_ms']:.1f}]"
+
+
+def format_markdown(report: dict) -> str:
+    """Markdown tables of :func:`run_benchmark`'s output: absolute numbers, ratios to the first
+    row, FLOPs per component and time per component in the training step."""
+    rows = report["rows"]
+    s = report["settings"]
+    out = [
+        f"Input {s['size']}x{s['size']}, batch {s['batch']}, device {s['device']}, "
+        f"{s['repeats']} runs after {s['warmup']} warm-up (median [quartiles]).",
+        "",
+        "| row | params M (trainable) | GFLOPs | inference ms | inference, online guide ms | "
+        "train step ms | peak RSS MB | loader img/s | eval Mpx/s: process (counting) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, p = r["times"], r["params"]
+        loader, evaluation = r["data_loader"], r["evaluation"]
+        out.append(
+            f"| {r['name']} | {p['total'] / 1e6:.2f} ({p['trainable'] / 1e6:.2f}) | "
+            f"{r['summary']['gflops']:.2f} | {_spread(t['inference'])} | "
+            f"{_spread(t['inference_online_guide'])} | {_spread(t['train_step'])} | "
+            f"{r['memory']['peak_rss_mb']:.0f} | "
+            f"{_fmt(loader['images_per_s']) if loader['available'] else 'not available'} | "
+            f"{evaluation['mpixels_per_s']:.1f} ({evaluation['accumulate_mpixels_per_s']:.0f}) |"
+        )
+    out += ["", f"Ratio to {rows[0]['name']}:", ""]
+    out += ["| row | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    for r in rows:
+        cells = ["–" if r["ratio"][k] is None else f"{r['ratio'][k]:.2f}" for k in SUMMARY_KEYS]
+        out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    names = [c.name for c in FLOP_COMPONENTS]
+    out += ["", "GFLOPs per component (% of the model's; the online guide is extra):", ""]
+    out += ["| row | " + " | ".join([*names, "guide_online"]) + " |"]
+    out += ["|---" * (len(names) + 2) + "|"]
+    for r in rows:
+        flops = r["flops"]
+        cells = [_share(flops["components"][n], flops["total"], 1e9) for n in names] + [
+            _share(flops["guide_online"], flops["total"], 1e9)
+        ]
+        out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    timed = [c.name for c in TIMED_COMPONENTS]
+    out += ["", "Training step: ms per step in each component (% of the step):", ""]
+    out += ["| row | " + " | ".join(timed) + " |", "|---" * (len(timed) + 1) + "|"]
+    for r in rows:
+        comps = r["train_step_components"]
+        cells = [
+            "absent"
+            if comps[n] is None
+            else f"{comps[n]['median_ms']:.1f} ({100 * comps[n]['share_of_step']:.1f}%)"
+            for n in timed
+        ]
+        out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _share(value: int | None, total: int, unit: float) -> str:
+    if value is None:
+        return "absent"
+    return f"{value / unit:.2f} ({100 * value / max(total, 1):.1f}%)"
