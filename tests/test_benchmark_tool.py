@@ -20,6 +20,7 @@ from ocz_d2.engine.benchmark import (
     Component,
     add_ratios,
     synthetic_inputs,
+    time_components,
     timing_stats,
 )
 
@@ -135,12 +136,21 @@ def test_helpers_hand_computed():
     assert rows[1]["ratio"] == {"a": 1.5, "b": None, "c": None}
 
     class Inner(nn.Module):
-        def __init__(self):
+        def __init__(self, inner: nn.Module):
             super().__init__()
-            self.inner = nn.Linear(1, 1)
+            self.inner = inner
 
-    model = nn.Sequential(Inner(), nn.Linear(1, 1))
-    model[0].inner = Inner()  # an Inner inside an Inner: only the outer one counts
-    assert Component("x", class_name="Inner").modules(model) == ["0"]
+        def forward(self, x):
+            return self.inner(x)
+
+    # An Inner inside an Inner: only the outer one is the component's module.
+    model = nn.Sequential(Inner(Inner(nn.Linear(1, 1))), nn.Linear(1, 1))
+    inner = Component("x", class_name="Inner")
+    assert inner.modules(model) == ["0"]
     assert Component("y", path="1").modules(model) == ["1"]
-    assert Component("z", path="missing").modules(model) == []
+    missing = Component("z", path="missing")
+    assert missing.modules(model) == []
+    with time_components(model, [inner, missing], torch.device("cpu")) as seconds:
+        model(torch.ones(1, 1))
+    assert set(seconds) == {"x"} and seconds["x"] > 0
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # removed after

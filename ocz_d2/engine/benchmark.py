@@ -4,7 +4,7 @@ For each row (a config file plus ``KEY VALUE`` overrides, as in :mod:`ocz_d2.eng
 model is built (random weights unless the config names a local file) and measured on synthetic
 inputs built like the dataset mapper's outputs (:func:`synthetic_inputs`):
 
-- parameters, total and trainable;
+- parameters, total and trainable (and the online SSL guide's, which is not a submodule);
 - FLOPs of one image's inference forward, in total and per component (:data:`FLOP_COMPONENTS`),
   and of the online guide that finds the object prompts' regions when no object map is given.
   Counted by ``torch.utils.flop_counter`` (fvcore cannot trace this model: its shape checks are
@@ -15,11 +15,14 @@ inputs built like the dataset mapper's outputs (:func:`synthetic_inputs`):
   over ``repeats`` runs after ``warmup`` runs;
 - time per component inside the training step (:data:`TIMED_COMPONENTS`: matchers, pseudo-mask
   clustering, criterion), by forward pre/post hooks on the modules found;
-- peak memory: the process's CPU RSS (reset per row where Linux allows it) and the CUDA allocator's
-  peak;
+- peak memory with the row's model alone in the process: CPU RSS (reset per row where Linux
+  allows it) and the CUDA allocator's peak, over the build and one run of each kind;
 - the train data loader's images/s (when the dataset's files exist) and the evaluator's
   ``process`` throughput in pixels/s on random predictions;
 - every headline number divided by the first row's (:func:`add_ratios`).
+
+Times are taken interleaved: all rows' models are alive and each round runs every row once, so
+that a change in the machine's load (other jobs) falls on all rows alike and the ratios hold.
 
 Components are found by module path or class name, so a config without one (or a model from
 before it existed) reports it as absent (``None``), never as an error.
@@ -51,11 +54,12 @@ __all__ = [
     "BenchmarkSettings",
     "Component",
     "add_ratios",
-    "benchmark_row",
     "count_flops",
     "format_markdown",
+    "profile_row",
     "run_benchmark",
     "synthetic_inputs",
+    "time_components",
     "timing_stats",
 ]
 
@@ -127,8 +131,8 @@ class BenchmarkSettings:
         size: side of the square synthetic images, in pixels.
         batch: images per inference call and per training step.
         device: "cpu" or "cuda" (sets ``MODEL.DEVICE``).
-        repeats: timed runs of each measurement.
-        warmup: untimed runs before them.
+        repeats: timed runs of each measurement (rounds over the rows).
+        warmup: untimed rounds before them (>= 1).
         loader_batches: batches timed from the train data loader (0 skips it).
         seed: seed of the random weights and of the synthetic inputs.
     """
@@ -142,8 +146,9 @@ class BenchmarkSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.size < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError(f"size, batch and repeats must be >= 1 and warmup >= 0: {self}")
+        if min(self.size, self.batch, self.repeats, self.warmup) < 1:
+            # One warm-up run at least: it builds the lazy parts (the SSL guide, text caches).
+            raise ValueError(f"size, batch, repeats and warmup must be >= 1: {self}")
         if self.loader_batches < 0:
             raise ValueError(f"loader_batches must be >= 0, got {self.loader_batches}")
 
@@ -243,84 +248,57 @@ def timing_stats(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (the device synchronised before and after)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _time_runs(
     fn: Callable[[], object], settings: BenchmarkSettings, device: torch.device
 ) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, back to back."""
     for _ in range(settings.warmup):
         fn()
-    times = []
-    for _ in range(settings.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [_timed(fn, device) for _ in range(settings.repeats)]
 
 
-class ComponentTimer:
-    """Wall time spent in the modules of some components, by forward pre/post hooks.
-
-    Use as a context manager (the hooks exist inside it); :meth:`start_step` opens a new step
-    and :attr:`steps` holds, per step, the seconds of each component (calls of a component in a
-    step add up).
-    """
-
-    def __init__(self, model: nn.Module, components: Sequence[Component], device: torch.device):
-        self.device = device
-        self.found = {c.name: c.modules(model) for c in components}
-        self._modules = dict(model.named_modules())
-        self.steps: list[dict[str, float]] = []
-        self._handles: list = []
-
-    def __enter__(self) -> ComponentTimer:
-        for name, paths in self.found.items():
-            for path in paths:
-                self._hook(self._modules[path], name)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
+@contextlib.contextmanager
+def time_components(
+    model: nn.Module, components: Sequence[Component], device: torch.device
+) -> Iterator[dict[str, float]]:
+    """Seconds spent in each component's modules inside the block (calls add up), measured by
+    forward pre/post hooks; a component the model lacks (or that does not run) gets no entry."""
+    seconds: dict[str, float] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for component in components:
+        for path in component.modules(model):
+            handles += _timing_hooks(modules[path], component.name, seconds, device)
+    try:
+        yield seconds
+    finally:
+        for handle in handles:
             handle.remove()
-        self._handles.clear()
 
-    def _hook(self, module: nn.Module, name: str) -> None:
-        starts: list[float] = []  # a stack: a module may be re-entered
 
-        def pre(*_):
-            _sync(self.device)
-            starts.append(time.perf_counter())
+def _timing_hooks(
+    module: nn.Module, name: str, seconds: dict[str, float], device: torch.device
+) -> list:
+    starts: list[float] = []  # a stack: a module may be re-entered
 
-        def post(*_):
-            _sync(self.device)
-            elapsed = time.perf_counter() - starts.pop()
-            if self.steps:
-                self.steps[-1][name] = self.steps[-1].get(name, 0.0) + elapsed
+    def pre(*_):
+        _sync(device)
+        starts.append(time.perf_counter())
 
-        self._handles.append(module.register_forward_pre_hook(pre))
-        self._handles.append(module.register_forward_hook(post))
+    def post(*_):
+        _sync(device)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - starts.pop()
 
-    def start_step(self) -> None:
-        self.steps.append({})
-
-    def summary(self, step_seconds: Sequence[float]) -> dict[str, dict | None]:
-        """Per component: median ms per step, median share of the step, modules timed; None
-        for a component the model does not have. ``step_seconds`` are the timed steps, the last
-        ``len(step_seconds)`` entries of :attr:`steps`."""
-        timed = self.steps[-len(step_seconds) :]
-        result: dict[str, dict | None] = {}
-        for name, paths in self.found.items():
-            if not paths:
-                result[name] = None
-                continue
-            seconds = np.array([s.get(name, 0.0) for s in timed])
-            result[name] = {
-                "median_ms": float(np.median(seconds) * 1e3),
-                "share_of_step": float(np.median(seconds / np.asarray(step_seconds))),
-                "modules": paths,
-            }
-        return result
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
 # ---------------------------------------------------------------------- FLOPs
@@ -480,15 +458,6 @@ def _load_row_config(row: ReportRow, settings: BenchmarkSettings):
     return cfg
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: list[dict]) -> None:
-    """One step as Detectron2's ``SimpleTrainer`` runs it."""
-    losses = model(batch)
-    loss = sum(losses.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def _online_guide_skip_reason(model: nn.Module) -> str | None:
     """Why the model cannot run inference without object maps, or None if it can."""
     if not getattr(model, "num_objects", 0):
@@ -496,6 +465,98 @@ def _online_guide_skip_reason(model: nn.Module) -> str | None:
     if model.guide["source"] == "oracle":
         return "oracle guide: object maps only"
     return None
+
+
+class _RowSession:
+    """A row's model (random weights drawn from the seed), optimizer and synthetic inputs, and
+    the times of the runs made with them."""
+
+    def __init__(self, row: ReportRow, settings: BenchmarkSettings):
+        from detectron2.modeling import build_model
+
+        from .optimizer import build_optimizer
+
+        self.row = row
+        self.device = torch.device(settings.device)
+        self.cfg = _load_row_config(row, settings)
+        torch.manual_seed(settings.seed)
+        self.model = build_model(self.cfg)
+        # The trainer's optimizer (parameter groups, LR multipliers, gradient clipping).
+        self.optimizer = build_optimizer(self.cfg, self.model)
+        self.skip_online = _online_guide_skip_reason(self.model)
+        num_objects = int(getattr(self.model, "num_objects", 0))
+        dataset, size, batch = self.cfg.DATASETS.TRAIN[0], settings.size, settings.batch
+        self.train_batch = synthetic_inputs(
+            dataset, batch, size, training=True, num_objects=num_objects, seed=settings.seed
+        )
+        self.test_batch = synthetic_inputs(
+            dataset, batch, size, training=False, num_objects=num_objects, seed=settings.seed + 1
+        )
+        self.online_batch = _without_object_maps(self.test_batch)
+        self.runs: dict[str, list[float]] = {k: [] for k in ("inference", "online", "step")}
+        self.step_components: list[dict[str, float]] = []
+
+    def run_once(self, record: bool = True) -> None:
+        """Time one inference with the object maps, one with the online guide (where the model
+        has one) and one training step with its components; keep the times if ``record``."""
+        model = self.model
+        model.eval()
+        with torch.no_grad():
+            given = _timed(lambda: model(self.test_batch), self.device)
+            online = None
+            if self.skip_online is None:
+                online = _timed(lambda: model(self.online_batch), self.device)
+        model.train()
+        with time_components(model, TIMED_COMPONENTS, self.device) as components:
+            step = _timed(self._train_step, self.device)
+        if record:
+            self.runs["inference"].append(given)
+            if online is not None:
+                self.runs["online"].append(online)
+            self.runs["step"].append(step)
+            self.step_components.append(components)
+
+    def _train_step(self) -> None:
+        """One step as Detectron2's ``SimpleTrainer`` makes it."""
+        from detectron2.utils.events import EventStorage
+
+        with EventStorage():
+            losses = self.model(self.train_batch)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def times(self) -> dict:
+        """:func:`timing_stats` of the recorded inference, online-guide inference (or why it
+        was skipped) and training-step runs."""
+        return {
+            "inference": timing_stats(self.runs["inference"]),
+            "inference_online_guide": (
+                {"skipped": self.skip_online}
+                if self.skip_online
+                else timing_stats(self.runs["online"])
+            ),
+            "train_step": timing_stats(self.runs["step"]),
+        }
+
+    def component_times(self) -> dict[str, dict | None]:
+        """Per timed component: median ms per step, median share of the step and the modules
+        timed; None where the model lacks it."""
+        steps = np.asarray(self.runs["step"])
+        result: dict[str, dict | None] = {}
+        for component in TIMED_COMPONENTS:
+            paths = component.modules(self.model)
+            if not paths:
+                result[component.name] = None
+                continue
+            seconds = np.array([c.get(component.name, 0.0) for c in self.step_components])
+            result[component.name] = {
+                "median_ms": float(np.median(seconds) * 1e3),
+                "share_of_step": float(np.median(seconds / steps)),
+                "modules": paths,
+            }
+        return result
 
 
 def _reset_peak_memory(device: torch.device) -> bool:
@@ -519,51 +580,6 @@ def _parameters(model: nn.Module) -> dict[str, int | None]:
     }
 
 
-def _time_inference(
-    model: nn.Module, batch: list[dict], settings: BenchmarkSettings, device: torch.device
-) -> dict:
-    """Inference latency of ``batch`` as given (with its object maps, if any) and, where the
-    model can, with the online guide instead of the maps."""
-    model.eval()
-    skip = _online_guide_skip_reason(model)
-    online_batch = _without_object_maps(batch)
-    with torch.no_grad():
-        given = _time_runs(lambda: model(batch), settings, device)
-        online = None if skip else _time_runs(lambda: model(online_batch), settings, device)
-    return {
-        "inference": timing_stats(given),
-        "inference_online_guide": {"skipped": skip} if skip else timing_stats(online),
-    }
-
-
-def _time_training(
-    cfg, model: nn.Module, batch: list[dict], settings: BenchmarkSettings, device: torch.device
-) -> tuple[dict, dict]:
-    """Training step time and, per timed component, its time in the step.
-
-    Returns:
-        (:func:`timing_stats` of the step, :meth:`ComponentTimer.summary`).
-    """
-    from detectron2.utils.events import EventStorage
-
-    from .optimizer import build_optimizer
-
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    step_times = []
-    with EventStorage(), ComponentTimer(model, TIMED_COMPONENTS, device) as timer:
-        for i in range(settings.warmup + settings.repeats):
-            timer.start_step()
-            _sync(device)
-            start = time.perf_counter()
-            _train_step(model, optimizer, batch)
-            _sync(device)
-            if i >= settings.warmup:
-                step_times.append(time.perf_counter() - start)
-    optimizer.zero_grad(set_to_none=True)
-    return timing_stats(step_times), timer.summary(step_times)
-
-
 def _flops(model: nn.Module, sample: dict, size: int) -> dict:
     """:func:`count_flops` of one image (object map given) and the online guide's FLOPs."""
     flops = count_flops(model, [sample])
@@ -573,33 +589,17 @@ def _flops(model: nn.Module, sample: dict, size: int) -> dict:
     return flops
 
 
-def benchmark_row(row: ReportRow, settings: BenchmarkSettings) -> dict:
-    """Measure one row (see the module docstring); the result is JSON-serialisable."""
-    from detectron2.modeling import build_model
-
-    cfg = _load_row_config(row, settings)
-    dataset = cfg.DATASETS.TRAIN[0]
+def profile_row(row: ReportRow, settings: BenchmarkSettings) -> dict:
+    """Everything of a row but its timed runs, with its model alone in memory: parameters, peak
+    memory over the build and one run of each kind, FLOPs, loader and evaluator throughput."""
     device = torch.device(settings.device)
     rss_reset = _reset_peak_memory(device)
-    torch.manual_seed(settings.seed)
-    model = build_model(cfg)
-    num_objects = int(getattr(model, "num_objects", 0))
-    batches = [
-        synthetic_inputs(
-            dataset, settings.batch, settings.size, training=training, num_objects=num_objects,
-            seed=settings.seed + i,
-        )
-        for i, training in enumerate((True, False))
-    ]  # fmt: skip
+    session = _RowSession(row, settings)
     result: dict = {"name": row.name, "config_file": row.config_file, "opts": list(row.opts)}
-    result["dataset"] = dataset
-    result["params"] = _parameters(model)  # builds the SSL guide: outside the timed runs
-    logger.info("[%s] inference", row.name)
-    result["times"] = _time_inference(model, batches[1], settings, device)
-    logger.info("[%s] training step", row.name)
-    step, components = _time_training(cfg, model, batches[0], settings, device)
-    result["times"]["train_step"] = step
-    result["train_step_components"] = components
+    result["dataset"] = session.cfg.DATASETS.TRAIN[0]
+    result["params"] = _parameters(session.model)
+    logger.info("[%s] memory and FLOPs", row.name)
+    session.run_once(record=False)
     result["memory"] = {
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_scope": "row" if rss_reset else "process",
@@ -607,17 +607,15 @@ def benchmark_row(row: ReportRow, settings: BenchmarkSettings) -> dict:
             torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         ),
     }
-    logger.info("[%s] FLOPs", row.name)
-    result["flops"] = _flops(model, batches[1][0], settings.size)
+    result["flops"] = _flops(session.model, session.test_batch[0], settings.size)
     logger.info("[%s] data loader and evaluator", row.name)
     result["data_loader"] = (
-        _loader_throughput(cfg, settings.loader_batches)
+        _loader_throughput(session.cfg, settings.loader_batches)
         if settings.loader_batches
         else {"available": False, "reason": "not measured (loader_batches 0)"}
     )
-    eval_dataset = (list(cfg.DATASETS.TEST) or [dataset])[0]
+    eval_dataset = (list(session.cfg.DATASETS.TEST) or [result["dataset"]])[0]
     result["evaluation"] = _evaluator_throughput(eval_dataset, settings)
-    result["summary"] = _summary(result)
     return result
 
 
@@ -680,7 +678,11 @@ def _environment(settings: BenchmarkSettings) -> dict:
 
 
 def run_benchmark(rows: Sequence[ReportRow], settings: BenchmarkSettings) -> dict:
-    """Measure every row, in order, with the same settings.
+    """Measure every row with the same settings.
+
+    Each row is first profiled alone (:func:`profile_row`); then all rows' models are built
+    again and timed interleaved, one run of each row in turn, ``warmup`` rounds untimed then
+    ``repeats`` timed, so that a change of the machine's load falls on every row alike.
 
     Returns:
         {"settings", "environment", "rows": [per-row results with "summary" and "ratio"]}.
@@ -691,7 +693,17 @@ def run_benchmark(rows: Sequence[ReportRow], settings: BenchmarkSettings) -> dic
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     environment = _environment(settings)
-    results = [benchmark_row(row, settings) for row in rows]
+    results = [profile_row(row, settings) for row in rows]
+    gc.collect()
+    sessions = [_RowSession(row, settings) for row in rows]
+    for i in range(settings.warmup + settings.repeats):
+        logger.info("timing round %d of %d", i + 1, settings.warmup + settings.repeats)
+        for session in sessions:
+            session.run_once(record=i >= settings.warmup)
+    for result, session in zip(results, sessions):
+        result["times"] = session.times()
+        result["train_step_components"] = session.component_times()
+        result["summary"] = _summary(result)
     return {"settings": asdict(settings), "environment": environment, "rows": add_ratios(results)}
 
 
