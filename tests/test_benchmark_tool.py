@@ -77,6 +77,7 @@ def test_report_structure_and_consistency(smoke_run):
         components = row["train_step_components"]
         assert set(components) == {c.name for c in TIMED_COMPONENTS}
         assert components["matcher"]["modules"] == ["criterion.matcher"]
+        assert components["matcher"]["calls_per_step"] >= 1
         assert 0 <= components["matcher"]["share_of_step"] <= 1
         assert components["criterion"]["modules"] == ["criterion"]
         assert row["memory"]["peak_rss_mb"] > 0 and row["memory"]["peak_cuda_mb"] is None
@@ -150,7 +151,23 @@ def test_helpers_hand_computed():
     assert Component("y", path="1").modules(model) == ["1"]
     missing = Component("z", path="missing")
     assert missing.modules(model) == []
-    with time_components(model, [inner, missing], torch.device("cpu")) as seconds:
+    with time_components(model, [inner, missing], torch.device("cpu")) as timings:
         model(torch.ones(1, 1))
-    assert set(seconds) == {"x"} and seconds["x"] > 0
-    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # removed after
+        model(torch.ones(1, 1))
+    assert set(timings) == {"x"} and timings["x"]["calls"] == 2  # the nested Inner is not counted
+    assert "forward" not in vars(model[0])  # the wrapper is gone after the block
+
+    class Matcher(nn.Module):
+        def forward(self, x):
+            return self.match_sets([x])[0]
+
+        def match_sets(self, xs):
+            return [x + 1 for x in xs]
+
+    matcher = Matcher()
+    component = Component("m", class_name="Matcher", methods=("forward", "match_sets", "absent"))
+    with time_components(nn.Sequential(matcher), [component], torch.device("cpu")) as timings:
+        matcher(torch.ones(1))  # forward -> match_sets: one call
+        matcher.match_sets([torch.ones(1)])  # called directly, as a criterion may
+    assert timings["m"]["calls"] == 2 and timings["m"]["seconds"] > 0
+    assert "match_sets" not in vars(matcher)

@@ -14,7 +14,7 @@ inputs built like the dataset mapper's outputs (:func:`synthetic_inputs`):
   trainer's optimizer, :func:`~ocz_d2.engine.optimizer.build_optimizer`): median and quartiles
   over ``repeats`` runs after ``warmup`` runs;
 - time per component inside the training step (:data:`TIMED_COMPONENTS`: matchers, pseudo-mask
-  clustering, criterion), by forward pre/post hooks on the modules found;
+  clustering, criterion), by timing wrappers on the found modules' entry methods;
 - peak memory with the row's model alone in the process: CPU RSS (reset per row where Linux
   allows it) and the CUDA allocator's peak, over the build and one run of each kind;
 - the train data loader's images/s (when the dataset's files exist) and the evaluator's
@@ -91,6 +91,9 @@ class Component:
     name: str
     path: str | None = None
     class_name: str | None = None
+    #: Entry points timed by :func:`time_components` (those the module has); nested calls of
+    #: one component (``forward`` calling ``match_sets``) count once.
+    methods: tuple[str, ...] = ("forward",)
 
     def modules(self, model: nn.Module) -> list[str]:
         """Paths of the outermost matching modules of ``model`` (empty when absent)."""
@@ -117,7 +120,8 @@ FLOP_COMPONENTS = (
 
 #: Components timed inside the training step (the criterion includes its matcher calls).
 TIMED_COMPONENTS = (
-    Component("matcher", class_name="HungarianMatcher"),
+    # The criterion may call the matcher through ``match_sets`` (several sets in one call).
+    Component("matcher", class_name="HungarianMatcher", methods=("forward", "match_sets")),
     Component("pseudo_masks", path="pseudo_masker"),
     Component("criterion", path="criterion"),
 )
@@ -269,36 +273,65 @@ def _time_runs(
 @contextlib.contextmanager
 def time_components(
     model: nn.Module, components: Sequence[Component], device: torch.device
-) -> Iterator[dict[str, float]]:
-    """Seconds spent in each component's modules inside the block (calls add up), measured by
-    forward pre/post hooks; a component the model lacks (or that does not run) gets no entry."""
-    seconds: dict[str, float] = {}
+) -> Iterator[dict[str, dict[str, float]]]:
+    """Time spent in each component's modules inside the block.
+
+    The components' entry methods (:attr:`Component.methods`) are wrapped on the module
+    instances for the duration of the block. Yields ``{name: {"seconds", "calls"}}``, filled as
+    the block runs (calls of a component add up); a component the model lacks, or that does not
+    run, gets no entry.
+    """
+    timings: dict[str, dict[str, float]] = {}
     modules = dict(model.named_modules())
-    handles = []
+    restores = []
     for component in components:
+        depth = [0]  # shared by the component's modules and methods
         for path in component.modules(model):
-            handles += _timing_hooks(modules[path], component.name, seconds, device)
+            for method in component.methods:
+                if callable(getattr(modules[path], method, None)):
+                    restores.append(
+                        _wrap_timed(modules[path], method, component.name, timings, depth, device)
+                    )
     try:
-        yield seconds
+        yield timings
     finally:
-        for handle in handles:
-            handle.remove()
+        for restore in reversed(restores):
+            restore()
 
 
-def _timing_hooks(
-    module: nn.Module, name: str, seconds: dict[str, float], device: torch.device
-) -> list:
-    starts: list[float] = []  # a stack: a module may be re-entered
+def _wrap_timed(
+    module: nn.Module,
+    method: str,
+    name: str,
+    timings: dict[str, dict[str, float]],
+    depth: list[int],
+    device: torch.device,
+) -> Callable[[], None]:
+    """Shadow ``module.<method>`` by a timed wrapper (outermost calls only); returns the undo."""
+    original = getattr(module, method)
 
-    def pre(*_):
-        _sync(device)
-        starts.append(time.perf_counter())
+    def timed(*args, **kwargs):
+        outermost = depth[0] == 0
+        if outermost:
+            _sync(device)
+            start = time.perf_counter()
+        depth[0] += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if outermost:
+                _sync(device)
+                entry = timings.setdefault(name, {"seconds": 0.0, "calls": 0})
+                entry["seconds"] += time.perf_counter() - start
+                entry["calls"] += 1
 
-    def post(*_):
-        _sync(device)
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - starts.pop()
+    module.__dict__[method] = timed  # an instance attribute shadows the class's method
 
-    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    def restore() -> None:
+        del module.__dict__[method]
+
+    return restore
 
 
 # ---------------------------------------------------------------------- FLOPs
@@ -494,7 +527,7 @@ class _RowSession:
         )
         self.online_batch = _without_object_maps(self.test_batch)
         self.runs: dict[str, list[float]] = {k: [] for k in ("inference", "online", "step")}
-        self.step_components: list[dict[str, float]] = []
+        self.step_components: list[dict[str, dict[str, float]]] = []
 
     def run_once(self, record: bool = True) -> None:
         """Time one inference with the object maps, one with the online guide (where the model
@@ -550,10 +583,14 @@ class _RowSession:
             if not paths:
                 result[component.name] = None
                 continue
-            seconds = np.array([c.get(component.name, 0.0) for c in self.step_components])
+            runs = [
+                c.get(component.name, {"seconds": 0.0, "calls": 0}) for c in self.step_components
+            ]
+            seconds = np.array([r["seconds"] for r in runs])
             result[component.name] = {
                 "median_ms": float(np.median(seconds) * 1e3),
                 "share_of_step": float(np.median(seconds / steps)),
+                "calls_per_step": float(np.median([r["calls"] for r in runs])),
                 "modules": paths,
             }
         return result
