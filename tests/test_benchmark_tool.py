@@ -1,0 +1,173 @@
+"""tools/benchmark.py and ocz_d2.engine.benchmark: a smoke run on two tiny configs (no timing
+assertions) and the helpers' hand-computed answers."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ocz_d2.engine.benchmark import (
+    FLOP_COMPONENTS,
+    SUMMARY_KEYS,
+    TIMED_COMPONENTS,
+    Component,
+    add_ratios,
+    synthetic_inputs,
+    time_components,
+    timing_stats,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
+# Full OC-ZSS in miniature: object prompts guided by CLIP's own features, one ORA round with
+# granular attention.
+OCZSS = [
+    "MODEL.OCZ.OBJECTS.NUM", "3", "MODEL.OCZ.OBJECTS.PROMPTS", "True",
+    "MODEL.OCZ.GUIDE.SOURCE", "clip", "MODEL.OCZ.ORA.NUM_ROUNDS", "1",
+    "MODEL.OCZ.ORA.NHEADS", "4", "MODEL.OCZ.ORA.OBJECT_INIT", "prompts",
+    "MODEL.OCZ.ORA.GRANULAR", "True", "MODEL.OCZ.ORA.GRANULAR_RATES", "[1, 2]",
+]  # fmt: skip
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_run(synthetic_benchmark, tmp_path_factory):
+    """The CLI on the baseline and a tiny OC-ZSS row: (its JSON, its printed tables)."""
+    out = tmp_path_factory.mktemp("benchmark") / "bench.json"
+    opts = synthetic_benchmark.tiny_run_overrides()
+    argv = ["--config", str(TINY), "--row", "oczss", str(TINY), *OCZSS, "--opts", *opts]
+    argv += ["--size", "64", "--batch", "2", "--repeats", "2", "--warmup", "1"]
+    argv += ["--loader-batches", "2", "--output", str(out)]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        # The split file's relative paths resolve against the benchmark's datasets folder.
+        mp.setenv("DETECTRON2_DATASETS", str(Path(synthetic_benchmark.root).parent))
+        assert _load_tool().main(argv) == 0
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+def test_report_structure_and_consistency(smoke_run):
+    report, printed = smoke_run
+    assert report["settings"]["size"] == 64 and report["settings"]["repeats"] == 2
+    base, oczss = report["rows"]
+    assert (base["name"], oczss["name"]) == ("ocz_tiny_attr", "oczss")
+    for row in (base, oczss):
+        assert 0 < row["params"]["trainable"] <= row["params"]["total"]
+        flops = row["flops"]
+        assert set(flops["components"]) == {c.name for c in FLOP_COMPONENTS}
+        assert flops["total"] > 0
+        for value in flops["components"].values():
+            assert value is None or 0 <= value <= flops["total"]
+        for key in ("inference", "train_step"):
+            stats = row["times"][key]
+            assert stats["runs"] == 2 and stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+        components = row["train_step_components"]
+        assert set(components) == {c.name for c in TIMED_COMPONENTS}
+        assert components["matcher"]["modules"] == ["criterion.matcher"]
+        assert components["matcher"]["calls_per_step"] >= 1
+        assert 0 <= components["matcher"]["share_of_step"] <= 1
+        assert components["criterion"]["modules"] == ["criterion"]
+        assert row["memory"]["peak_rss_mb"] > 0 and row["memory"]["peak_cuda_mb"] is None
+        assert row["data_loader"]["available"] and row["data_loader"]["images_per_s"] > 0
+        assert row["evaluation"]["num_classes"] == 16
+        assert row["evaluation"]["mpixels_per_s"] > 0
+        assert set(row["summary"]) == set(row["ratio"]) == set(SUMMARY_KEYS)
+    # The first row is the reference.
+    assert all(v == pytest.approx(1.0) for v in base["ratio"].values() if v is not None)
+    assert base["ratio"]["params_total"] == 1.0
+    assert oczss["ratio"]["gflops"] == pytest.approx(
+        oczss["flops"]["total"] / base["flops"]["total"]
+    )
+    # Absent components are reported as absent, not as errors.
+    for name in ("object_prompts", "ora", "granular_attention"):
+        assert base["flops"]["components"][name] is None
+    assert base["flops"]["guide_online"] is None and base["params"]["ssl_guide"] is None
+    assert base["times"]["inference_online_guide"] == {"skipped": "no object prompts"}
+    assert base["summary"]["inference_online_ms"] is None
+    # Present ones nest as the modules do.
+    comps = oczss["flops"]["components"]
+    assert 0 < comps["granular_attention"] <= comps["ora"] <= comps["pixel_decoder"]
+    assert comps["object_prompts"] is not None and comps["backbone"] > 0
+    assert oczss["flops"]["guide_online"] > 0
+    assert oczss["times"]["inference_online_guide"]["runs"] == 2
+    assert "| oczss |" in printed and "absent" in printed
+
+
+def test_synthetic_inputs_look_like_the_mapper_output(synthetic_benchmark):
+    from detectron2.data import MetadataCatalog
+
+    name = synthetic_benchmark.train_name
+    train = synthetic_inputs(name, 2, 32, training=True, num_objects=3, seed=5)
+    again = synthetic_inputs(name, 2, 32, training=True, num_objects=3, seed=5)
+    assert all(torch.equal(a["sem_seg"], b["sem_seg"]) for a, b in zip(train, again))
+    seen = set(MetadataCatalog.get(name).seen_classes)
+    for sample in train:
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 32, 32)
+        labels = set(sample["sem_seg"].unique().tolist())
+        assert labels <= seen | {255}
+        inst = sample["instances"]
+        assert set(inst.gt_classes.tolist()) == labels - {255}
+        assert inst.gt_masks.shape == (len(inst), 32, 32)
+        assert set(sample["object_map"].unique().tolist()) <= {0, 1, 2}
+    test = synthetic_inputs(name, 1, 32, training=False)
+    assert set(test[0]) == {"image", "height", "width", "dataset_name"}
+
+
+def test_helpers_hand_computed():
+    stats = timing_stats([0.001, 0.002, 0.003, 0.004, 0.010])
+    assert stats["median_ms"] == pytest.approx(3.0) and stats["max_ms"] == pytest.approx(10.0)
+    assert (stats["q1_ms"], stats["q3_ms"]) == pytest.approx((2.0, 4.0))
+    rows = add_ratios(
+        [{"summary": {"a": 2.0, "b": None, "c": 0.0}}, {"summary": {"a": 3.0, "b": 1.0, "c": 1.0}}]
+    )
+    assert rows[0]["ratio"] == {"a": 1.0, "b": None, "c": None}
+    assert rows[1]["ratio"] == {"a": 1.5, "b": None, "c": None}
+
+    class Inner(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    # An Inner inside an Inner: only the outer one is the component's module.
+    model = nn.Sequential(Inner(Inner(nn.Linear(1, 1))), nn.Linear(1, 1))
+    inner = Component("x", class_name="Inner")
+    assert inner.modules(model) == ["0"]
+    assert Component("y", path="1").modules(model) == ["1"]
+    missing = Component("z", path="missing")
+    assert missing.modules(model) == []
+    with time_components(model, [inner, missing], torch.device("cpu")) as timings:
+        model(torch.ones(1, 1))
+        model(torch.ones(1, 1))
+    assert set(timings) == {"x"} and timings["x"]["calls"] == 2  # the nested Inner is not counted
+    assert "forward" not in vars(model[0])  # the wrapper is gone after the block
+
+    class Matcher(nn.Module):
+        def forward(self, x):
+            return self.match_sets([x])[0]
+
+        def match_sets(self, xs):
+            return [x + 1 for x in xs]
+
+    matcher = Matcher()
+    component = Component("m", class_name="Matcher", methods=("forward", "match_sets", "absent"))
+    with time_components(nn.Sequential(matcher), [component], torch.device("cpu")) as timings:
+        matcher(torch.ones(1))  # forward -> match_sets: one call
+        matcher.match_sets([torch.ones(1)])  # called directly, as a criterion may
+    assert timings["m"]["calls"] == 2 and timings["m"]["seconds"] > 0
+    assert "match_sets" not in vars(matcher)
