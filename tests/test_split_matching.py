@@ -278,13 +278,17 @@ def test_embedding_cost_refuses_mismatched_widths():
 # ---------------------------------------------------------------------- MFE
 def test_mfe_starts_as_identity_and_learns_context():
     torch.manual_seed(0)
-    mfe = MultiScaleFeatureEnhancement(4, rates=(1, 2))
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    assert torch.equal(mfe(x), x)
-    mfe(x).square().sum().backward()
-    assert mfe.aggregate.mix.weight.grad.abs().sum() > 0
-    torch.nn.init.normal_(mfe.aggregate.mix.weight)
-    assert not torch.allclose(mfe(x), x)
+    mfe = MultiScaleFeatureEnhancement(4, rates=(1, 2), num_levels=2)
+    levels = [torch.randn(2, 4, 6, 6), torch.randn(2, 4, 3, 3)]
+    out = mfe(levels)
+    assert all(torch.equal(a, b) for a, b in zip(out, levels))
+    sum(o.square().sum() for o in mfe(levels)).backward()
+    assert all(a.mix.weight.grad.abs().sum() > 0 for a in mfe.aggregate)
+    torch.nn.init.normal_(mfe.aggregate[1].mix.weight)
+    out = mfe(levels)
+    assert torch.equal(out[0], levels[0]) and not torch.allclose(out[1], levels[1])
+    with pytest.raises(ValueError, match="levels"):
+        mfe(levels[:1])
 
 
 # ---------------------------------------------------------------------- pseudo-labels

@@ -91,6 +91,8 @@ class Component:
     name: str
     path: str | None = None
     class_name: str | None = None
+    #: Only modules under this path count (e.g. granular attention inside ORA, not MFE's).
+    within: str | None = None
     #: Entry points timed by :func:`time_components` (those the module has); nested calls of
     #: one component (``forward`` calling ``match_sets``) count once.
     methods: tuple[str, ...] = ("forward",)
@@ -99,6 +101,8 @@ class Component:
         """Paths of the outermost matching modules of ``model`` (empty when absent)."""
         found: list[str] = []
         for path, module in model.named_modules():
+            if self.within and not path.startswith(self.within + "."):
+                continue
             if path and (path == self.path or type(module).__name__ == self.class_name):
                 if not any(path.startswith(outer + ".") for outer in found):
                     found.append(path)
@@ -112,7 +116,7 @@ FLOP_COMPONENTS = (
     Component("backbone", path="backbone"),
     Component("object_prompts", path="backbone.object_prompts"),
     Component("ora", path="pixel_decoder.refiner"),
-    Component("granular_attention", class_name="GranularExtractor"),
+    Component("granular_attention", class_name="GranularExtractor", within="pixel_decoder.refiner"),
     Component("pixel_decoder", path="pixel_decoder"),
     Component("mfe", path="pixel_decoder.mfe"),
     Component("transformer_decoder", path="transformer_decoder"),

@@ -86,9 +86,9 @@ class SimplePyramidPixelDecoder(nn.Module):
     3. FPN: top-down from the coarsest level, each finer level adds the nearest-upsampled coarser
        output and goes through a 3x3 conv + norm + ReLU; the finest (``mask_stride``) output
        gives ``mask_features`` by a 1x1 conv.
-    4. MFE (optional, ``mfe_rates``): every FPN output is refined by its own
-       :class:`MultiScaleFeatureEnhancement` (residual multi-receptive-field aggregation) before
-       it is returned or projected to the mask features.
+    4. MFE (optional, ``mfe_rates``): :class:`MultiScaleFeatureEnhancement` refines every FPN
+       output (a residual multi-receptive-field aggregation per level) before it is returned or
+       projected to the mask features.
 
     Any input size works: from an h x w input grid, a level 2**k times finer is
     (h * 2**k) x (w * 2**k) and a level 2**k times coarser is ceil(h / 2**k) x ceil(w / 2**k).
@@ -160,9 +160,7 @@ class SimplePyramidPixelDecoder(nn.Module):
             _conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in self.level_strides[1:]
         )
         self.mfe = (
-            nn.ModuleList(
-                MultiScaleFeatureEnhancement(conv_dim, mfe_rates) for _ in self.level_strides
-            )
+            MultiScaleFeatureEnhancement(conv_dim, mfe_rates, len(self.level_strides))
             if mfe_rates
             else None
         )
@@ -231,7 +229,7 @@ class SimplePyramidPixelDecoder(nn.Module):
             top_down = F.interpolate(outputs[-1], size=level.shape[-2:], mode="nearest")
             outputs.append(conv(level + top_down))
         if self.mfe is not None:
-            outputs = [mfe(x) for mfe, x in zip(self.mfe, outputs)]
+            outputs = self.mfe(outputs)
         by_stride = dict(zip(self.level_strides, outputs))
         mask_features = self.mask_proj(by_stride[self.mask_stride])
         return mask_features, [by_stride[s] for s in self.decoder_strides]
