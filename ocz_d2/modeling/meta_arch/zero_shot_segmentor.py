@@ -442,7 +442,7 @@ class OCZeroShotSegmentor(nn.Module):
         if self.self_training_active():
             self._add_pseudo_labels(targets, outputs, seen_vocab)
         if self.pseudo_masker is not None:
-            self._add_candidates(targets, features, batched_inputs)
+            self._add_candidates(targets, features)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
@@ -531,7 +531,7 @@ class OCZeroShotSegmentor(nn.Module):
         _put_scalar("self_training/pseudo_labelled_fraction", labelled / max(unlabeled, 1))
 
     @torch.no_grad()
-    def _add_candidates(self, targets: list[dict], features: dict, batched_inputs) -> None:
+    def _add_candidates(self, targets: list[dict], features: dict) -> None:
         """Split matching: each target gets "candidates", the pseudo-masks of its unlabeled
         pixels with their region embeddings, defined on the annotated and pseudo-masked pixels.
         """
