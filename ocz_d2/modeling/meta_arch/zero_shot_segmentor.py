@@ -182,7 +182,7 @@ class OCZeroShotSegmentor(nn.Module):
                 f"{type(backbone).__name__} has no region_embeddings (use CLIPPromptBackbone)"
             )
         self.pseudo_masker = pseudo_masker
-        self.self_training = dict(self_training or {"start_iter": 0, "threshold": 0.5})
+        self.self_training = dict(self_training or {"start_iter": 0, "threshold": 0.0})
 
     @classmethod
     def from_config(cls, cfg):
@@ -513,8 +513,9 @@ class OCZeroShotSegmentor(nn.Module):
             outputs["pred_masks"].detach().float(), size=size, mode="bilinear", align_corners=False
         )
         logits = outputs["pred_logits"].detach().float()
-        labelled = unlabeled = 0
+        labelled = unlabeled = 0  # pixel counts, kept on the device until the one log below
         for target, lg, mk in zip(targets, logits, masks):
+            unlabeled = unlabeled + target["unlabeled"].sum()
             labels = pseudo_label(
                 pixel_class_probabilities(lg, mk), target["unlabeled"], unseen,
                 self.self_training["threshold"],
@@ -526,9 +527,9 @@ class OCZeroShotSegmentor(nn.Module):
             target["masks"] = torch.cat([target["masks"], new])
             target["valid"] = target["valid"] | (labels >= 0)
             target["unlabeled"] = target["unlabeled"] & (labels < 0)
-            labelled += int((labels >= 0).sum())
-            unlabeled += int(target["unlabeled"].sum()) + int((labels >= 0).sum())
-        _put_scalar("self_training/pseudo_labelled_fraction", labelled / max(unlabeled, 1))
+            labelled = labelled + (labels >= 0).sum()
+        fraction = float(labelled) / max(float(unlabeled), 1.0)
+        _put_scalar("self_training/pseudo_labelled_fraction", fraction)
 
     @torch.no_grad()
     def _add_candidates(self, targets: list[dict], features: dict) -> None:
