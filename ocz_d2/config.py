@@ -110,7 +110,13 @@ def _add_model_config(cfg: CN) -> None:
     ocz.ORA = CN()
     # S, rounds of (object stage, patch stage); 0 disables ORA (4 for VOC/COCO, 5 for Context).
     ocz.ORA.NUM_ROUNDS = 0
-    # Attention heads of both stages (must divide the ViT width).
+    # ORA's own width: patch and object features are projected to it on entry and the change
+    # is projected back and added (zero-initialised exit: a narrow ORA starts as the identity).
+    # 0: the ViT's width, no projections (the literal reading of the paper; 9x the cost of 256
+    # for a ViT-B at 512x512, see BENCHMARKS.md). Checkpoints trained before this key existed
+    # were full width: load them with DIM 0.
+    ocz.ORA.DIM = 256
+    # Attention heads of both stages (must divide ORA's width).
     ocz.ORA.NHEADS = 8
     # Initial object features: "prompts" (object-prompt outputs; needs OBJECTS.PROMPTS) or
     # "random" (learned embeddings, randomly initialised; needs OBJECTS.PROMPTS False).

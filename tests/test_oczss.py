@@ -231,6 +231,53 @@ def test_ora_objects_change_the_refinement():
         ora(pf)
 
 
+@pytest.mark.parametrize("granular", [False, True])
+def test_narrow_ora_starts_as_identity_then_learns(granular):
+    """ORA at a width below the backbone's: projected in, change projected back and added; the
+    zero-initialised exit makes it the identity at first, and one step makes it refine."""
+    torch.manual_seed(0)
+    ora = ObjectRefinementAttention(
+        24, dim=8, num_rounds=2, num_heads=2, granular_rates=(1, 2) if granular else None
+    )
+    full = ObjectRefinementAttention(
+        24, num_rounds=2, num_heads=2, granular_rates=(1, 2) if granular else None
+    )
+    assert ora.dim == 8 and ora.channels == 24 and full.dim == 24 and full.patch_in is None
+    # Every inner projection is dim x dim: the narrow one has (8/24)^2 of their weights.
+    inner = ("obj_", "patch_q", "patch_k", "patch_v", "patch_out", "patch_gru", "patch_norm")
+    n_inner = sum(p.numel() for n, p in ora.named_parameters() if n.startswith(inner))
+    n_full = sum(p.numel() for n, p in full.named_parameters() if n.startswith(inner))
+    assert n_inner < n_full / 5
+    pf = torch.randn(2, 24, 4, 5)
+    of = torch.randn(2, 3, 24)
+    assert torch.equal(ora(pf, of), pf)
+    optimizer = torch.optim.SGD(ora.parameters(), lr=0.1)
+    target = torch.randn_like(pf)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (ora(pf, of) - target).square().mean().backward()
+        optimizer.step()
+    out = ora(pf, of)
+    assert not torch.allclose(out, pf)
+    # After the exit has learned, every part (entry, stages, GRUs) gets a gradient.
+    optimizer.zero_grad()
+    (out - target).square().mean().backward()
+    missing = [n for n, p in ora.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not missing
+    # The objects matter through the entry projection.
+    assert not torch.allclose(ora(pf, of), ora(pf, torch.randn(2, 3, 24)))
+
+
+def test_ora_width_errors_name_the_key():
+    with pytest.raises(ValueError, match="MODEL.OCZ.ORA.NHEADS=3 must divide ORA's width 8"):
+        ObjectRefinementAttention(24, dim=8, num_heads=3)
+    with pytest.raises(ValueError, match="MODEL.OCZ.ORA.DIM must be >= 0"):
+        ObjectRefinementAttention(24, dim=-8, num_heads=2)
+    ora = ObjectRefinementAttention(24, dim=8, num_heads=2, granular_rates=None)
+    with pytest.raises(ValueError, match="built for 24-channel patch features"):
+        ora(torch.randn(1, 16, 2, 2), torch.randn(1, 2, 16))
+
+
 def test_granular_extractor_receptive_fields():
     torch.manual_seed(0)
     g = GranularExtractor(4, rates=(1, 3))
@@ -513,6 +560,7 @@ def test_paper_scale_voc_ladder_builds_and_trains_a_step(config, synthetic_bench
     if config != VOC_LADDER[0]:
         ora = model.pixel_decoder.refiner
         assert ora.num_rounds == 4 and ora.num_heads == 8
+        assert ora.dim == 256 and ora.channels == model.backbone.width
         assert ora.granular == (config not in VOC_LADDER[1:3])
     split = config.startswith("ocz_oczss_split")
     assert (model.pseudo_masker is not None) == split

@@ -238,8 +238,9 @@ class SimplePyramidPixelDecoder(nn.Module):
 ORA_OBJECT_INITS = ("prompts", "random")
 
 
-def build_object_refiner(cfg, dim: int) -> ObjectRefinementAttention | None:
-    """ORA from ``cfg.MODEL.OCZ.ORA`` for patch features of ``dim`` channels; None when S = 0.
+def build_object_refiner(cfg, channels: int) -> ObjectRefinementAttention | None:
+    """ORA from ``cfg.MODEL.OCZ.ORA`` for patch features of ``channels`` channels; None when
+    S = 0.
 
     Raises:
         ValueError: when the object source does not fit ``MODEL.OCZ.OBJECTS``.
@@ -261,7 +262,8 @@ def build_object_refiner(cfg, dim: int) -> ObjectRefinementAttention | None:
             "from learned embeddings ('random', with PROMPTS False)."
         )
     return ObjectRefinementAttention(
-        dim,
+        channels,
+        dim=ora.DIM,
         num_rounds=ora.NUM_ROUNDS,
         num_heads=ora.NHEADS,
         num_objects=objects.NUM if ora.OBJECT_INIT == "random" else 0,
