@@ -18,6 +18,7 @@ from PIL import Image
 
 from ocz_d2.evaluation import (
     ZeroShotSemSegEvaluator,
+    class_map,
     compute_zero_shot_metrics,
     harmonic_mean,
 )
@@ -309,6 +310,12 @@ def test_bad_inputs_raise_clear_errors(tmp_path, registered):
     assert "[4, 17]" in str(info.value)
     assert evaluator.confusion_matrix.sum() == 0
 
+    # The same from a tensor label with a negative and a large value (the sorting path).
+    label = torch.tensor([[0, -3, 1], [255, 70000, 2]])
+    with pytest.raises(ValueError, match=r"values \[-3, 70000\]"):
+        evaluator.process([{"sem_seg": label}], [{"sem_seg": torch.zeros(4, 2, 3)}])
+    assert evaluator.confusion_matrix.sum() == 0
+
     # Prediction at the wrong size.
     with pytest.raises(ValueError, match=r"size \(4, 4\).*size \(3, 4\)"):
         evaluator.process([dicts[1]], [{"sem_seg": torch.zeros(4, 4, 4)}])
@@ -321,6 +328,23 @@ def test_bad_inputs_raise_clear_errors(tmp_path, registered):
     # No ground truth at all.
     with pytest.raises(KeyError, match="sem_seg_file_name"):
         evaluator.process([{"file_name": "a.png"}], [{"sem_seg": torch.zeros(4, 3, 4)}])
+
+
+def test_class_map_is_the_argmax_with_ties_to_the_lowest_class():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand((7, 13, 11), generator=gen)
+    # Exact ties between classes 2 and 5 (2 wins) and a row where the last class wins.
+    scores[2, 0] = scores[5, 0] = 3.0
+    scores[6, 1] = 4.0
+    labels = class_map(scores)
+    assert labels.dtype == torch.int64 and labels.shape == (13, 11)
+    assert torch.equal(labels, scores.argmax(0))
+    assert (labels[0] == 2).all() and (labels[1] == 6).all()
+    # Quantised scores tie often: still the lowest index everywhere.
+    coarse = (scores * 2).floor()
+    assert torch.equal(class_map(coarse), coarse.argmax(0))
+    with pytest.raises(ValueError, match=r"\[K, H, W\]"):
+        class_map(scores[0])
 
 
 # --- two processes -------------------------------------------------------------------------

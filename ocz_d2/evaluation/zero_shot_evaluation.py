@@ -35,6 +35,7 @@ __all__ = [
     "METRICS_FILE_NAME",
     "ZeroShotSemSegEvaluator",
     "accumulate_confusion",
+    "class_map",
     "build_zero_shot_evaluator",
     "compute_zero_shot_metrics",
     "format_zero_shot_tables",
@@ -47,6 +48,34 @@ logger = logging.getLogger(__name__)
 METRICS_FILE_NAME = "zero_shot_sem_seg_metrics.json"
 #: Summed confusion matrix written beside it (``np.load``-able, int64 ``[K+1, K+1]``).
 CONFUSION_FILE_NAME = "zero_shot_sem_seg_confusion.npy"
+
+
+def class_map(scores: torch.Tensor) -> torch.Tensor:
+    """Per-pixel argmax of ``[K, H, W]`` scores: ``[H, W]`` int64 class indices.
+
+    The same result as ``scores.argmax(0)`` (ties go to the lowest index; a NaN score never wins
+    unless it is class 0's), computed as a running maximum over the K class planes: on CPU
+    ``torch.argmax`` over the leading dimension walks K strided values per pixel and is 3-4x
+    slower (``tools/benchmark.py``, evaluation column; BENCHMARKS.md).
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"class_map expects [K, H, W] scores, got {tuple(scores.shape)}")
+    best = scores[0].clone()
+    labels = torch.zeros(scores.shape[1:], dtype=torch.int64, device=scores.device)
+    for k in range(1, scores.shape[0]):
+        better = scores[k] > best
+        torch.maximum(best, scores[k], out=best)
+        labels.masked_fill_(better, k)
+    return labels
+
+
+def _label_values(gt: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer label map: a counting pass when they lie in
+    [0, 65536) (every label PNG), a sort otherwise."""
+    flat = gt.reshape(-1)
+    if flat.size and flat.min() >= 0 and flat.max() < 1 << 16:
+        return np.flatnonzero(np.bincount(flat))
+    return np.unique(flat)
 
 
 def accumulate_confusion(
@@ -425,7 +454,7 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
             self._accumulate(pred, gt)
 
     def _load_gt(self, inp: dict) -> tuple[np.ndarray, str]:
-        """Label map ``[H, W]`` as int64 (checked), and a name for error messages."""
+        """Label map ``[H, W]`` (integers, checked), and a name for error messages."""
         file_name = inp.get("sem_seg_file_name")
         if file_name is not None:
             with PathManager.open(file_name, "rb") as f:
@@ -446,11 +475,11 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
             )
         if not np.issubdtype(gt.dtype, np.integer):
             raise ValueError(f"Label map {source} has dtype {gt.dtype}; expected integers.")
-        gt = gt.astype(np.int64)
-        ignore = gt == self._ignore_label
-        bad = ~ignore & ((gt < 0) | (gt >= self._num_classes))
-        if bad.any():
-            values = np.unique(gt[bad]).tolist()
+        values = _label_values(gt)
+        outside = (values < 0) | (values >= self._num_classes)
+        bad = values[outside & (values != self._ignore_label)]
+        if bad.size:
+            values = bad.tolist()
             raise ValueError(
                 f"Label map {source} has values {values[:20]} outside the class range "
                 f"[0, {self._num_classes}) of '{self._dataset_name}' that are not the ignore "
@@ -473,7 +502,7 @@ class ZeroShotSemSegEvaluator(DatasetEvaluator):
                 f"[K={self._num_classes}, H, W] scores over the classes of '{self._dataset_name}'."
             )
         # Argmax before the copy to CPU: moves K times less data off the GPU.
-        return scores.argmax(dim=0).to(self._cpu_device).numpy().astype(np.int64)
+        return class_map(scores).to(self._cpu_device).numpy()
 
     def _accumulate(self, pred: np.ndarray, gt: np.ndarray) -> None:
         accumulate_confusion(
