@@ -1,5 +1,6 @@
 """tools/benchmark.py and ocz_d2.engine.benchmark: a smoke run on two tiny configs (no timing
-assertions) and the helpers' hand-computed answers."""
+assertions), the helpers' hand-computed answers, and the train loader timed on stand-in files of
+the missing VOC data (ocz_d2.data.stand_in) with the VOC configs' input recipe."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,15 +19,21 @@ from ocz_d2.engine.benchmark import (
     FLOP_COMPONENTS,
     SUMMARY_KEYS,
     TIMED_COMPONENTS,
+    BenchmarkSettings,
     Component,
+    _load_row_config,
+    _loader_cell,
+    _loader_throughput,
     add_ratios,
     synthetic_inputs,
     time_components,
     timing_stats,
 )
+from ocz_d2.engine.report import ReportRow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
+VOC_SPLIT_FILE = REPO / "ocz_d2" / "data" / "splits" / "voc.yaml"
 # Full OC-ZSS in miniature: object prompts guided by CLIP's own features, one ORA round with
 # granular attention.
 OCZSS = [
@@ -171,3 +179,119 @@ def test_helpers_hand_computed():
         matcher.match_sets([torch.ones(1)])  # called directly, as a criterion may
     assert timings["m"]["calls"] == 2 and timings["m"]["seconds"] > 0
     assert "match_sets" not in vars(matcher)
+
+
+# ---------------------------------------------------------------------- loader on stand-in files
+def test_stand_in_files_are_in_the_dataset_formats(tmp_path):
+    from PIL import Image
+
+    from ocz_d2.data.object_maps import read_record
+    from ocz_d2.data.stand_in import write_stand_in_split
+
+    kwargs = dict(num_classes=20, num_objects=6, object_map_record={"source": "ssl"}, seed=3)
+    files = write_stand_in_split(tmp_path / "a", 3, **kwargs)
+    assert files.size == (500, 375) and files.mean_image_kb > 10
+    assert read_record(files.object_map_root) == {"source": "ssl", "stand_in": True}
+    assert files.object_map_root == tmp_path / "a" / "object_maps" / "stand_in" / "train"
+    object_pixels = 0
+    for i in range(3):
+        with Image.open(files.image_root / f"{i:06d}.jpg") as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (500, 375))
+            assert np.asarray(image).std() > 10  # not a flat image
+        with Image.open(files.label_root / f"{i:06d}.png") as label:
+            assert (label.format, label.mode, label.size) == ("PNG", "L", (500, 375))
+            values = np.asarray(label)
+        assert set(np.unique(values).tolist()) <= set(range(20)) | {255}
+        assert (values == 255).any()  # background and boundaries
+        object_pixels += int((values < 20).sum())
+        with Image.open(files.object_map_root / f"{i:06d}.png") as regions:
+            assert (regions.mode, regions.size) == ("L", (500, 375))
+            assert set(np.unique(np.asarray(regions)).tolist()) <= set(range(6))
+    assert object_pixels > 0
+    # Seeded: the same arguments give the same files.
+    again = write_stand_in_split(tmp_path / "b", 3, **kwargs)
+    for sub in ("images/train/000002.jpg", "labels/train/000002.png"):
+        assert (files.root / sub).read_bytes() == (again.root / sub).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "config, num_objects",
+    [("configs/voc/Base-VOC-ZeroShot.yaml", 0), ("configs/voc/ocz_oczss.yaml", 6)],
+)
+def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypatch):
+    """The VOC split registered over an empty folder: its files are missing, so the loader runs
+    on stand-in files, with the config's recipe (512 crops) and the VOC labels and object maps."""
+    import detectron2.data
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from ocz_d2.data import register_split_file, unregister_zero_shot_split
+
+    names = register_split_file(
+        VOC_SPLIT_FILE, root=tmp_path / "no_datasets", dataset="test_voc_missing", lazy=True
+    )
+    batches = []
+    build = detectron2.data.build_detection_train_loader
+
+    def recording_loader(*args, **kwargs):
+        loader = build(*args, **kwargs)
+
+        def batches_of():
+            for batch in loader:
+                batches.append(batch)
+                yield batch
+
+        return batches_of()
+
+    monkeypatch.setattr(detectron2.data, "build_detection_train_loader", recording_loader)
+    try:
+        opts = ("DATASETS.TRAIN", f"('{names[0]}',)", "DATALOADER.NUM_WORKERS", "0")
+        settings = BenchmarkSettings(batch=2)
+        cfg = _load_row_config(ReportRow("voc", str(REPO / config), opts), settings)
+        assert _loader_throughput(cfg, 2)["available"] is False  # stand-in off: as before
+        result = _loader_throughput(cfg, 2, stand_in=4, stand_in_size=(500, 375))
+        seen = set(MetadataCatalog.get(names[0]).seen_classes)
+    finally:
+        for name in names:
+            unregister_zero_shot_split(name)
+    assert result["available"] and result["stand_in"] and result["stands_in_for"] == names[0]
+    assert (result["stand_in_images"], result["stand_in_size"]) == (4, [500, 375])
+    assert result["stand_in_image_format"] == ".jpg"
+    assert result["stand_in_object_maps"] == num_objects
+    assert result["num_workers"] == 0 and result["batch"] == 2
+    assert result["images_per_s_per_worker"] == result["images_per_s"] > 0
+    assert "stand-in 500x375, 4 images" in _loader_cell(result)
+    # The temporary split is gone: catalog entry and files.
+    assert result["dataset"] not in DatasetCatalog.list()
+    assert not Path(result["stand_in_root"]).exists()
+    # The batches the loader made: the first (worker start-up) and the 2 timed ones.
+    assert len(batches) == 3 and all(len(b) == 2 for b in batches)
+    labelled = 0
+    for sample in (s for b in batches for s in b):
+        assert sample["image"].dtype == torch.uint8
+        assert sample["image"].shape == (3, 512, 512)  # INPUT.CROP.SIZE, padded to it
+        assert (sample["height"], sample["width"]) == (375, 500)
+        labels = set(sample["sem_seg"].unique().tolist())
+        assert sample["sem_seg"].shape == (512, 512) and labels <= seen | {255}
+        assert set(sample["instances"].gt_classes.tolist()) == labels - {255}
+        labelled += len(labels - {255})
+        if num_objects:
+            regions = sample["object_map"]
+            assert regions.shape == (512, 512)
+            assert set(regions.unique().tolist()) <= set(range(num_objects)) | {255}
+        else:
+            assert "object_map" not in sample
+    assert labelled > 0
+
+
+def test_stand_in_options():
+    tool = _load_tool()
+    args = tool.parse_args(["--config", str(TINY), "--loader-stand-in", "64"])
+    assert (args.loader_stand_in, args.loader_stand_in_size) == (64, [500, 375])
+    args = tool.parse_args(["--config", str(TINY), "--loader-stand-in-size", "640", "480"])
+    assert (args.loader_stand_in, args.loader_stand_in_size) == (0, [640, 480])
+    assert BenchmarkSettings().loader_stand_in == 0
+    assert BenchmarkSettings(loader_stand_in_size=[640, 480]).loader_stand_in_size == (640, 480)
+    with pytest.raises(ValueError, match="loader_stand_in"):
+        BenchmarkSettings(loader_stand_in=-1)
+    with pytest.raises(ValueError, match="loader_stand_in_size"):
+        BenchmarkSettings(loader_stand_in_size=(0, 375))

@@ -10,6 +10,12 @@ evaluator throughput, and every number's ratio to the first config (ocz_d2/engin
         --row oczss configs/voc/ocz_oczss.yaml MODEL.OCZ.ORA.NUM_ROUNDS 2 \\
         --opts MODEL.OCZ.CLIP.PRETRAINED "" MODEL.OCZ.GUIDE.PRETRAINED False --size 512 --batch 1
 
+Without the dataset's files the loader is "not available"; --loader-stand-in N times it on N
+stand-in image/label pairs (and object maps for configs with object prompts) written in the
+dataset's formats at --loader-stand-in-size (VOC's 500x375), with the config's input recipe:
+
+    python tools/benchmark.py --config configs/voc/ocz_oczss.yaml --loader-stand-in 64 ...
+
 Rows are measured in the order given; --config PATH is a row named after the file. --opts applies
 to every row, before the row's own overrides. Models are built with the configs' weights; on a
 machine without downloads, empty the pretrained tags (as above) to measure random-weight models.
@@ -67,6 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--loader-batches", type=int, default=20, help="train-loader batches timed (0: skip)"
     )
+    parser.add_argument(
+        "--loader-stand-in",
+        type=int,
+        default=0,
+        metavar="N",
+        help="when the train dataset's files are missing, time the loader on N stand-in "
+        "image/label pairs (and object maps) in its formats, in a temporary folder (0: off)",
+    )
+    parser.add_argument(
+        "--loader-stand-in-size",
+        type=int,
+        nargs=2,
+        default=[500, 375],
+        metavar=("WIDTH", "HEIGHT"),
+        help="size of the stand-in images (default: PASCAL VOC's 500 375)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
     parser.add_argument("--output", help="JSON file for the results")
     return parser.parse_args(argv)
@@ -91,6 +113,8 @@ def main(argv=None) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             loader_batches=args.loader_batches,
+            loader_stand_in=args.loader_stand_in,
+            loader_stand_in_size=tuple(args.loader_stand_in_size),
             seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as e:

@@ -17,7 +17,8 @@ inputs built like the dataset mapper's outputs (:func:`synthetic_inputs`):
   clustering, criterion), by timing wrappers on the found modules' entry methods;
 - peak memory with the row's model alone in the process: CPU RSS (reset per row where Linux
   allows it) and the CUDA allocator's peak, over the build and one run of each kind;
-- the train data loader's images/s (when the dataset's files exist) and the evaluator's
+- the train data loader's images/s and images/s per loader worker (when the dataset's files
+  exist, or on stand-in files in its formats, :mod:`ocz_d2.data.stand_in`) and the evaluator's
   ``process`` throughput in pixels/s on random predictions;
 - every headline number divided by the first row's (:func:`add_ratios`).
 
@@ -142,7 +143,11 @@ class BenchmarkSettings:
         repeats: timed runs of each measurement (rounds over the rows).
         warmup: untimed rounds before them (>= 1).
         loader_batches: batches timed from the train data loader (0 skips it).
-        seed: seed of the random weights and of the synthetic inputs.
+        loader_stand_in: when the train dataset's files are missing, time the loader on this
+            many stand-in image/label pairs written in the dataset's formats
+            (:mod:`ocz_d2.data.stand_in`); 0: report the loader as not available.
+        loader_stand_in_size: (width, height) of the stand-in images (PASCAL VOC's 500x375).
+        seed: seed of the random weights, the synthetic inputs and the stand-in files.
     """
 
     size: int = 128
@@ -151,6 +156,8 @@ class BenchmarkSettings:
     repeats: int = 10
     warmup: int = 3
     loader_batches: int = 20
+    loader_stand_in: int = 0
+    loader_stand_in_size: tuple[int, int] = (500, 375)
     seed: int = 0
 
     def __post_init__(self):
@@ -159,6 +166,14 @@ class BenchmarkSettings:
             raise ValueError(f"size, batch, repeats and warmup must be >= 1: {self}")
         if self.loader_batches < 0:
             raise ValueError(f"loader_batches must be >= 0, got {self.loader_batches}")
+        if self.loader_stand_in < 0:
+            raise ValueError(f"loader_stand_in must be >= 0, got {self.loader_stand_in}")
+        if len(self.loader_stand_in_size) != 2 or min(self.loader_stand_in_size) < 1:
+            raise ValueError(
+                f"loader_stand_in_size must be (width, height) >= 1, got "
+                f"{self.loader_stand_in_size}"
+            )
+        object.__setattr__(self, "loader_stand_in_size", tuple(self.loader_stand_in_size))
 
 
 # ---------------------------------------------------------------------- synthetic inputs
@@ -409,18 +424,39 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------- data and evaluation
-def _loader_throughput(cfg, batches: int) -> dict:
+def _loader_throughput(
+    cfg,
+    batches: int,
+    *,
+    stand_in: int = 0,
+    stand_in_size: tuple[int, int] = (500, 375),
+    seed: int = 0,
+) -> dict:
     """Images/s of the config's train loader (as the trainer builds it) over ``batches``
-    batches after the first; {"available": False, "reason"} when its data is missing."""
-    from detectron2.data import DatasetCatalog, build_detection_train_loader
+    batches after the first, and per loader worker (``images_per_s / max(1, NUM_WORKERS)``).
 
-    from ..data import ZeroShotSemSegDatasetMapper
+    When the first train dataset's files are missing: {"available": False, "reason"}, or, with
+    ``stand_in`` > 0, the loader timed on ``stand_in`` stand-in pairs of ``stand_in_size``
+    (width, height) in the dataset's formats (:func:`_stand_in_loader`, ``"stand_in": True``).
+    """
+    from detectron2.data import DatasetCatalog
 
     name = cfg.DATASETS.TRAIN[0]
     try:
         DatasetCatalog.get(name)
     except FileNotFoundError as e:
-        return {"available": False, "reason": str(e)}
+        if stand_in <= 0:
+            return {"available": False, "reason": str(e)}
+        return _stand_in_loader(cfg, batches, stand_in, stand_in_size, seed, missing=str(e))
+    return {"available": True, "stand_in": False, **_time_loader(cfg, batches)}
+
+
+def _time_loader(cfg, batches: int) -> dict:
+    """Time the train loader of ``cfg`` as the trainer builds it (:func:`_loader_throughput`)."""
+    from detectron2.data import build_detection_train_loader
+
+    from ..data import ZeroShotSemSegDatasetMapper
+
     loader = build_detection_train_loader(cfg, mapper=ZeroShotSemSegDatasetMapper(cfg, True))
     batches_iter = iter(loader)
     start = time.perf_counter()
@@ -432,13 +468,101 @@ def _loader_throughput(cfg, batches: int) -> dict:
         images += len(next(batches_iter))
     seconds = time.perf_counter() - start
     del batches_iter, loader  # stops the workers
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
     return {
-        "available": True,
-        "dataset": name,
-        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "dataset": cfg.DATASETS.TRAIN[0],
+        "num_workers": workers,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
         "first_batch_s": first,
         "images_per_s": images / seconds,
+        "images_per_s_per_worker": images / seconds / max(1, workers),
+    }
+
+
+def _uses_object_maps(cfg, dataset_name: str) -> int:
+    """n_o of the object maps a stand-in of ``dataset_name`` carries (0: none): the dataset's
+    own maps, or, for a model with object prompts, the precomputed maps that train without the
+    online guide (``tools/precompute_object_maps.py``)."""
+    from detectron2.data import MetadataCatalog
+
+    from ..data.object_maps import OBJECT_MAP_KEY
+
+    objects = cfg.MODEL.OCZ.OBJECTS
+    num = int(objects.NUM) if objects.PROMPTS else 0
+    roots = MetadataCatalog.get(dataset_name).get("extra_label_roots", None) or {}
+    if OBJECT_MAP_KEY in roots:
+        return max(num, 1)
+    return num
+
+
+def _stand_in_loader(
+    cfg, batches: int, num_images: int, size: tuple[int, int], seed: int, *, missing: str
+) -> dict:
+    """:func:`_time_loader` on stand-in files of the first train dataset, written to a
+    temporary folder, registered with its metadata as ``<name>_stand_in`` and removed after."""
+    import shutil
+    import tempfile
+
+    from detectron2.data import MetadataCatalog
+
+    from ..data import unregister_zero_shot_split
+    from ..data.object_maps import guide_record
+    from ..data.stand_in import register_stand_in_split, stand_in_format, write_stand_in_split
+
+    real = cfg.DATASETS.TRAIN[0]
+    num_objects = _uses_object_maps(cfg, real)
+    record = None
+    if num_objects:
+        try:
+            record = guide_record(cfg)  # the record the model checks maps against
+        except (OSError, ValueError) as e:
+            logger.warning("stand-in object maps: no guide record (%s)", e)
+    image_ext, label_ext = stand_in_format(real)
+    root = tempfile.mkdtemp(prefix="ocz_loader_stand_in_")
+    name = None
+    try:
+        files = write_stand_in_split(
+            os.path.join(root, real),
+            num_images,
+            num_classes=len(MetadataCatalog.get(real).stuff_classes),
+            size=size,
+            image_ext=image_ext,
+            label_ext=label_ext,
+            num_objects=num_objects,
+            object_map_record=record,
+            seed=seed,
+        )
+        logger.info(
+            "%s is missing: %d stand-in images of %dx%d (%.0f KB each%s) written in %.1f s",
+            real,
+            num_images,
+            *files.size,
+            files.mean_image_kb,
+            f", object maps of {num_objects} regions" if num_objects else "",
+            files.seconds,
+        )
+        name = register_stand_in_split(f"{real}_stand_in", real, files)
+        stand_in_cfg = cfg.clone()
+        stand_in_cfg.defrost()
+        stand_in_cfg.DATASETS.TRAIN = (name,)
+        stand_in_cfg.freeze()
+        timing = _time_loader(stand_in_cfg, batches)
+    finally:
+        if name is not None:
+            unregister_zero_shot_split(name)
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "available": True,
+        "stand_in": True,
+        **timing,
+        "stands_in_for": real,
+        "missing": missing,
+        "stand_in_images": num_images,
+        "stand_in_size": list(files.size),
+        "stand_in_image_format": files.image_ext,
+        "stand_in_mean_image_kb": files.mean_image_kb,
+        "stand_in_object_maps": num_objects,
+        "stand_in_root": root,
     }
 
 
@@ -659,7 +783,13 @@ def profile_row(row: ReportRow, settings: BenchmarkSettings) -> dict:
     result["flops"] = _flops(session.model, session.test_batch[0], settings.size)
     logger.info("[%s] data loader and evaluator", row.name)
     result["data_loader"] = (
-        _loader_throughput(session.cfg, settings.loader_batches)
+        _loader_throughput(
+            session.cfg,
+            settings.loader_batches,
+            stand_in=settings.loader_stand_in,
+            stand_in_size=settings.loader_stand_in_size,
+            seed=settings.seed,
+        )
         if settings.loader_batches
         else {"available": False, "reason": "not measured (loader_batches 0)"}
     )
@@ -788,7 +918,7 @@ def format_markdown(report: dict) -> str:
             f"{r['summary']['gflops']:.2f} | {_spread(t['inference'])} | "
             f"{_spread(t['inference_online_guide'])} | {_spread(t['train_step'])} | "
             f"{r['memory']['peak_rss_mb']:.0f} | "
-            f"{_fmt(loader['images_per_s']) if loader['available'] else 'not available'} | "
+            f"{_loader_cell(loader)} | "
             f"{evaluation['mpixels_per_s']:.1f} ({evaluation['argmax_mpixels_per_s']:.1f}, "
             f"{evaluation['accumulate_mpixels_per_s']:.0f}) |"
         )
@@ -820,6 +950,18 @@ def format_markdown(report: dict) -> str:
         ]
         out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def _loader_cell(loader: dict) -> str:
+    """The loader's images/s with its rate per worker, and "stand-in WxH, N images" when it was
+    timed on stand-in files."""
+    if not loader["available"]:
+        return "not available"
+    cell = f"{_fmt(loader['images_per_s'])} ({_fmt(loader['images_per_s_per_worker'])}/worker"
+    if loader.get("stand_in"):
+        width, height = loader["stand_in_size"]
+        cell += f"; stand-in {width}x{height}, {loader['stand_in_images']} images"
+    return cell + ")"
 
 
 def _share(value: int | None, total: int, unit: float) -> str:
