@@ -345,6 +345,16 @@ def test_class_map_is_the_argmax_with_ties_to_the_lowest_class():
     assert torch.equal(class_map(coarse), coarse.argmax(0))
     with pytest.raises(ValueError, match=r"\[K, H, W\]"):
         class_map(scores[0])
+    # More classes than uint8 ranks hold (ADE-847-sized vocabularies).
+    many = torch.rand((300, 5, 4), generator=gen)
+    many[299, 0, 0] = many[7, 0, 0] = 2.0
+    assert torch.equal(class_map(many), many.argmax(0))
+    assert class_map(many)[0, 0] == 7
+    # NaN scores have no maximum: a clear error instead of a silent label.
+    broken = scores.clone()
+    broken[3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN at 1 pixels"):
+        class_map(broken)
 
 
 # --- two processes -------------------------------------------------------------------------

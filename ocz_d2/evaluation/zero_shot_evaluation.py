@@ -53,19 +53,32 @@ CONFUSION_FILE_NAME = "zero_shot_sem_seg_confusion.npy"
 def class_map(scores: torch.Tensor) -> torch.Tensor:
     """Per-pixel argmax of ``[K, H, W]`` scores: ``[H, W]`` int64 class indices.
 
-    The same result as ``scores.argmax(0)`` (ties go to the lowest index; a NaN score never wins
-    unless it is class 0's), computed as a running maximum over the K class planes: on CPU
-    ``torch.argmax`` over the leading dimension walks K strided values per pixel and is 3-4x
-    slower (``tools/benchmark.py``, evaluation column; BENCHMARKS.md).
+    The same result as ``scores.argmax(0)`` (ties go to the lowest index), computed with
+    reductions over the leading dimension, which PyTorch runs fast, instead of ``argmax(0)``,
+    which on CPU walks K strided values per pixel: the per-pixel maximum, then the first class
+    that reaches it (the largest of ``K - k`` over the classes k equal to the maximum). 6-8x
+    faster than ``argmax(0)`` on CPU at 512x512, K = 20 (BENCHMARKS.md, section 4).
+
+    Raises:
+        ValueError: for scores that are not [K, H, W], or NaN scores (no class is the maximum).
     """
     if scores.dim() != 3:
         raise ValueError(f"class_map expects [K, H, W] scores, got {tuple(scores.shape)}")
-    best = scores[0].clone()
-    labels = torch.zeros(scores.shape[1:], dtype=torch.int64, device=scores.device)
-    for k in range(1, scores.shape[0]):
-        better = scores[k] > best
-        torch.maximum(best, scores[k], out=best)
-        labels.masked_fill_(better, k)
+    k = scores.shape[0]
+    best = scores.amax(dim=0, keepdim=True)
+    small = k < 256
+    rank = torch.arange(k, 0, -1, device=scores.device, dtype=torch.uint8 if small else torch.int32)
+    is_best = torch.eq(scores, best)
+    weighted = (is_best.view(torch.uint8) if small else is_best.to(rank.dtype)).mul_(
+        rank[:, None, None]
+    )
+    top = weighted.amax(dim=0)  # K - (first best class); 0 where no class equals the maximum
+    if int(top.min()) == 0:
+        raise ValueError(
+            f"class scores contain NaN at {int((top == 0).sum())} pixels: the model's "
+            "output is broken (check the loss and the weights for NaN)"
+        )
+    labels = k - top.to(torch.int64)
     return labels
 
 
