@@ -141,6 +141,22 @@ def test_pairwise_costs_hand_values():
     assert dice[1, 0] < 1e-3
 
 
+def test_pairwise_bce_equals_elementwise_bce():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn((5, 40), generator=gen) * 4
+    targets = torch.rand((3, 40), generator=gen)
+    targets[0] = targets[0].round()  # a binary target beside soft ones
+    expected = torch.stack(
+        [
+            torch.stack(
+                [F.binary_cross_entropy_with_logits(logits[q], targets[t]) for t in range(3)]
+            )
+            for q in range(5)
+        ]
+    )
+    torch.testing.assert_close(batch_sigmoid_ce_cost(logits, targets), expected)
+
+
 def test_matcher_identity_recovers_true_assignment():
     targets = [_random_targets(3, (12, 16)), _random_targets(2, (12, 16))]
     truth = [[4, 0, 2], [1, 5]]

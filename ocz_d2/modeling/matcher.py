@@ -37,10 +37,10 @@ def batch_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.
         [Q, T] cost, ``mean_p BCE(logits[q, p], targets[t, p])``.
     """
     num_points = logits.shape[1]
-    # BCE(x, y) = y * softplus(-x) + (1 - y) * softplus(x): linear in y, hence one matmul each.
+    # BCE(x, y) = y * softplus(-x) + (1 - y) * softplus(x), and softplus(x) = softplus(-x) + x,
+    # so BCE(x, y) = softplus(-x) + (1 - y) * x: one softplus, a row sum and one matmul.
     pos = F.softplus(-logits)
-    neg = F.softplus(logits)
-    cost = torch.einsum("qp,tp->qt", pos, targets) + torch.einsum("qp,tp->qt", neg, 1 - targets)
+    cost = pos.sum(-1, keepdim=True) + logits @ (1 - targets).t()
     return cost / max(num_points, 1)
 
 
