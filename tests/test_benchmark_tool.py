@@ -295,3 +295,17 @@ def test_stand_in_options():
         BenchmarkSettings(loader_stand_in=-1)
     with pytest.raises(ValueError, match="loader_stand_in_size"):
         BenchmarkSettings(loader_stand_in_size=(0, 375))
+
+
+def test_microbench_tool_runs_and_checks_its_variants():
+    """tools/microbench.py at tiny sizes: every variant is timed (its own asserts compare
+    class_map with argmax and the shipped BCE cost with the two-softplus form)."""
+    spec = importlib.util.spec_from_file_location("microbench", REPO / "tools" / "microbench.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tiny = ["--size", "32", "--repeats", "1", "--warmup", "0"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        argmax = tool.main(["argmax", "--classes", "5", *tiny])
+        matcher = tool.main(["matcher", "--sets", "2", "--queries", "6", "--points", "64", *tiny])
+    assert len(argmax) == 5 and argmax[0].startswith("| class_map |")
+    assert len(matcher) == 5 and "Mpixel/s" in argmax[1] and matcher[2].startswith("| BCE cost")

@@ -35,8 +35,8 @@ __all__ = [
     "METRICS_FILE_NAME",
     "ZeroShotSemSegEvaluator",
     "accumulate_confusion",
-    "class_map",
     "build_zero_shot_evaluator",
+    "class_map",
     "compute_zero_shot_metrics",
     "format_zero_shot_tables",
     "harmonic_mean",
@@ -78,8 +78,7 @@ def class_map(scores: torch.Tensor) -> torch.Tensor:
             f"class scores contain NaN at {int((top == 0).sum())} pixels: the model's "
             "output is broken (check the loss and the weights for NaN)"
         )
-    labels = k - top.to(torch.int64)
-    return labels
+    return k - top.to(torch.int64)
 
 
 def _label_values(gt: np.ndarray) -> np.ndarray:
