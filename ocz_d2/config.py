@@ -36,10 +36,10 @@ def _add_data_config(cfg: CN) -> None:
     # calibration gamma); reported numbers come from DATASETS.TEST. () when there is none.
     cfg.DATASETS.VAL = ()
 
-    # Training setting: "inductive" (unseen pixels -> ignore, seen vocabulary only) or
-    # "transductive" (unseen pixels still ignore in the labels; from MODEL.OCZ.SELF_TRAINING.
-    # START_ITER the unseen names join the vocabulary and ignore pixels get pseudo-labels; no
-    # calibration at test time).
+    # Training setting: "inductive" (unseen pixels -> ignore, nothing else known about them; seen
+    # vocabulary only) or "transductive" (ZegCLIP/OTSeg: unseen pixels are ignore in the labels
+    # but the mapper keeps where they are; from MODEL.OCZ.SELF_TRAINING.START_ITER the unseen
+    # names join the vocabulary and exactly those pixels get pseudo-labels; no calibration).
     cfg.INPUT.ZERO_SHOT_SETTING = "inductive"
     # Random rescale: the image is scaled to fit RESIZE_TARGET (h, w) times a factor drawn from
     # RESIZE_SCALE (min, max); RESIZE_SCALE = (1.0, 1.0) keeps the fitted size.
@@ -113,8 +113,8 @@ def _add_model_config(cfg: CN) -> None:
     # ORA's own width: patch and object features are projected to it on entry and the change
     # is projected back and added (zero-initialised exit: a narrow ORA starts as the identity).
     # 0: the ViT's width, no projections (the literal reading of the paper; 9x the cost of 256
-    # for a ViT-B at 512x512, see BENCHMARKS.md). Checkpoints trained before this key existed
-    # were full width: load them with DIM 0.
+    # for a ViT-B at 512x512, see BENCHMARKS.md). ORA refines the last of
+    # MODEL.SEM_SEG_HEAD.IN_FEATURES.
     ocz.ORA.DIM = 256
     # Attention heads of both stages (must divide ORA's width).
     ocz.ORA.NHEADS = 8
@@ -179,7 +179,10 @@ def _add_model_config(cfg: CN) -> None:
     ocz.LOSS.MASK_WEIGHT = 5.0
     # Weight of the dice loss (and cost).
     ocz.LOSS.DICE_WEIGHT = 5.0
-    # Relative weight of the no-object class in the classification loss.
+    # Relative weight of the no-object class in the classification loss. Seen queries: class
+    # weight in the weighted mean over their targets (Mask2Former). Candidate queries
+    # (SPLIT.NUM_CANDIDATES > 0), whose class terms are all no-object: the weighted sum is divided
+    # by the number of candidate queries (matched ones included), so loss_cand_ce scales with it.
     ocz.LOSS.NO_OBJECT_WEIGHT = 0.1
     # Teach no-object to unmatched queries whose predicted mask lies mostly on ignore pixels
     # (True, Mask2Former) or leave their class free (False): ignore pixels hold unseen objects.
@@ -209,11 +212,15 @@ def _add_model_config(cfg: CN) -> None:
     ocz.SPLIT.KMEANS_ITERS = 3
     # Seed of that clustering's random draws (the same every step: deterministic targets).
     ocz.SPLIT.SEED = 0
+    # CLIP features the pseudo-masks and their region embeddings come from: "prompted" (the
+    # training pass, which moves as the prompts train) or "plain" (a frozen prompt-free pass:
+    # fixed targets, one extra CLIP forward without gradients per step).
+    ocz.SPLIT.TARGET_FEATURES = "prompted"
     # Weight of -cos(query class embedding, region embedding) in the candidate matching cost.
     ocz.SPLIT.EMBED_COST = 2.0
     # Candidate losses (keys loss_cand_*): no-object CE of the unmatched candidates (weight
-    # LOSS.CLASS_WEIGHT), and for matched ones: mask BCE against the pseudo-mask (weight, also
-    # of its matching cost) ...
+    # LOSS.CLASS_WEIGHT; no-object class weight LOSS.NO_OBJECT_WEIGHT), and for matched ones:
+    # mask BCE against the pseudo-mask (weight, also of its matching cost) ...
     ocz.SPLIT.MASK_WEIGHT = 5.0
     # ... dice against the pseudo-mask (weight, also of its matching cost) ...
     ocz.SPLIT.DICE_WEIGHT = 5.0
@@ -229,14 +236,15 @@ def _add_model_config(cfg: CN) -> None:
 
     # --- transductive self-training (INPUT.ZERO_SHOT_SETTING "transductive") ---
     ocz.SELF_TRAINING = CN()
-    # Iteration from which ignore pixels get pseudo-labels (argmax over unseen classes of the
-    # current prediction) and the unseen names join the training vocabulary; before it, training
-    # is inductive (seen vocabulary). Read from Detectron2's event storage.
+    # Iteration from which the pixels whose ground truth is an unseen class (known to be unseen,
+    # class hidden) get pseudo-labels, the argmax over unseen classes of the current prediction,
+    # and the unseen names join the training vocabulary; before it, training is inductive (seen
+    # vocabulary). Background, boundaries and padding stay ignored. Read from Detectron2's event
+    # storage.
     ocz.SELF_TRAINING.START_ITER = 0
     # Least confidence of a pseudo-label: the unseen class's probability at the pixel (the
-    # mask-weighted class distribution of the queries, no-object included). 0 labels every ignore
-    # pixel (ZegCLIP/OTSeg); on the miniature 0.5 and 0.25 labelled almost nothing at the switch
-    # and self-training then suppressed the unseen classes (README, split matching).
+    # mask-weighted class distribution of the queries, no-object included); below it the pixel
+    # stays ignore. 0 labels every unseen-class pixel (ZegCLIP/OTSeg).
     ocz.SELF_TRAINING.THRESHOLD = 0.0
 
     # --- inference ---
@@ -265,7 +273,8 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Exponent of the poly schedule (LR_SCHEDULER_NAME = "WarmupPolyLR").
     cfg.SOLVER.POLY_LR_POWER = 0.9
-    # LR multiplier of the visual prompts (module prefix "backbone.").
+    # LR multiplier of the trainable backbone parameters, i.e. the visual and object prompts
+    # (module prefix "backbone."); the paper-scale configs use 10 (OTSeg, ZegCLIP).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
     # LR multiplier of the heads (pixel decoder, transformer decoder): ZegCLIP-style x10.
     cfg.SOLVER.HEAD_MULTIPLIER = 10.0

@@ -340,13 +340,39 @@ def test_disabled_components_leave_the_baseline_unchanged(synthetic_benchmark):
         assert model.state_dict().keys() == base_model.state_dict().keys(), name
         for a, b in zip(out, base):
             assert torch.equal(a, b), name
-    # And an enabled part does change the output (the comparison can fail).
+    # And an enabled part does change the output (the comparison can fail). A full-width ORA:
+    # a narrow one starts as the identity, and the other parts start from the same weights.
     _, on = _outputs(
         tiny_cfg(data, **{"MODEL.OCZ.OBJECTS.NUM": 2, "MODEL.OCZ.OBJECTS.PROMPTS": False,
-                          "MODEL.OCZ.ORA.NUM_ROUNDS": 1, "MODEL.OCZ.ORA.OBJECT_INIT": "random"}),
+                          "MODEL.OCZ.ORA.NUM_ROUNDS": 1, "MODEL.OCZ.ORA.OBJECT_INIT": "random",
+                          "MODEL.OCZ.ORA.DIM": 0}),
         batch,
     )  # fmt: skip
     assert not torch.equal(on[0], base[0])
+
+
+def test_shared_parts_start_from_the_same_weights_with_or_without_a_component(
+    synthetic_benchmark,
+):
+    """Each part is built from its own random stream (cfg.SEED and its name): adding ORA or MFE
+    leaves every other weight as it was, so a paired comparison measures the component; another
+    SEED gives other weights."""
+    data = synthetic_benchmark
+    base = build_model(tiny_cfg(data)).state_dict()
+    for extra in (
+        {"MODEL.OCZ.OBJECTS.NUM": 2, "MODEL.OCZ.OBJECTS.PROMPTS": False,
+         "MODEL.OCZ.ORA.NUM_ROUNDS": 1, "MODEL.OCZ.ORA.OBJECT_INIT": "random"},
+        {"MODEL.OCZ.MFE.ENABLED": True},
+    ):  # fmt: skip
+        torch.manual_seed(123)  # the global RNG's state does not matter
+        other = build_model(tiny_cfg(data, **extra)).state_dict()
+        assert set(other) > set(base)
+        for k, v in base.items():
+            assert torch.equal(v, other[k]), k
+    reseeded = build_model(tiny_cfg(data, SEED=5)).state_dict()
+    assert not torch.equal(reseeded["backbone.visual_prompts"], base["backbone.visual_prompts"])
+    key = "transformer_decoder.query_feat.weight"
+    assert not torch.equal(reseeded[key], base[key])
 
 
 def test_ora_config_mismatches_are_explained(synthetic_benchmark):
@@ -587,7 +613,7 @@ def test_old_full_model_checkpoint_loads_through_detectron2(synthetic_benchmark,
     }
     assert "backbone.prompts" in old
     torch.save({"model": old, "iteration": 7}, tmp_path / "old.pth")
-    torch.manual_seed(1)
+    cfg.SEED = cfg.SEED + 1  # other initial weights
     target = build_model(cfg)
     assert not torch.equal(target.backbone.visual_prompts, source.backbone.visual_prompts)
     DetectionCheckpointer(target).load(str(tmp_path / "old.pth"))
@@ -612,7 +638,8 @@ def test_ssl_guide_local_weights_normalisation_and_grid_resampling(tmp_path):
     torch.testing.assert_close(local.pixel_mean.flatten(), torch.full((3,), 127.5))
     torch.testing.assert_close(local.pixel_std.flatten(), torch.full((3,), 127.5))
     images = torch.rand(2, 3, 64, 96) * 255
-    assert local.features(images).shape == (2, 192, 4, 6)
+    feats, stride = local.features(images)
+    assert feats.shape == (2, 192, 4, 6) and stride == (16.0, 16.0)
     # SSL grid 4x6 (patch 16) onto a CLIP grid of patch 8: 8x12, each SSL cell a 2x2 block.
     regions = local(images, (8, 12))
     coarse = local(images, (4, 6))

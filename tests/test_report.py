@@ -1,10 +1,11 @@
 """The tuned protocol and the multi-seed report: calibration chosen on val, byte-identical reruns,
-finished runs reused, mean ± std tables."""
+finished runs reused, per-class IoU recorded, mean ± std tables, paired differences by seed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ocz_d2.engine.protocol import chance_metrics, pick_calibration
 from ocz_d2.engine.report import (
     ReportRow,
     format_markdown,
+    paired_interval,
     pin_clip_weights,
     run_report,
     summarize,
@@ -65,6 +67,16 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     assert json.loads(metrics_a.read_text())["hIoU"] == pytest.approx(result["test"]["hIoU"])
     assert table[0]["hIoU"]["values"] == [result["test"]["hIoU"]]
     assert "| tiny | 1 |" in (tmp_path / "a" / "report.md").read_text()
+    # Per-class test IoU, read from the evaluator's "IoU-<class>" keys (NaN: no ground truth).
+    assert list(result["per_class_iou"]) == list(data.classes)
+    tuned_test = tuned["test"][data.test_name]  # tuned_results.json writes NaN as null
+    for name, iou in result["per_class_iou"].items():
+        expected = tuned_test[f"IoU-{name}"]
+        assert (expected is None and math.isnan(iou)) or iou == pytest.approx(expected)
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["reference"] == "tiny" and report["table"][0]["paired"] is None
+    same = json.dumps(report["runs"][0]["per_class_iou"]) == json.dumps(result["per_class_iou"])
+    assert same  # NaN != NaN: compared as JSON text
 
     # The same config and seed in another folder: byte-identical metric files.
     run_report([row], [0], tmp_path / "b")
@@ -73,15 +85,27 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
 
     # A finished run is reused: nothing is trained or evaluated again (here through the command
     # line tool, run in this process).
+    # A result.json written before per-class IoU was recorded is reused as well.
     stamp = metrics_a.stat().st_mtime_ns
+    result_a = tmp_path / "a" / "tiny" / "seed0" / "result.json"
+    old = {k: v for k, v in result.items() if k != "per_class_iou"}
+    result_a.write_text(json.dumps(old, indent=2) + "\n")
     tool = _load_tool()
     argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path / "a")]
-    assert tool.main([*argv, "--row", row.name, row.config_file, *row.opts]) == 0
+    assert (
+        tool.main([*argv, "--reference", "tiny", "--row", row.name, row.config_file, *row.opts])
+        == 0
+    )
     assert metrics_a.stat().st_mtime_ns == stamp
     out = capsys.readouterr()
-    assert "| tiny | 1 |" in out.out and (tmp_path / "a" / "report.json").is_file()
+    assert "| tiny | 1 |" in out.out and "Difference to" not in out.out  # nothing to pair
+    assert (
+        "per_class_iou" not in json.loads((tmp_path / "a" / "report.json").read_text())["runs"][0]
+    )
     assert tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
     assert "nowhere.yaml not found" in capsys.readouterr().err
+    assert tool.main([*argv, "--reference", "nope", "--row", row.name, row.config_file]) == 2
+    assert "--reference nope is not a row name" in capsys.readouterr().err
     # Another command (other overrides) in the same folder is neither reused nor resumed from.
     other = _row(data, **{"DATASETS.TEST": f"('{data.test_name}',)", "SOLVER.MAX_ITER": 1})
     with pytest.raises(RuntimeError, match="run of another command"):
@@ -103,6 +127,73 @@ def test_summary_is_mean_std_min():
     md = format_markdown([row], {"mIoU-seen": 3.2, "mIoU-unseen": 3.3, "hIoU": 3.3})
     assert "| a | 3 | 20.0 ± 10.0 (10.0) | 30.0 ± 10.0 (20.0) |" in md
     assert "| chance | – | 3.2 | 3.3 | 3.3 |" in md
+    assert row["paired"] is None and "Difference to" not in md  # a single row: nothing to pair
+
+
+def _runs(row: str, hiou: dict[int, float]) -> list[dict]:
+    """Hand-made results of ``row``: hIoU per seed, seen = hIoU + 50, unseen = hIoU / 2."""
+    return [
+        {"row": row, "seed": s, "calibration": 0.0, "sec_per_iter": 0.1,
+         "test": {"mIoU-seen": h + 50.0, "mIoU-unseen": h / 2, "hIoU": h}}
+        for s, h in hiou.items()
+    ]  # fmt: skip
+
+
+def _paired_table(**kwargs) -> dict[str, dict]:
+    results = [
+        *_runs("ref", {0: 20.0, 1: 25.0, 2: 30.0}),
+        *_runs("row", {0: 22.0, 1: 26.0, 2: 35.0}),
+        *_runs("short", {2: 31.0, 0: 21.0}),  # seed 1 missing
+        *_runs("single", {1: 27.0, 5: 40.0}),  # seed 5 unknown to ref
+        *_runs("late", {7: 10.0}),  # no seed in common
+    ]
+    return {e["row"]: e for e in summarize(results, **kwargs)}
+
+
+def test_paired_differences_mean_and_t_interval_on_common_seeds():
+    table = _paired_table()
+    assert table["ref"]["paired"] is None  # the first row is the default reference
+    paired = table["row"]["paired"]
+    assert paired["reference"] == "ref" and paired["seeds"] == [0, 1, 2]
+    # By hand: differences 2, 1, 5; sample std; t quantile 0.975 with 2 degrees of freedom.
+    diffs = [2.0, 1.0, 5.0]
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.302653 * std / math.sqrt(3)
+    for key, scale in (("hIoU", 1.0), ("mIoU-seen", 1.0), ("mIoU-unseen", 0.5)):
+        m = paired[key]
+        assert m["differences"] == pytest.approx([d * scale for d in diffs])
+        assert m["mean"] == pytest.approx(2.666667 * scale, abs=1e-5)
+        assert m["ci_low"] == pytest.approx((mean - half) * scale, abs=1e-5)
+        assert m["ci_high"] == pytest.approx((mean + half) * scale, abs=1e-5)
+    # Only the seeds both rows finished are paired, in the row's order.
+    short = table["short"]["paired"]
+    assert short["seeds"] == [2, 0] and short["hIoU"]["differences"] == [1.0, 1.0]
+    assert (short["hIoU"]["ci_low"], short["hIoU"]["ci_high"]) == (1.0, 1.0)  # std 0
+    # One common seed: a difference, no interval; none: nothing.
+    single = table["single"]["paired"]["hIoU"]
+    assert table["single"]["paired"]["seeds"] == [1] and single["mean"] == 2.0
+    assert math.isnan(single["ci_low"]) and math.isnan(single["ci_high"])
+    late = table["late"]["paired"]
+    assert late["seeds"] == [] and math.isnan(late["hIoU"]["mean"])
+    # Another reference: the signs flip.
+    flipped = _paired_table(reference="row")
+    assert flipped["row"]["paired"] is None
+    assert flipped["ref"]["paired"]["hIoU"]["differences"] == [-2.0, -1.0, -5.0]
+    assert paired_interval([]) == pytest.approx((math.nan,) * 3, nan_ok=True)
+
+
+def test_markdown_shows_paired_differences():
+    md = format_markdown(list(_paired_table().values()))
+    assert "| ref | 3 | 75.0 ± 5.0 (70.0) | 12.5 ± 2.5 (10.0) | 25.0 ± 5.0 (20.0) |" in md
+    assert "Difference to ref (paired, same seeds): Δ mean [95% CI]" in md
+    assert "| row | paired seeds | Δ seen | Δ unseen | Δ hIoU |" in md
+    # 2.667 ± 5.171 for hIoU and seen, half of it for unseen.
+    assert "| row | 0 1 2 | +2.7 [-2.5, +7.8] | +1.3 [-1.3, +3.9] | +2.7 [-2.5, +7.8] |" in md
+    assert "| short | 2 0 | +1.0 [+1.0, +1.0] | +0.5 [+0.5, +0.5] | +1.0 [+1.0, +1.0] |" in md
+    assert "| single | 1 | +2.0 [–] | +1.0 [–] | +2.0 [–] |" in md
+    assert "| late | – | – | – | – |" in md
+    assert "| ref | 0 1 2 |" not in md  # the reference is not compared with itself
 
 
 def test_pick_calibration_prefers_hiou_then_smaller_gamma():

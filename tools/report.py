@@ -1,12 +1,22 @@
 #!/usr/bin/env python
 """Multi-seed report: each row (a config plus overrides) is trained once per seed, its calibration
 is tuned on DATASETS.VAL, and seen / unseen / hIoU on DATASETS.TEST are tabulated as mean ± std,
-with the minimum over seeds and the seconds per training iteration.
+with the minimum over seeds and the seconds per training iteration, and compared paired by seed
+with a reference row.
 
     python tools/report.py --row text configs/synthetic/ocz_tiny.yaml \\
         --row attr configs/synthetic/ocz_tiny_attr.yaml --seeds 0 1 2 --output output/report
     python tools/report.py --row no_prompts configs/synthetic/ocz_tiny.yaml \\
         MODEL.OCZ.CLIP.NUM_PROMPTS 0 --seeds 0 1 2
+    python tools/report.py --row text configs/synthetic/ocz_tiny.yaml \\
+        --row attr configs/synthetic/ocz_tiny_attr.yaml --reference attr
+
+Results vary a lot between seeds, so every row but the reference (--reference ROW_NAME; by
+default the first row) is also compared paired by seed: on the seeds that both it and the
+reference have finished, the per-seed difference (row - reference) of seen / unseen / hIoU, its
+mean and a 95% paired t confidence interval (none with a single common seed): report.md shows
+them as a second table, "Δ mean [95% CI]", report.json as each table entry's "paired". Each run's
+result.json (and report.json's "runs") also holds the per-class test IoU ("per_class_iou").
 
 Finished (row, seed) runs are reused and unfinished ones resume, so an interrupted report picks up
 where it stopped. Writes report.json and report.md in the output folder. Before running, the
@@ -41,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (SEED)")
     parser.add_argument("--output", default="output/report", help="output folder")
+    parser.add_argument(
+        "--reference",
+        metavar="ROW_NAME",
+        help="the row the others are compared with, paired by seed (default: the first row)",
+    )
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per run (CPU: gloo)")
     parser.add_argument(
         "--no-prepare", action="store_true", help="do not prepare the synthetic benchmark"
@@ -60,6 +75,10 @@ def main(argv=None) -> int:
     if len(rows) != len(args.row):
         print("error: every --row needs a NAME and a CONFIG", file=sys.stderr)
         return 2
+    names = [row.name for row in rows]
+    if args.reference is not None and args.reference not in names:
+        print(f"error: --reference {args.reference} is not a row name: {names}", file=sys.stderr)
+        return 2
     chance = None
     if not args.no_prepare:
         from ocz_d2.data.synthetic import ensure_synthetic_benchmark
@@ -69,7 +88,14 @@ def main(argv=None) -> int:
         weights, _ = ensure_synthetic_clip(ensure_synthetic_benchmark())
         rows = [pin_clip_weights(row, weights) for row in rows]
         chance = chance_metrics("ocz_synthetic_test")
-    table = run_report(rows, args.seeds, args.output, num_gpus=args.num_gpus, chance=chance)
+    table = run_report(
+        rows,
+        args.seeds,
+        args.output,
+        num_gpus=args.num_gpus,
+        chance=chance,
+        reference=args.reference,
+    )
     print(format_markdown(table, chance))
     print(f"Written to {Path(args.output) / 'report.md'} and report.json")
     return 0

@@ -19,13 +19,28 @@ from PIL import Image, UnidentifiedImageError
 from .augmentations import build_zero_shot_augmentations
 from .register_zero_shot import ignore_label_of
 
-__all__ = ["ZeroShotSemSegDatasetMapper", "ZERO_SHOT_SETTINGS", "read_label_map"]
+__all__ = [
+    "PADDING_MASK_KEY",
+    "UNSEEN_MASK_KEY",
+    "ZERO_SHOT_SETTINGS",
+    "ZeroShotSemSegDatasetMapper",
+    "read_label_map",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Values of ``cfg.INPUT.ZERO_SHOT_SETTING``. In both, training labels of unseen classes become
-#: ignore; they differ in the vocabulary the model uses (handled by the model, not the mapper).
+#: ignore. Inductive: nothing else is known about those pixels. Transductive (ZegCLIP/OTSeg): the
+#: mapper also says which pixels belong to *some* unseen class (:data:`UNSEEN_MASK_KEY`), without
+#: saying which one; self-training labels exactly those pixels.
 ZERO_SHOT_SETTINGS = ("inductive", "transductive")
+#: Training-sample key: bool [H, W], True on the padding the mapper added (not image). Padding is
+#: never an "unannotated" pixel: the model excludes it from pseudo-masks, self-training, the
+#: guide's regions and ORA's attention.
+PADDING_MASK_KEY = "padding_mask"
+#: Training-sample key (transductive setting only): bool [H, W], True where the ground truth is an
+#: unseen class (whose label is ignore in "sem_seg").
+UNSEEN_MASK_KEY = "unseen_mask"
 
 # Dataset-dict keys ending in this suffix that are not extra label maps.
 _FILE_SUFFIX = "_file_name"
@@ -74,7 +89,8 @@ class ZeroShotSemSegDatasetMapper:
 
     Steps: read the image (``cfg.INPUT.FORMAT``) and its label PNG; check label values against
     the dataset's ``K`` classes; in training, set pixels of unseen classes to ignore (the
-    dataset's ``ignore_label`` metadata, 255 for the splits of :func:`register_zero_shot_split`);
+    dataset's ``ignore_label`` metadata, 255 for the splits of :func:`register_zero_shot_split`;
+    in the transductive setting their location is kept apart, in ``"unseen_mask"``);
     apply the augmentations (geometric ones also to extra label maps such as
     ``object_map_file_name``, with nearest interpolation); pad (training only) to the crop size
     and to ``size_divisibility`` (image with 0, label maps with ignore); build per-class
@@ -87,6 +103,9 @@ class ZeroShotSemSegDatasetMapper:
         "instances":  Instances (training only): gt_classes int64 [T] (full-vocabulary indices
                       of the seen classes present), gt_masks bool tensor [T, H, W]
         "<key>":      int64 tensor [H, W] for every "<key>_file_name" (e.g. "object_map")
+        "padding_mask": bool tensor [H, W] (training only), True on the padding added here
+        "unseen_mask": bool tensor [H, W] (transductive training only), True where the ground
+                      truth is an unseen class (ignore in "sem_seg"; the class is not given)
         "height", "width": original image size
 
     At inference (``is_train=False``) only the test resize is applied, unseen labels are kept,
@@ -127,8 +146,9 @@ class ZeroShotSemSegDatasetMapper:
         self.size_divisibility = size_divisibility
         self.pad_to_size = tuple(pad_to_size) if pad_to_size is not None else None
         self.zero_shot_setting = zero_shot_setting
-        # dataset name -> (K, ignore label, uint8 lookup table applied to training labels)
-        self._label_tables: dict[str, tuple[int, int, np.ndarray]] = {}
+        # dataset name -> (K, ignore label, uint8 lookup table applied to training labels, bool
+        # table of the unseen class values)
+        self._label_tables: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
         mode = "training" if is_train else "inference"
         logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
 
@@ -147,9 +167,11 @@ class ZeroShotSemSegDatasetMapper:
             "zero_shot_setting": cfg.INPUT.ZERO_SHOT_SETTING,
         }
 
-    def _label_table(self, dataset_name: str | None) -> tuple[int, int, np.ndarray] | None:
-        """Return (K, ignore label, lookup table) of a zero-shot dataset, or None if it has no
-        zero-shot metadata."""
+    def _label_table(
+        self, dataset_name: str | None
+    ) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        """Return (K, ignore label, lookup table, is-unseen table) of a zero-shot dataset, or
+        None if it has no zero-shot metadata."""
         if dataset_name is None:
             return None
         if dataset_name not in self._label_tables:
@@ -167,11 +189,15 @@ class ZeroShotSemSegDatasetMapper:
             table = np.arange(256, dtype=np.uint8)
             if self.is_train:
                 table[list(unseen)] = ignore
-            self._label_tables[dataset_name] = (len(classes), ignore, table)
+            is_unseen = np.zeros(256, dtype=bool)
+            is_unseen[list(unseen)] = True
+            self._label_tables[dataset_name] = (len(classes), ignore, table, is_unseen)
         return self._label_tables[dataset_name]
 
     def _prepare_label(self, label: np.ndarray, dataset_dict: dict) -> np.ndarray:
-        """Check label values and, in training, map unseen classes to ignore."""
+        """Check label values and, in inductive training, map unseen classes to ignore (before
+        the augmentations, which then never see them; the transductive mapper hides them after
+        the augmentations, see :meth:`_hide_unseen`)."""
         name = dataset_dict.get("dataset_name")
         info = self._label_table(name)
         if info is None:
@@ -183,7 +209,7 @@ class ZeroShotSemSegDatasetMapper:
                     "'dataset_name' in its dataset dicts."
                 )
             return label
-        num_classes, ignore, table = info
+        num_classes, ignore, table, _ = info
         counts = np.bincount(label.ravel(), minlength=256)
         present = np.flatnonzero(counts)
         bad = [int(v) for v in present if v >= num_classes and v != ignore]
@@ -194,7 +220,17 @@ class ZeroShotSemSegDatasetMapper:
                 f"{name!r} has {num_classes} classes). Convert the raw labels with the dataset's "
                 "prepare script (see datasets/README.md)."
             )
-        return table[label] if self.is_train else label
+        if self.is_train and self.zero_shot_setting == "inductive":
+            return table[label]
+        return label
+
+    def _hide_unseen(
+        self, sem_seg: np.ndarray, dataset_dict: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Transductive training: unseen-class pixels become ignore in the label, and their
+        location is returned as a bool map (where some unseen class is, not which)."""
+        _, _, table, is_unseen = self._label_table(dataset_dict.get("dataset_name"))
+        return table[sem_seg], is_unseen[sem_seg]
 
     def _read_image(self, dataset_dict: dict) -> np.ndarray:
         path = dataset_dict["file_name"]
@@ -265,18 +301,26 @@ class ZeroShotSemSegDatasetMapper:
 
         image_t = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         maps = {k: torch.as_tensor(v.astype(np.int64)) for k, v in extras.items()}
+        masks = {}
+        if self.is_train and self.zero_shot_setting == "transductive":
+            sem_seg, unseen = self._hide_unseen(sem_seg, dataset_dict)
+            masks[UNSEEN_MASK_KEY] = torch.as_tensor(unseen)
         if sem_seg is not None:
             maps["sem_seg"] = torch.as_tensor(sem_seg.astype(np.int64))
 
         if self.is_train:
             ignore = ignore_label_of(dataset_dict.get("dataset_name"))
+            masks[PADDING_MASK_KEY] = torch.zeros(image_t.shape[-2:], dtype=torch.bool)
             pad_h, pad_w = self._padding(*image_t.shape[-2:])
             if pad_h or pad_w:
-                image_t = F.pad(image_t, (0, pad_w, 0, pad_h), value=0)
-                maps = {k: F.pad(v, (0, pad_w, 0, pad_h), value=ignore) for k, v in maps.items()}
+                pad = (0, pad_w, 0, pad_h)
+                image_t = F.pad(image_t, pad, value=0)
+                maps = {k: F.pad(v, pad, value=ignore) for k, v in maps.items()}
+                masks = {k: F.pad(v, pad, value=k == PADDING_MASK_KEY) for k, v in masks.items()}
 
         dataset_dict["image"] = image_t
         dataset_dict.update(maps)
+        dataset_dict.update(masks)
         if self.is_train:
             dataset_dict["instances"] = self._instances(maps["sem_seg"], ignore)
         return dataset_dict

@@ -1,4 +1,5 @@
-"""Multi-seed reports: train every (row, seed), tune on val, test, and tabulate mean ± std.
+"""Multi-seed reports: train every (row, seed), tune on val, test, and tabulate mean ± std and
+paired differences to a reference row.
 
 Transfer to unseen classes varies a lot between runs, so one run proves nothing. A report row is
 a config file plus config overrides; each row runs once per seed:
@@ -7,10 +8,20 @@ a config file plus config overrides; each row runs once per seed:
    from its last checkpoint);
 2. :func:`~ocz_d2.engine.protocol.tuned_test`: calibration chosen on ``DATASETS.VAL``, metrics on
    ``DATASETS.TEST``;
-3. ``result.json``, written last: a (row, seed) with a result that matches its command is reused.
+3. ``result.json``, written last (test metrics, per-class test IoU, gamma, seconds per
+   iteration): a (row, seed) with a result that matches its command is reused (a result written
+   before per-class IoU was recorded lacks ``per_class_iou``).
 
 The table (seen / unseen / hIoU on test as mean ± std, the minimum over seeds, seconds per
 training iteration) is printed and written as ``report.json`` and ``report.md``.
+
+Results vary a lot between seeds, and every row runs on the same seeds, so rows are also compared
+*paired* (variation that rows share through a seed cancels in the per-seed difference): for every
+row but the reference (by default the first row), on the seeds that both it and the reference
+have finished, the per-seed difference (row − reference) of each metric, its mean and a 95%
+paired t confidence interval (:func:`paired_comparison`; no interval with a single common seed).
+``report.json`` holds them as each table entry's ``"paired"``; ``report.md`` as a second table,
+``Δ mean [95% CI]``.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ import numpy as np
 __all__ = [
     "ReportRow",
     "format_markdown",
+    "paired_comparison",
+    "paired_interval",
     "pin_clip_weights",
     "run_report",
     "run_seed",
@@ -40,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 _RESULT = "result.json"
 _METRICS = ("mIoU-seen", "mIoU-unseen", "hIoU")
+_CONFIDENCE = 0.95
+_CLASS_IOU = "IoU-"  # the evaluator's per-class IoU keys: "IoU-<class name>"
 
 
 @dataclass(frozen=True)
@@ -106,7 +121,9 @@ def run_seed(
         console: show the training log on the console instead of ``train_stdout.log``.
 
     Returns:
-        ``{"row", "seed", "command", "calibration", "test": metrics, "sec_per_iter"}``.
+        ``{"row", "seed", "command", "calibration", "test_dataset", "test": metrics,
+        "per_class_iou": {class name: IoU %}, "sec_per_iter"}`` (a reused result written before
+        per-class IoU was recorded has no ``per_class_iou``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     # Training runs without evaluation; the tuned protocol below evaluates.
@@ -142,12 +159,27 @@ def run_seed(
         "calibration": tuned["calibration"],
         "test_dataset": test_name,
         "test": {k: tuned["test"][test_name][k] for k in _METRICS},
+        "per_class_iou": _per_class_iou(tuned["test"][test_name]),
         "sec_per_iter": _seconds_per_iter(out_dir / "metrics.json"),
     }
     tmp = result_path.with_name(_RESULT + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, result_path)
     return result
+
+
+def _per_class_iou(metrics: dict) -> dict[str, float]:
+    """The per-class IoU of an evaluator's metrics.
+
+    Args:
+        metrics: what :class:`~ocz_d2.evaluation.ZeroShotSemSegEvaluator` returns under
+            ``"sem_seg"`` (keys ``IoU-<class name>``).
+
+    Returns:
+        ``{class name: IoU %}`` in the evaluator's class order (NaN for a class without ground
+        truth in the split).
+    """
+    return {k[len(_CLASS_IOU) :]: float(v) for k, v in metrics.items() if k.startswith(_CLASS_IOU)}
 
 
 def _claim(out_dir: Path, command: list[str]) -> None:
@@ -185,12 +217,76 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def summarize(results: Sequence[dict]) -> list[dict]:
-    """Per row: mean, sample standard deviation (0 with one seed) and minimum over seeds of each
-    test metric, the gammas chosen on val, and the median seconds per training iteration."""
+def paired_interval(
+    differences: Sequence[float], confidence: float = _CONFIDENCE
+) -> tuple[float, float, float]:
+    """Mean and paired t confidence interval of per-seed differences.
+
+    Args:
+        differences: one difference (row − reference) per common seed.
+        confidence: the interval's coverage.
+
+    Returns:
+        ``(mean, low, high)``: ``mean ± t(n − 1) · s / √n`` with ``s`` the sample standard
+        deviation; the mean is NaN without differences, the interval NaN with fewer than two.
+    """
+    from scipy.stats import t
+
+    d = np.asarray(differences, dtype=float)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def paired_comparison(runs: Sequence[dict], reference_runs: Sequence[dict], reference: str) -> dict:
+    """Per-seed differences of a row's test metrics to the reference row's, on common seeds.
+
+    Args:
+        runs: the row's results (:func:`run_seed`).
+        reference_runs: the reference row's results (possibly none yet).
+        reference: the reference row's name.
+
+    Returns:
+        ``{"reference": name, "seeds": common seeds (in the row's order), metric:
+        {"differences": [row − reference per seed], "mean", "ci_low", "ci_high"}}`` for each of
+        seen / unseen / hIoU (:func:`paired_interval`, 95%).
+    """
+    ref = {r["seed"]: r for r in reference_runs}
+    own = {r["seed"]: r for r in runs}
+    seeds = [s for s in own if s in ref]
+    paired: dict = {"reference": reference, "seeds": seeds}
+    for key in _METRICS:
+        row_values = np.array([own[s]["test"][key] for s in seeds], dtype=float)
+        ref_values = np.array([ref[s]["test"][key] for s in seeds], dtype=float)
+        differences = (row_values - ref_values).tolist()
+        mean, low, high = paired_interval(differences)
+        paired[key] = {"differences": differences, "mean": mean, "ci_low": low, "ci_high": high}
+    return paired
+
+
+def summarize(results: Sequence[dict], *, reference: str | None = None) -> list[dict]:
+    """Summarize results per row, in the order rows first appear.
+
+    Args:
+        results: :func:`run_seed` results of any rows and seeds.
+        reference: the row the others are compared with, paired by seed (default: the first row).
+            A reference without results yet pairs no seeds.
+
+    Returns:
+        One entry per row: ``row``, ``seeds``, per test metric the ``mean``, sample ``std`` (0 with
+        one seed), ``min`` and ``values`` over seeds, the gammas chosen on val
+        (``calibration``), the median ``sec_per_iter``, and ``paired``
+        (:func:`paired_comparison`; None for the reference itself).
+    """
     rows: dict[str, list[dict]] = {}
     for r in results:
         rows.setdefault(r["row"], []).append(r)
+    if reference is None and rows:
+        reference = next(iter(rows))
     table = []
     for name, runs in rows.items():
         entry = {"row": name, "seeds": [r["seed"] for r in runs]}
@@ -205,12 +301,26 @@ def summarize(results: Sequence[dict]) -> list[dict]:
         entry["calibration"] = [r["calibration"] for r in runs]
         times = [r["sec_per_iter"] for r in runs if not math.isnan(r["sec_per_iter"])]
         entry["sec_per_iter"] = float(np.median(times)) if times else float("nan")
+        entry["paired"] = (
+            None
+            if name == reference
+            else paired_comparison(runs, rows.get(reference, []), reference)
+        )
         table.append(entry)
     return table
 
 
 def format_markdown(table: Sequence[dict], chance: dict | None = None) -> str:
-    """A Markdown table: test seen / unseen / hIoU as mean ± std (min), gamma, s/iter."""
+    """The report in Markdown.
+
+    Args:
+        table: :func:`summarize`'s entries.
+        chance: the chance row's metrics, or None.
+
+    Returns:
+        A table of test seen / unseen / hIoU as mean ± std (min), gamma, s/iter; then, when rows
+        are paired with a reference, a table of their differences (:func:`_paired_markdown`).
+    """
 
     def cell(m: dict) -> str:
         return f"{m['mean']:.1f} ± {m['std']:.1f} ({m['min']:.1f})"
@@ -233,7 +343,53 @@ def format_markdown(table: Sequence[dict], chance: dict | None = None) -> str:
         )
     lines.append("")
     lines.append("mIoU % on the test split, mean ± sample std over seeds (minimum in brackets).")
+    paired = [e for e in table if e.get("paired")]  # tables written before pairing have none
+    if paired:
+        lines += ["", *_paired_markdown(paired)]
     return "\n".join(lines) + "\n"
+
+
+def _paired_markdown(entries: Sequence[dict]) -> list[str]:
+    """The Markdown lines of the paired differences.
+
+    Args:
+        entries: :func:`summarize` entries that have a ``paired`` comparison (one reference).
+
+    Returns:
+        A heading, a table (row, common seeds, Δ mean [95% CI] of seen / unseen / hIoU) and a
+        note; ``[–]`` where one common seed gives no interval, ``–`` where none is common.
+    """
+
+    def num(x: float) -> str:
+        return "–" if math.isnan(x) else f"{x:+.1f}"
+
+    def cell(m: dict, n: int) -> str:
+        if n == 0:
+            return "–"
+        if math.isnan(m["ci_low"]):
+            return f"{num(m['mean'])} [–]"
+        return f"{num(m['mean'])} [{num(m['ci_low'])}, {num(m['ci_high'])}]"
+
+    reference = entries[0]["paired"]["reference"]
+    level = f"{_CONFIDENCE:.0%}"
+    lines = [
+        f"Difference to {reference} (paired, same seeds): Δ mean [{level} CI]",
+        "",
+        "| row | paired seeds | Δ seen | Δ unseen | Δ hIoU |",
+        "|---|---|---|---|---|",
+    ]
+    for e in entries:
+        p = e["paired"]
+        n = len(p["seeds"])
+        seeds = " ".join(str(s) for s in p["seeds"]) or "–"
+        cells = " | ".join(cell(p[key], n) for key in _METRICS)
+        lines.append(f"| {e['row']} | {seeds} | {cells} |")
+    lines += [
+        "",
+        f"mIoU points, row − {reference} per seed, on the seeds both have finished; {level} "
+        "paired t interval (n − 1 degrees of freedom; none with one seed).",
+    ]
+    return lines
 
 
 def run_report(
@@ -243,8 +399,17 @@ def run_report(
     *,
     num_gpus: int = 1,
     chance: dict | None = None,
+    reference: str | None = None,
 ) -> list[dict]:
     """Run every (row, seed) (finished ones are reused) and write ``report.json``/``report.md``.
+
+    Args:
+        rows, seeds: what to run; each row once per seed.
+        output: the report's folder (``<output>/<row>/seed<k>/`` per run).
+        num_gpus: processes per training run.
+        chance: the chance row's metrics, or None.
+        reference: the name of the row the others are compared with, paired by seed (default:
+            the first row).
 
     Returns:
         The summary table (:func:`summarize`).
@@ -252,6 +417,10 @@ def run_report(
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"Row names must be unique: {names}.")
+    if reference is None and names:
+        reference = names[0]
+    if reference is not None and reference not in names:
+        raise ValueError(f"Reference row {reference!r} is not a row of the report: {names}.")
     output = Path(output)
     results = []
     for row in rows:
@@ -259,13 +428,15 @@ def run_report(
             results.append(
                 run_seed(row, seed, output / row.name / f"seed{seed}", num_gpus=num_gpus)
             )
-            table = summarize(results)
-            _write(output, table, results, chance)
-    return summarize(results)
+            table = summarize(results, reference=reference)
+            _write(output, table, results, chance, reference)
+    return summarize(results, reference=reference)
 
 
-def _write(output: Path, table: list[dict], results: list[dict], chance: dict | None) -> None:
+def _write(
+    output: Path, table: list[dict], results: list[dict], chance: dict | None, reference: str | None
+) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    payload = {"table": table, "runs": results, "chance": chance}
+    payload = {"reference": reference, "table": table, "runs": results, "chance": chance}
     (output / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
     (output / "report.md").write_text(format_markdown(table, chance))

@@ -113,6 +113,9 @@ class SetCriterion(nn.Module):
       by the number of target masks (all-reduced over ranks, at least 1).
     - "no_object" instead of "labels" (targets without class labels, e.g. pseudo-masks):
       ``loss_ce`` teaches only the unmatched queries no-object; matched ones get no class term.
+      The weighted sum is divided by the number of queries (matched ones included, each counted
+      with weight 1), not by the summed weights, so the loss is proportional to
+      ``no_object_weight`` (a weighted mean over no-object targets only would cancel it).
     - "embeddings": ``loss_embed``, ``1 - cos(pred_embeds_q, embeds_t)`` of each matched pair,
       summed and divided like the mask losses (targets carry "embeds" [T, D]).
 
@@ -284,6 +287,9 @@ class SetCriterion(nn.Module):
         """Weighted cross-entropy over K+1 classes; unmatched queries target no-object (K).
 
         Matched queries target their label, or get no class term when ``with_labels`` is False.
+        With labels, the weighted mean of ``F.cross_entropy`` (divided by the summed class
+        weights of the targets); without, the weighted sum divided by the number of queries
+        that take part, each counted with weight 1 (see below).
         """
         logits = outputs["pred_logits"].float()
         batch, num_queries, num_classes_plus_one = logits.shape
@@ -291,10 +297,12 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(
             (batch, num_queries), no_object, dtype=torch.int64, device=logits.device
         )
+        matched = torch.zeros((batch, num_queries), dtype=torch.bool, device=logits.device)
         for b, (query_idx, target_idx) in enumerate(indices):
             query_idx = query_idx.to(logits.device)
             if not with_labels:
                 target_classes[b, query_idx] = _NO_CLASS_LOSS
+                matched[b, query_idx] = True
                 continue
             labels = targets[b]["labels"].to(logits.device)
             target_classes[b, query_idx] = labels[target_idx.to(logits.device)]
@@ -305,10 +313,33 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = self.no_object_weight
         if (target_classes == _NO_CLASS_LOSS).all():  # nothing to learn: zero, in the graph
             return {"loss_ce": logits.sum() * 0.0}
-        loss = F.cross_entropy(
-            logits.transpose(1, 2), target_classes, weight=empty_weight, ignore_index=_NO_CLASS_LOSS
-        )
-        return {"loss_ce": loss}
+        if with_labels:
+            loss = F.cross_entropy(
+                logits.transpose(1, 2),
+                target_classes,
+                weight=empty_weight,
+                ignore_index=_NO_CLASS_LOSS,
+            )
+            return {"loss_ce": loss}
+        # Without labels every class term targets no-object, so F.cross_entropy's weighted mean
+        # (sum of w * CE over the sum of w) would cancel no_object_weight: each unmatched query
+        # would weigh 1 / #unmatched whatever w (about 7x a seen query's w / (M + w (Q - M)) with
+        # 80 seen + 20 candidate queries, w = 0.1 and a few masks per image). Instead, divide the
+        # weighted sum by the queries that take part, each counted with weight 1 as if it were a
+        # real-class target (the seen group's denominator when all its queries are matched):
+        # matched queries (no class term) and those taught no-object; those left free by
+        # no_object_on_ignore drop out, as from the seen group's mean. The loss is then
+        # proportional to w, and an unmatched query weighs w / #queries however many are matched
+        # (dividing by #unmatched instead would push the last unmatched query hardest).
+        per_query = F.cross_entropy(
+            logits.transpose(1, 2),
+            target_classes,
+            weight=empty_weight,
+            ignore_index=_NO_CLASS_LOSS,
+            reduction="none",
+        )  # [B, Q]: w * CE on the no-object targets, 0 elsewhere
+        counted = (matched | (target_classes != _NO_CLASS_LOSS)).sum()
+        return {"loss_ce": per_query.sum() / counted.clamp(min=1)}
 
     @staticmethod
     @torch.no_grad()

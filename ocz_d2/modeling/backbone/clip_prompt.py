@@ -598,7 +598,9 @@ class CLIPPromptBackbone(Backbone):
             outputs[key] = visual.ln_post(extra_state)
         return outputs
 
-    def region_embeddings(self, last_input: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def region_embeddings(
+        self, last_input: torch.Tensor, masks: torch.Tensor, *, prompted: bool = True
+    ) -> torch.Tensor:
         """CLIP image embeddings of image regions: the last block run for the CLS token alone,
         with its attention restricted to each region's patches.
 
@@ -607,9 +609,11 @@ class CLIPPromptBackbone(Backbone):
         extra tokens), so a region covering the whole image gives exactly the ``"cls"`` output.
 
         Args:
-            last_input: [B, T, width], ``forward(...)["last_input"]``.
+            last_input: [B, T, width], ``forward(...)["last_input"]``, or with ``prompted``
+                False ``plain_forward(...)["last_input"]`` (CLS and patches only).
             masks: bool [B, R, gh, gw], the patches of each of R regions per image (an empty
                 region sees only the CLS token and the prompts).
+            prompted: whether ``last_input`` holds the visual prompts (and extra tokens).
 
         Returns:
             [B, R, D] L2-normalised embeddings in CLIP's joint space.
@@ -624,14 +628,17 @@ class CLIPPromptBackbone(Backbone):
         b, r = masks.shape[:2]
         grid_hw = tuple(masks.shape[-2:])
         n_patch = grid_hw[0] * grid_hw[1]
-        num_extra = last_input.shape[1] - 1 - n_patch - self.num_prompts
-        if last_input.shape[0] != b or num_extra < 0:
+        num_prompts = self.num_prompts if prompted else 0
+        num_extra = last_input.shape[1] - 1 - n_patch - num_prompts
+        if last_input.shape[0] != b or num_extra < 0 or (num_extra and not prompted):
             raise ValueError(
                 f"region masks {tuple(masks.shape)} do not fit the token sequence "
-                f"{tuple(last_input.shape)} (CLS + gh*gw patches + {self.num_prompts} prompts + "
+                f"{tuple(last_input.shape)} (CLS + gh*gw patches + {num_prompts} prompts + "
                 "extra tokens)"
             )
         layout = self.token_layout(grid_hw, num_extra)
+        if not prompted:
+            layout["prompt"] = slice(0, 0)
         closed = torch.ones(b, r, last_input.shape[1], dtype=torch.bool, device=masks.device)
         closed[..., layout["cls"]] = False
         closed[..., layout["prompt"]] = False
@@ -648,17 +655,37 @@ class CLIPPromptBackbone(Backbone):
         return F.normalize(visual.ln_post(x) @ visual.proj, dim=-1)
 
     @torch.no_grad()
-    def plain_patch_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final patch features [B, width, gh, gw] of CLIP alone (no visual or object prompts).
+    def plain_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP alone: the frozen image tower without visual or object prompts.
 
-        The "clip" guide clusters these (OC-ZSS's ablation of the SSL model); like an SSL
-        model's, they do not change during training because CLIP is frozen.
+        Its outputs do not change during training (CLIP is frozen), so they give fixed targets:
+        the "clip" guide clusters its "patch" features (OC-ZSS's ablation of the SSL model), and
+        split matching may take its pseudo-masks and region embeddings from it
+        (``MODEL.OCZ.SPLIT.TARGET_FEATURES`` "plain").
+
+        Args:
+            x: [B, 3, H, W] normalised images (as for :meth:`forward`).
+
+        Returns:
+            "patch" [B, width, gh, gw] (after ``ln_post``), "dense" [B, D, gh, gw] and "cls"
+            [B, D] (L2-normalised, joint space) and "last_input" [B, 1 + gh*gw, width] (CLS and
+            patches entering the last block; :meth:`region_embeddings` with ``prompted=False``).
         """
         grid_hw = self.grid_size(x.shape[2], x.shape[3])
+        visual = self.clip_model.visual
         tokens = self._embed(x, grid_hw)
-        for block in self.clip_model.visual.transformer.resblocks:
+        blocks = visual.transformer.resblocks
+        outputs = {}
+        for i, block in enumerate(blocks):
+            if i == len(blocks) - 1:
+                outputs["last_input"] = tokens
             tokens = block(tokens)
-        return self._to_map(self.clip_model.visual.ln_post(tokens)[:, 1:], grid_hw)
+        tokens = visual.ln_post(tokens)
+        projected = tokens @ visual.proj
+        outputs["patch"] = self._to_map(tokens[:, 1:], grid_hw)
+        outputs["dense"] = self._to_map(F.normalize(projected[:, 1:], dim=-1), grid_hw)
+        outputs["cls"] = F.normalize(projected[:, 0], dim=-1)
+        return outputs
 
     def _embed(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Patch embedding + CLS + position embedding + ln_pre: [B, 1 + gh*gw, width]."""

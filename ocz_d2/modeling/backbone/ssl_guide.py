@@ -8,6 +8,14 @@ is ever empty.
 
 Regions are label maps over a patch grid, int64 ``[B, gh, gw]`` with values in ``[0, n_o)``, or
 ``-1`` for "no region" (padding; such patches see no object prompt).
+
+Grid geometry: the guide's grid need not be CLIP's. A grid is described by its cell size in input
+image pixels, ``(stride_h, stride_w)``, anchored at the image's top-left pixel: cell (r, c) covers
+rows ``[r * stride_h, (r + 1) * stride_h)`` and columns likewise. DINOv2-B/14 on a 512-px image
+pads to 518 px and gives 37x37 cells of 14 px, CLIP ViT-B/16 32x32 cells of 16 px; a guide that
+resizes its input by a factor s has cells of ``patch / s`` input pixels. Regions move from the
+guide's grid to CLIP's by :func:`resample_regions`: each CLIP patch takes the guide cell under its
+centre (a stretch of one grid onto the other would misplace them whenever the extents differ).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ __all__ = [
     "NO_REGION",
     "SEEDINGS",
     "SSLGuide",
+    "cells_with_image",
+    "cluster_feature_map",
     "label_map_to_grid",
     "resample_regions",
     "voronoi_cluster",
@@ -175,12 +185,85 @@ def _fill_empty(
     return assign
 
 
-def resample_regions(regions: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resampling of region maps [B, h, w] to another patch grid [B, gh, gw]."""
-    if tuple(regions.shape[-2:]) == tuple(grid_hw):
-        return regions
-    out = F.interpolate(regions[:, None].float(), size=tuple(grid_hw), mode="nearest")
-    return out[:, 0].long()
+#: Tolerance, in cells, of the cell look-ups: a point exactly on a cell boundary belongs to the
+#: cell below/right of it even when a fractional stride rounds the quotient just under the integer.
+_EDGE_TOL = 1e-6
+
+
+def _pair(x: float | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(x, (tuple, list)):
+        a, b = x
+        return float(a), float(b)
+    return float(x), float(x)
+
+
+def _cell_of(coords: torch.Tensor, stride: float, size: int) -> torch.Tensor:
+    """Indices of the cells (of ``stride`` pixels, ``size`` of them) holding pixel coordinates."""
+    return torch.floor(coords / stride + _EDGE_TOL).long().clamp_(0, size - 1)
+
+
+def resample_regions(
+    regions: torch.Tensor,
+    grid_hw: tuple[int, int],
+    *,
+    src_stride: float | tuple[float, float],
+    dst_stride: float | tuple[float, float],
+) -> torch.Tensor:
+    """Move region maps to another patch grid by geometry: each destination patch takes the region
+    of the source cell under its centre.
+
+    Both grids start at the input image's top-left pixel and are measured in its pixels (see the
+    module docstring). Destination patch (i, j) has its centre at ``((i + 0.5) * dst_h,
+    (j + 0.5) * dst_w)`` and takes source cell ``(floor(centre_y / src_h), floor(centre_x /
+    src_w))``, clamped to the source grid (the grids may end at different places, e.g. when the
+    guide pads the image further than CLIP). Equal strides give the identity map.
+
+    Args:
+        regions: int [B, h, w] region map on the source grid (NO_REGION values are kept).
+        grid_hw: (gh, gw), the destination grid.
+        src_stride: source cell size in input pixels, (stride_h, stride_w) or one number for both;
+            fractional when the source resized the image (its patch size over the resize factor).
+        dst_stride: destination cell size in input pixels (CLIP's patch size), likewise.
+
+    Returns:
+        [B, gh, gw], the dtype of ``regions``.
+    """
+    h, w = regions.shape[-2:]
+    (src_h, src_w), (dst_h, dst_w) = _pair(src_stride), _pair(dst_stride)
+    # float64: the centres and quotients of realistic grids are exact or far from cell borders.
+    centres_y = (torch.arange(grid_hw[0], dtype=torch.float64) + 0.5) * dst_h
+    centres_x = (torch.arange(grid_hw[1], dtype=torch.float64) + 0.5) * dst_w
+    rows = _cell_of(centres_y, src_h, h).to(regions.device)
+    cols = _cell_of(centres_x, src_w, w).to(regions.device)
+    return regions.index_select(-2, rows).index_select(-1, cols)
+
+
+def cells_with_image(
+    image_mask: torch.Tensor, grid_hw: tuple[int, int], stride: float | tuple[float, float]
+) -> torch.Tensor:
+    """Which cells of a grid hold image pixels (the others cover only padding).
+
+    Padding lies at the bottom/right, so a cell holds image iff its first (top-left) pixel
+    ``(floor(r * stride_h), floor(c * stride_w))`` is an image pixel; cells starting past the
+    mask hold none. Every patch of another grid whose centre pixel is an image pixel then takes
+    (by :func:`resample_regions`) a cell that holds image, so it gets a region.
+
+    Args:
+        image_mask: bool [B, H, W], True on image pixels.
+        grid_hw: (h, w), the grid's size.
+        stride: its cell size in input pixels, (stride_h, stride_w) or one number for both.
+
+    Returns:
+        bool [B, h, w].
+    """
+    height, width = image_mask.shape[-2:]
+    (sh, sw), device = _pair(stride), image_mask.device
+    # The same rounding as _cell_of: a cell starting exactly on a pixel starts on that pixel.
+    ys = torch.floor(torch.arange(grid_hw[0], dtype=torch.float64) * sh + _EDGE_TOL * sh).long()
+    xs = torch.floor(torch.arange(grid_hw[1], dtype=torch.float64) * sw + _EDGE_TOL * sw).long()
+    inside = ((ys < height)[:, None] & (xs < width)[None, :]).to(device)
+    ys, xs = ys.clamp_max(height - 1).to(device), xs.clamp_max(width - 1).to(device)
+    return image_mask.index_select(-2, ys).index_select(-1, xs) & inside
 
 
 def label_map_to_grid(
@@ -273,31 +356,69 @@ class SSLGuide(nn.Module):
         self.model.eval()  # frozen: always eval
         return self
 
+    def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The image size the ViT sees (before padding to its patch size)."""
+        if self.input_size <= 0:
+            return h, w
+        scale = self.input_size / max(h, w)
+        return round(h * scale), round(w * scale)
+
+    def _grid_stride(self, image_hw: tuple[int, int]) -> tuple[float, float]:
+        """Cell size (stride_h, stride_w), in input pixels, of the grid of :meth:`features` for
+        images of size ``image_hw``.
+
+        The patch size over the resize factor of each axis (``input_size`` rounds each side, so
+        the factors may differ slightly); the patch size itself without ``input_size``.
+        """
+        h, w = int(image_hw[0]), int(image_hw[1])
+        rh, rw = self._resized_hw(h, w)
+        return self.patch_size * h / rh, self.patch_size * w / rw
+
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch features [B, C, h, w] of raw RGB images [B, 3, H, W] (0..255)."""
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Patch features of raw RGB images, and the geometry of their grid.
+
+        Args:
+            images: [B, 3, H, W], 0..255.
+
+        Returns:
+            feats: [B, C, h, w]; ``h = ceil(H' / p)`` for the height H' the ViT sees (H resized
+                by ``input_size``, else H) and its patch size p, the image being padded at the
+                bottom/right to whole patches, so the last cells may reach past H (likewise w).
+            stride: (stride_h, stride_w), the cell size in input pixels (p over the resize
+                factor of each axis; p without ``input_size``); cells start at the top-left pixel
+                (see :func:`resample_regions`).
+        """
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        if self.input_size > 0:
-            h, w = x.shape[-2:]
-            scale = self.input_size / max(h, w)
-            x = F.interpolate(
-                x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False
-            )
+        size = self._resized_hw(*x.shape[-2:])
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         h, w = x.shape[-2:]
         p = self.patch_size
         x = F.pad(x, (0, -w % p, 0, -h % p))
         tokens = self.model.forward_features(x)
         tokens = tokens[:, self.model.num_prefix_tokens :]
         gh, gw = x.shape[-2] // p, x.shape[-1] // p
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+        feats = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+        return feats, self._grid_stride(images.shape[-2:])
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """Regions int64 [B, gh, gw] on the CLIP patch grid ``grid_hw`` for raw images."""
-        feats = self.features(images)
+        """Regions of raw RGB images on a CLIP patch grid.
+
+        Args:
+            images: [B, 3, H, W], 0..255.
+            grid_hw: (gh, gw), the CLIP patch grid tiling the images (patches of H/gh x W/gw
+                pixels).
+
+        Returns:
+            int64 [B, gh, gw]: each CLIP patch takes the region of the guide cell under its centre.
+        """
+        h, w = images.shape[-2:]
+        feats, stride = self.features(images)
         return cluster_feature_map(
-            feats, self.num_regions, grid_hw, seeding=self.seeding, iters=self.kmeans_iters,
-            seed=self.seed,
+            feats, self.num_regions, grid_hw, stride, (h / grid_hw[0], w / grid_hw[1]),
+            seeding=self.seeding, iters=self.kmeans_iters, seed=self.seed,
         )  # fmt: skip
 
 
@@ -305,23 +426,38 @@ def cluster_feature_map(
     feats: torch.Tensor,
     num_regions: int,
     grid_hw: tuple[int, int],
+    stride: float | tuple[float, float],
+    patch_size: float | tuple[float, float],
     *,
     seeding: str,
     iters: int,
     seed: int,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cluster a feature map [B, C, h, w] into regions and resample them to ``grid_hw``.
+    """Cluster a feature map into regions and move them to the CLIP patch grid.
 
-    ``valid`` (bool [B, h, w], optional) marks the patches that hold image (not padding); the
-    others get NO_REGION.
+    Args:
+        feats: [B, C, h, w] patch features (the guide's grid).
+        num_regions: n_o.
+        grid_hw: (gh, gw), the CLIP patch grid.
+        stride: cell size of ``feats`` in input pixels, (stride_h, stride_w) or one number
+            (from :meth:`SSLGuide.features`; CLIP's patch size for CLIP's own features).
+        patch_size: CLIP's patch size in input pixels, (h, w) or one number.
+        seeding, iters, seed: see :func:`voronoi_cluster`.
+        valid: optional bool [B, h, w], the cells that hold image (:func:`cells_with_image`);
+            the others get NO_REGION.
+
+    Returns:
+        int64 [B, gh, gw] (see :func:`resample_regions`).
     """
     b, c, h, w = feats.shape
     regions = voronoi_cluster(
         feats.flatten(2).transpose(1, 2), num_regions, seeding=seeding, iters=iters, seed=seed,
         valid=None if valid is None else valid.reshape(b, h * w),
     )  # fmt: skip
-    return resample_regions(regions.view(b, h, w), grid_hw)
+    return resample_regions(
+        regions.view(b, h, w), grid_hw, src_stride=stride, dst_stride=patch_size
+    )
 
 
 def create_ssl_model(

@@ -16,15 +16,19 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
-from ...data.dataset_mapper import ZERO_SHOT_SETTINGS
+from ...data.dataset_mapper import UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
 from ...data.object_maps import OBJECT_MAP_KEY, check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
 from ..backbone.ssl_guide import (
+    NO_REGION,
     SSLGuide,
+    cells_with_image,
     cluster_feature_map,
     label_map_to_grid,
 )
 from ..criterion import SetCriterion, SplitCriterion, build_criterion
+from ..init_seed import component_seed
+from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
 from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
@@ -33,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 TEST_MODES = ("whole", "slide")
 GUIDE_SOURCES = ("ssl", "clip", "oracle")
+SPLIT_TARGETS = ("prompted", "plain")
 
 
 def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
@@ -115,6 +120,7 @@ class OCZeroShotSegmentor(nn.Module):
         slide_batch: int = 0,
         guide: dict | None = None,
         pseudo_masker: PseudoMaskGenerator | None = None,
+        split_targets: str = "prompted",
         self_training: dict | None = None,
     ):
         """
@@ -139,6 +145,8 @@ class OCZeroShotSegmentor(nn.Module):
                 training on object maps never builds (or downloads) it.
             pseudo_masker: pseudo-masks of the ignore pixels for the candidate queries; required
                 by (and only with) a :class:`SplitCriterion` with candidate queries.
+            split_targets: features of the pseudo-masks and region embeddings: "prompted" (this
+                step's prompted CLIP pass) or "plain" (a frozen prompt-free CLIP pass).
             self_training: {"start_iter", "threshold"} of transductive self-training (see
                 ``MODEL.OCZ.SELF_TRAINING``); used only in the transductive setting.
         """
@@ -182,13 +190,22 @@ class OCZeroShotSegmentor(nn.Module):
                 f"{type(backbone).__name__} has no region_embeddings (use CLIPPromptBackbone)"
             )
         self.pseudo_masker = pseudo_masker
+        if split_targets not in SPLIT_TARGETS:
+            raise ValueError(
+                f"MODEL.OCZ.SPLIT.TARGET_FEATURES={split_targets!r}: use one of {SPLIT_TARGETS}"
+            )
+        self.split_targets = split_targets
         self.self_training = dict(self_training or {"start_iter": 0, "threshold": 0.0})
 
     @classmethod
     def from_config(cls, cfg):
         ocz = cfg.MODEL.OCZ
-        backbone = build_backbone(cfg)
-        pixel_decoder = build_sem_seg_head(cfg, backbone.output_shape())
+        # Each part from its own random stream: configs that differ in one part start the
+        # others from the same weights (paired comparisons, tools/report.py).
+        with component_seed(cfg.SEED, "backbone"):
+            backbone = build_backbone(cfg)
+        with component_seed(cfg.SEED, "pixel_decoder"):
+            pixel_decoder = build_sem_seg_head(cfg, backbone.output_shape())
         clip_model = backbone.clip_model if getattr(backbone, "has_text_tower", False) else None
         datasets = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         text_embedder = TextEmbedder(cfg, clip_model=clip_model, dataset_names=datasets)
@@ -197,11 +214,12 @@ class OCZeroShotSegmentor(nn.Module):
                 "no source of class embeddings: the CLIP text tower was dropped and neither "
                 "MODEL.OCZ.TEXT.EMBEDDINGS_FILE nor the datasets' class_embeddings is set"
             )
-        transformer_decoder = build_transformer_decoder(
-            cfg,
-            **_pixel_decoder_widths(pixel_decoder, cfg.MODEL.SEM_SEG_HEAD.NAME),
-            text_dim=text_embedder.dim,
-        )
+        with component_seed(cfg.SEED, "transformer_decoder"):
+            transformer_decoder = build_transformer_decoder(
+                cfg,
+                **_pixel_decoder_widths(pixel_decoder, cfg.MODEL.SEM_SEG_HEAD.NAME),
+                text_dim=text_embedder.dim,
+            )
         criterion = build_criterion(cfg)
         pseudo_masker = None
         if isinstance(criterion, SplitCriterion):
@@ -232,6 +250,7 @@ class OCZeroShotSegmentor(nn.Module):
             "slide_batch": ocz.TEST.SLIDE_BATCH,
             "guide": _guide_from_config(cfg) if getattr(backbone, "num_objects", 0) else None,
             "pseudo_masker": pseudo_masker,
+            "split_targets": ocz.SPLIT.TARGET_FEATURES,
             "self_training": {
                 "start_iter": ocz.SELF_TRAINING.START_ITER,
                 "threshold": ocz.SELF_TRAINING.THRESHOLD,
@@ -308,11 +327,24 @@ class OCZeroShotSegmentor(nn.Module):
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def _predict(
-        self, images: torch.Tensor, text: torch.Tensor, regions: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        image_mask: torch.Tensor,
+        regions: torch.Tensor | None = None,
     ) -> tuple[dict, dict]:
         """Decoder outputs and the backbone features (split matching reads "dense" and
-        "last_input" from them)."""
+        "last_input" from them).
+
+        Args:
+            images: [B, 3, H, W] normalised, padded batch.
+            text: [K, D] class embeddings.
+            image_mask: bool [B, H, W], True on image pixels (False on padding).
+            regions: [B, gh, gw] object regions (object prompts only).
+        """
         features = self.backbone(images, regions) if self.num_objects else self.backbone(images)
+        # The pixel decoder's refiner (ORA) attends only to image patches.
+        features[PATCH_VALID_KEY] = image_patches(image_mask, self.backbone.patch_size)
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.transformer_decoder(multi_scale, mask_features, text), features
 
@@ -342,20 +374,27 @@ class OCZeroShotSegmentor(nn.Module):
         raw: list[torch.Tensor],
         object_maps: list[torch.Tensor | None],
         none_value: int,
+        image_mask: torch.Tensor,
     ) -> torch.Tensor | None:
         """Regions [B, gh, gw] of a padded batch for the object prompts (None without them).
 
+        Patches that hold no image (:func:`image_patches`) get NO_REGION on both paths, so an
+        object map and the online guide agree on padded crops.
+
         Args:
             images: [B, 3, H, W] normalised, padded batch (H, W multiples of the patch size).
-            raw: the unpadded raw images [3, h_i, w_i] (0..255), for an online SSL guide.
+            raw: the raw images [3, h_i, w_i] (0..255; in training the mapper's padded crops),
+                for an online SSL guide.
             object_maps: per image its object map [h_i, w_i] (pixel region indices, ``none_value``
                 where none), or None; all or none of the images must have one.
             none_value: the maps' "no region" value (the dataset's ignore label).
+            image_mask: bool [B, H, W], True on image pixels (:func:`batch_image_mask`).
         """
         if not self.num_objects:
             return None
         p = self.backbone.patch_size
         grid_hw = (images.shape[-2] // p, images.shape[-1] // p)
+        in_image = image_patches(image_mask, p)
         given = [m is not None for m in object_maps]
         if all(given):
             maps = ImageList.from_tensors(
@@ -366,7 +405,8 @@ class OCZeroShotSegmentor(nn.Module):
                 (0, images.shape[-1] - maps.shape[-1], 0, images.shape[-2] - maps.shape[-2]),
                 value=none_value,
             )
-            return label_map_to_grid(maps, p, self.num_objects, none_value)
+            regions = label_map_to_grid(maps, p, self.num_objects, none_value)
+            return regions.masked_fill(~in_image, NO_REGION)
         if any(given):
             raise ValueError(
                 "a batch mixes images with and without object maps: give every image of a "
@@ -379,24 +419,20 @@ class OCZeroShotSegmentor(nn.Module):
                 "the dataset with extra_label_roots {object_map: ...} (see "
                 "tools/precompute_object_maps.py), or choose the 'ssl' or 'clip' guide"
             )
-        valid = torch.zeros(
-            (len(raw), images.shape[-2], images.shape[-1]), dtype=torch.bool, device=self.device
-        )
-        for i, r in enumerate(raw):
-            valid[i, : r.shape[-2], : r.shape[-1]] = True
         with torch.no_grad():
             if source == "clip":
-                feats = self.backbone.plain_patch_features(images)
+                feats, stride = self.backbone.plain_forward(images)["patch"], (p, p)
             else:
                 padded = torch.zeros_like(images)
                 for i, r in enumerate(raw):
                     padded[i, :, : r.shape[-2], : r.shape[-1]] = r.to(self.device)
-                feats = self.ssl_guide().features(padded)
-        valid = F.interpolate(valid[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0]
-        return cluster_feature_map(
-            feats, self.num_objects, grid_hw, seeding=self.guide["seeding"],
-            iters=self.guide["kmeans_iters"], seed=self.guide["seed"], valid=valid.bool(),
+                feats, stride = self.ssl_guide().features(padded)
+        regions = cluster_feature_map(
+            feats, self.num_objects, grid_hw, stride, p, seeding=self.guide["seeding"],
+            iters=self.guide["kmeans_iters"], seed=self.guide["seed"],
+            valid=cells_with_image(image_mask, feats.shape[-2:], stride),
         )  # fmt: skip
+        return regions.masked_fill(~in_image, NO_REGION)
 
     @torch.no_grad()
     def online_regions(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -409,7 +445,10 @@ class OCZeroShotSegmentor(nn.Module):
         if not self.num_objects:
             raise ValueError("this model has no object prompts (MODEL.OCZ.OBJECTS.NUM = 0)")
         batch = self._normalize([{"image": x} for x in images])
-        return self._regions(batch.tensor, images, [None] * len(images), 0)
+        mask = batch_image_mask(
+            [{"image": x} for x in images], batch.tensor.shape[-2:], self.device
+        )
+        return self._regions(batch.tensor, images, [None] * len(images), 0, mask)
 
     def ssl_guide(self) -> SSLGuide:
         """The SSL guide model, built (and moved to this model's device) on first use."""
@@ -430,45 +469,55 @@ class OCZeroShotSegmentor(nn.Module):
             )
         class_ids, text, seen_vocab = self.vocabulary(batched_inputs[0], training=True)
         images = self._normalize(batched_inputs)
+        image_mask = batch_image_mask(batched_inputs, images.tensor.shape[-2:], self.device)
         ignore = ignore_label_of(batched_inputs[0].get("dataset_name"))
         regions = self._regions(
             images.tensor,
             [x["image"] for x in batched_inputs],
             [x.get(OBJECT_MAP_KEY) for x in batched_inputs],
             ignore,
+            image_mask,
         )
-        outputs, features = self._predict(images.tensor, text, regions)
-        targets = self._prepare_targets(batched_inputs, images.tensor.shape[-2:], class_ids, ignore)
+        outputs, features = self._predict(images.tensor, text, image_mask, regions)
+        targets = self._prepare_targets(batched_inputs, image_mask, class_ids, ignore)
         if self.self_training_active():
+            if any(x.get(UNSEEN_MASK_KEY) is None for x in batched_inputs):
+                raise ValueError(
+                    "transductive self-training labels the pixels of unseen classes, but the "
+                    "samples have no 'unseen_mask': use the ocz_d2 mapper with "
+                    "INPUT.ZERO_SHOT_SETTING 'transductive' (it writes one)"
+                )
             self._add_pseudo_labels(targets, outputs, seen_vocab)
         if self.pseudo_masker is not None:
-            self._add_candidates(targets, features)
+            self._add_candidates(targets, features, images.tensor)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
     def _prepare_targets(
-        self, batched_inputs, padded_hw, class_ids: torch.Tensor, ignore_label: int
+        self, batched_inputs, image_mask: torch.Tensor, class_ids: torch.Tensor, ignore_label: int
     ) -> list[dict]:
         """Per image: vocabulary labels, binary masks and the valid (non-ignore) region, padded.
 
         Args:
-            batched_inputs: training samples with "instances" and "sem_seg".
-            padded_hw: (H, W) of the padded batch.
+            batched_inputs: training samples with "instances" and "sem_seg" (and, transductive,
+                "unseen_mask").
+            image_mask: bool [B, H, W] image pixels of the padded batch (:func:`batch_image_mask`).
             class_ids: int64 [K'] dataset class indices of the training vocabulary.
             ignore_label: the "sem_seg" value of pixels outside every target (dataset metadata).
 
         Returns:
             One dict per image: "labels" int64 [T] vocabulary indices, "masks" float [T, H, W],
             "valid" bool [H, W] (annotated pixels), "unlabeled" bool [H, W] (ignore pixels of the
-            image, padding excluded) and "area" (the image's unpadded pixel count).
+            image; never padding), "unseen" bool [H, W] (transductive: pixels of some unseen
+            class, all False otherwise) and "area" (the image's pixel count, padding excluded).
         """
         num_classes = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
         to_vocab = torch.full((max(num_classes, 1),), -1, dtype=torch.long, device=self.device)
         to_vocab[class_ids] = torch.arange(len(class_ids), device=self.device)
-        h_pad, w_pad = padded_hw
+        h_pad, w_pad = image_mask.shape[-2:]
         targets = []
-        for x in batched_inputs:
+        for x, in_image in zip(batched_inputs, image_mask):
             inst = x["instances"].to(self.device)
             gt_classes = inst.gt_classes
             masks = inst.gt_masks
@@ -489,10 +538,15 @@ class OCZeroShotSegmentor(nn.Module):
             valid[:h, :w] = sem_seg != ignore_label
             unlabeled = torch.zeros_like(valid)
             unlabeled[:h, :w] = sem_seg == ignore_label
+            unlabeled &= in_image
+            unseen = torch.zeros_like(valid)
+            if x.get(UNSEEN_MASK_KEY) is not None:
+                unseen[:h, :w] = x[UNSEEN_MASK_KEY].to(self.device)
+                unseen &= in_image
             labels = to_vocab[gt_classes] if gt_classes.numel() else gt_classes
             targets.append(
                 {"labels": labels, "masks": padded, "valid": valid, "unlabeled": unlabeled,
-                 "area": h * w}
+                 "unseen": unseen, "area": in_image.sum()}
             )  # fmt: skip
         return targets
 
@@ -500,10 +554,11 @@ class OCZeroShotSegmentor(nn.Module):
     def _add_pseudo_labels(
         self, targets: list[dict], outputs: dict, seen_vocab: torch.Tensor
     ) -> None:
-        """Self-training: ignore pixels that this step's prediction assigns to an unseen class
-        with probability >= threshold (:func:`pixel_class_probabilities`, :func:`pseudo_label`)
-        become one target mask per unseen class present; they join "valid" and leave
-        "unlabeled"."""
+        """Self-training (ZegCLIP/OTSeg): pixels whose ground truth is an unseen class (the
+        mapper's "unseen_mask": where, not which) get the unseen class of highest probability in
+        this step's prediction, if it reaches the threshold (:func:`pixel_class_probabilities`,
+        :func:`pseudo_label`); they become one target mask per unseen class present, join "valid"
+        and leave "unlabeled". Background, boundaries and padding stay ignored."""
         num_classes = outputs["pred_logits"].shape[-1] - 1
         is_seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         is_seen[seen_vocab.to(self.device)] = True
@@ -513,11 +568,11 @@ class OCZeroShotSegmentor(nn.Module):
             outputs["pred_masks"].detach().float(), size=size, mode="bilinear", align_corners=False
         )
         logits = outputs["pred_logits"].detach().float()
-        labelled = unlabeled = 0  # pixel counts, kept on the device until the one log below
+        labelled = candidates = 0  # pixel counts, kept on the device until the one log below
         for target, lg, mk in zip(targets, logits, masks):
-            unlabeled = unlabeled + target["unlabeled"].sum()
+            candidates = candidates + target["unseen"].sum()
             labels = pseudo_label(
-                pixel_class_probabilities(lg, mk), target["unlabeled"], unseen,
+                pixel_class_probabilities(lg, mk), target["unseen"], unseen,
                 self.self_training["threshold"],
             )  # fmt: skip
             present = torch.unique(labels)
@@ -528,26 +583,34 @@ class OCZeroShotSegmentor(nn.Module):
             target["valid"] = target["valid"] | (labels >= 0)
             target["unlabeled"] = target["unlabeled"] & (labels < 0)
             labelled = labelled + (labels >= 0).sum()
-        fraction = float(labelled) / max(float(unlabeled), 1.0)
+        fraction = float(labelled) / max(float(candidates), 1.0)
         _put_scalar("self_training/pseudo_labelled_fraction", fraction)
 
     @torch.no_grad()
-    def _add_candidates(self, targets: list[dict], features: dict) -> None:
+    def _add_candidates(self, targets: list[dict], features: dict, images: torch.Tensor) -> None:
         """Split matching: each target gets "candidates", the pseudo-masks of its unlabeled
         pixels with their region embeddings, defined on the annotated and pseudo-masked pixels.
+
+        The features they come from are the prompted pass's (``features``), which move as the
+        prompts train, or a frozen prompt-free pass over ``images`` (fixed targets), as
+        ``split_targets`` says.
         """
+        prompted = self.split_targets == "prompted"
+        source = features if prompted else self.backbone.plain_forward(images)
         unlabeled = torch.stack([t["unlabeled"] for t in targets])
-        areas = torch.tensor([t["area"] for t in targets], device=self.device)
-        masks, patch_masks = self.pseudo_masker(features["dense"].detach(), unlabeled, areas)
+        areas = torch.stack([torch.as_tensor(t["area"], device=self.device) for t in targets])
+        masks, patch_masks = self.pseudo_masker(source["dense"].detach(), unlabeled, areas)
         most = max(len(m) for m in masks)
-        dim = features["cls"].shape[-1]
-        embeds = features["cls"].new_zeros((len(targets), most, dim))
+        dim = source["cls"].shape[-1]
+        embeds = source["cls"].new_zeros((len(targets), most, dim))
         if most:
             grid = patch_masks[0].shape[-2:]
             padded = torch.zeros((len(targets), most, *grid), dtype=torch.bool, device=self.device)
             for b, p in enumerate(patch_masks):
                 padded[b, : len(p)] = p
-            embeds = self.backbone.region_embeddings(features["last_input"].detach(), padded)
+            embeds = self.backbone.region_embeddings(
+                source["last_input"].detach(), padded, prompted=prompted
+            )
         _put_scalar("split/pseudo_masks_per_image", sum(len(m) for m in masks) / len(masks))
         for b, (target, m) in enumerate(zip(targets, masks)):
             covered = m.any(0) if len(m) else torch.zeros_like(target["valid"])
@@ -592,8 +655,9 @@ class OCZeroShotSegmentor(nn.Module):
             object_map = [object_map] * len(image)
         padded = ImageList.from_tensors(list(image), self.size_divisibility).tensor
         raw = [x * self.pixel_std + self.pixel_mean for x in image]
-        regions = self._regions(padded, raw, list(object_map), none_value)
-        outputs, _ = self._predict(padded, text, regions)
+        image_mask = batch_image_mask([{"image": x} for x in image], padded.shape[-2:], self.device)
+        regions = self._regions(padded, raw, list(object_map), none_value, image_mask)
+        outputs, _ = self._predict(padded, text, image_mask, regions)
         masks = F.interpolate(
             outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
         )[..., :h, :w]

@@ -13,11 +13,17 @@ rounds are a recurrence, as in slot attention); inputs to every projection are l
 OF starts from the object prompts' outputs, or from learned embeddings (random initialisation,
 the paper's ablation) when the backbone has no object prompts.
 
+The recurrence's states start layer-normalised (pf_0 = LN(W_in PF), of_0 = LN(W_in OF)): a GRU's
+state is a convex mix of its previous value and a tanh candidate, so it must start on that scale.
+The refinement's change is added to PF: refined = PF + W_out(pf_S - pf_0).
+
 Width: ORA may work narrower than the backbone (``dim`` < ``channels``, e.g. the pixel decoder's
-256 for a ViT-B's 768). PF and OF are then projected to ``dim`` on entry, and the refinement's
-change, projected back, is added to PF: refined = PF + W_out(pf_S - W_in PF), with W_out
-zero-initialised so that a narrow ORA starts as the identity. At ``dim`` = ``channels`` there are
-no projections and the formula reduces to refined = pf_S, the recurrence's final state. The cost
+256 for a ViT-B's 768). PF and OF are then projected to ``dim`` on entry (W_in) and the change is
+projected back (W_out), zero-initialised so that a narrow ORA starts as the identity. At ``dim`` =
+``channels`` W_in and W_out are the identity.
+
+Padding: patches that hold no image are closed as keys of the object stage and left out of
+granular attention's global pool. The cost
 per patch and round scales with ``dim``**2 (three granular mixes at 5 ``dim``**2 each with four
 rates, a GRU at 6 ``dim``**2), so 256 instead of 768 makes ORA about 9x cheaper.
 """
@@ -51,8 +57,19 @@ class GranularExtractor(nn.Module):
         self.pool = nn.Conv2d(dim, dim, 1)
         self.mix = nn.Conv2d(dim * (len(self.rates) + 1), dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            x: [B, C, h, w].
+            valid: optional bool [B, h, w], the cells that hold image: the global pool averages
+                over them only (padding would dilute it).
+        """
+        if valid is None:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+        else:
+            weight = valid[:, None].to(x.dtype)
+            mean = (x * weight).sum((2, 3), keepdim=True) / weight.sum((2, 3), True).clamp_min(1)
+        pooled = self.pool(mean).expand_as(x)
         return self.mix(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
 
 
@@ -64,22 +81,32 @@ class _GridProjection(nn.Module):
         self.granular = GranularExtractor(dim, rates) if rates else None
         self.linear = None if rates else nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, grid_hw: tuple[int, int], valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.granular is None:
             return self.linear(x)
         b, n, c = x.shape
         grid = x.transpose(1, 2).reshape(b, c, *grid_hw)
-        return self.granular(grid).flatten(2).transpose(1, 2)
+        return self.granular(grid, valid).flatten(2).transpose(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head scaled dot-product attention of already projected [B, n, C] tensors."""
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of already projected [B, n, C] tensors;
+    ``key_valid`` (bool [B, n_k]) closes the keys that are False (padding)."""
     b, nq, c = q.shape
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
     return out.transpose(1, 2).reshape(b, nq, c)
 
 
@@ -141,6 +168,11 @@ class ObjectRefinementAttention(nn.Module):
         self.patch_in = nn.Linear(self.channels, dim) if narrow else None
         self.object_in = nn.Linear(self.channels, dim) if narrow else None
         self.patch_exit = nn.Linear(dim, self.channels) if narrow else None
+        # The GRUs' initial states, layer-normalised: a GRU's state is a convex mix of its
+        # previous value and a tanh candidate in [-1, 1], so it must start on that scale (CLIP's
+        # residual stream, e.g. res11, is far larger).
+        self.patch_state_norm = nn.LayerNorm(dim)
+        self.object_state_norm = nn.LayerNorm(dim)
         if narrow:
             nn.init.zeros_(self.patch_exit.weight)
             nn.init.zeros_(self.patch_exit.bias)
@@ -163,15 +195,23 @@ class ObjectRefinementAttention(nn.Module):
         else:
             self.register_parameter("object_init", None)
 
-    def forward(self, patches: torch.Tensor, objects: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        patches: torch.Tensor,
+        objects: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             patches: PF [B, C, h, w], C = ``channels``.
             objects: OF [B, n_o, C] (object-prompt outputs), or None to start from the learned
                 embeddings (which live at ORA's width).
+            valid: optional bool [B, h, w], the patches that hold image (not padding): objects
+                attend to them only, and granular attention's global pool averages over them.
 
         Returns:
-            Refined PF [B, C, h, w].
+            Refined PF [B, C, h, w]: PF + W_out(pf_S - pf_0), W_out the exit projection
+            (identity at full width), pf_0 the layer-normalised entry state.
         """
         b, c, h, w = patches.shape
         if c != self.channels:
@@ -179,6 +219,8 @@ class ObjectRefinementAttention(nn.Module):
                 f"ORA was built for {self.channels}-channel patch features, got "
                 f"{tuple(patches.shape)}"
             )
+        if valid is not None and tuple(valid.shape) != (b, h, w):
+            raise ValueError(f"ORA's valid patches {tuple(valid.shape)} must be [B, h, w]")
         if objects is None:
             if self.object_init is None:
                 raise ValueError(
@@ -193,21 +235,37 @@ class ObjectRefinementAttention(nn.Module):
             )
         else:
             of = objects if self.object_in is None else self.object_in(objects)
+        of = self.object_state_norm(of)
         grid = (h, w)
+        key_valid = None if valid is None else valid.reshape(b, h * w)
         tokens = patches.flatten(2).transpose(1, 2)  # [B, N, C]
-        start = tokens if self.patch_in is None else self.patch_in(tokens)
+        start = self.patch_state_norm(tokens if self.patch_in is None else self.patch_in(tokens))
         pf = start
         for _ in range(self.num_rounds):
-            pn, on = self.patch_norm(pf), self.obj_norm(of)
-            msg = _attend(
-                self.obj_q(on), self.obj_k(pn, grid), self.obj_v(pn, grid), self.num_heads
-            )
-            of = self.obj_gru(self.obj_out(msg), of)
-            on = self.obj_norm(of)
-            msg = _attend(
-                self.patch_q(pn, grid), self.patch_k(on), self.patch_v(on), self.num_heads
-            )
-            pf = self.patch_gru(self.patch_out(msg), pf)
-        if self.patch_exit is not None:
-            pf = tokens + self.patch_exit(pf - start)
-        return pf.transpose(1, 2).reshape(b, c, h, w)
+            of, pf = self._round(of, pf, grid, valid, key_valid)
+        change = pf - start
+        refined = tokens + (change if self.patch_exit is None else self.patch_exit(change))
+        return refined.transpose(1, 2).reshape(b, c, h, w)
+
+    def _round(
+        self,
+        of: torch.Tensor,
+        pf: torch.Tensor,
+        grid: tuple[int, int],
+        valid: torch.Tensor | None,
+        key_valid: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round: the object stage updates OF from PF, then the patch stage updates PF from
+        the updated OF. [B, n_o, d], [B, N, d] -> same."""
+        pn, on = self.patch_norm(pf), self.obj_norm(of)
+        msg = _attend(
+            self.obj_q(on), self.obj_k(pn, grid, valid), self.obj_v(pn, grid, valid),
+            self.num_heads, key_valid,
+        )  # fmt: skip
+        of = self.obj_gru(self.obj_out(msg), of)
+        on = self.obj_norm(of)
+        msg = _attend(
+            self.patch_q(pn, grid, valid), self.patch_k(on), self.patch_v(on), self.num_heads
+        )
+        pf = self.patch_gru(self.patch_out(msg), pf)
+        return of, pf

@@ -12,6 +12,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from ..padding import PATCH_VALID_KEY
 from .mfe import MultiScaleFeatureEnhancement
 from .ora import ObjectRefinementAttention
 
@@ -74,8 +75,10 @@ class SimplePyramidPixelDecoder(nn.Module):
     """Multi-scale pixel features from the single-stride feature maps of a plain ViT.
 
     0. Refine (optional): an ``refiner`` (ORA) replaces the deepest input map (the last of
-       ``IN_FEATURES``, the final patch features PF) by its refinement with the object features
-       ``features["objects"]`` (absent: the refiner's own learned objects).
+       ``IN_FEATURES``) by its refinement with the object features ``features["objects"]``
+       (absent: the refiner's own learned objects). Which map that is, is the config's choice:
+       ``res11`` (ViT-B's last block, before ``ln_post``; the shipped configs) or ``patch`` (the
+       same tokens after ``ln_post``, the space of the object features).
     1. Fuse: every input map (e.g. several CLIP layers and the refined patch features, all at
        backbone stride p) is projected by a 1x1 conv (+ norm) to ``conv_dim``; the projections
        are summed (choice: one shared base map, as in ViTDet's single-input pyramid, with the
@@ -118,8 +121,10 @@ class SimplePyramidPixelDecoder(nn.Module):
             decoder_strides: strides of the levels given to the transformer decoder, in the order
                 returned (coarse to fine by convention).
             mask_stride: stride of ``mask_features``; at most min(decoder_strides).
-            refiner: optional module ``refiner(pf [B, C, h, w], objects [B, n, C] | None) ->
-                [B, C, h, w]`` applied to the last input feature (ORA); None: no refinement.
+            refiner: optional module ``refiner(pf [B, C, h, w], objects [B, n, C] | None,
+                valid [B, h, w] | None) -> [B, C, h, w]`` applied to the last input feature
+                (ORA); ``valid`` is ``features["patch_valid"]``, the patches that hold image.
+                None: no refinement.
             mfe_rates: dilation rates of MFE on every output level; None: no MFE.
         """
         super().__init__()
@@ -159,11 +164,14 @@ class SimplePyramidPixelDecoder(nn.Module):
         self.fpn_convs = nn.ModuleList(
             _conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in self.level_strides[1:]
         )
-        self.mfe = (
-            MultiScaleFeatureEnhancement(conv_dim, mfe_rates, len(self.level_strides))
-            if mfe_rates
-            else None
-        )
+        # Optional parts draw their weights without moving the RNG, so the layers after them
+        # start the same with or without them (paired comparisons).
+        with torch.random.fork_rng(devices=[]):
+            self.mfe = (
+                MultiScaleFeatureEnhancement(conv_dim, mfe_rates, len(self.level_strides))
+                if mfe_rates
+                else None
+            )
         self.mask_proj = Conv2d(conv_dim, mask_dim, kernel_size=1)
         weight_init.c2_xavier_fill(self.mask_proj)
         logger.debug(
@@ -220,7 +228,9 @@ class SimplePyramidPixelDecoder(nn.Module):
         inputs = {n: features[n] for n in self.in_features}
         if self.refiner is not None:
             name = self.refined_feature
-            inputs[name] = self.refiner(inputs[name], features.get("objects"))
+            inputs[name] = self.refiner(
+                inputs[name], features.get("objects"), features.get(PATCH_VALID_KEY)
+            )
         base = sum(self.input_proj[n](inputs[n]) for n in self.in_features)
         levels = [block(base) for block in self.scale_blocks]
 
@@ -261,11 +271,14 @@ def build_object_refiner(cfg, channels: int) -> ObjectRefinementAttention | None
             f"{prompts}: ORA starts from the object prompts ('prompts', with PROMPTS True) or "
             "from learned embeddings ('random', with PROMPTS False)."
         )
-    return ObjectRefinementAttention(
-        channels,
-        dim=ora.DIM,
-        num_rounds=ora.NUM_ROUNDS,
-        num_heads=ora.NHEADS,
-        num_objects=objects.NUM if ora.OBJECT_INIT == "random" else 0,
-        granular_rates=tuple(ora.GRANULAR_RATES) if ora.GRANULAR else None,
-    )
+    # Drawn without moving the RNG: the pixel decoder's own layers start the same with or
+    # without ORA (paired comparisons).
+    with torch.random.fork_rng(devices=[]):
+        return ObjectRefinementAttention(
+            channels,
+            dim=ora.DIM,
+            num_rounds=ora.NUM_ROUNDS,
+            num_heads=ora.NHEADS,
+            num_objects=objects.NUM if ora.OBJECT_INIT == "random" else 0,
+            granular_rates=tuple(ora.GRANULAR_RATES) if ora.GRANULAR else None,
+        )
