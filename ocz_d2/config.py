@@ -267,6 +267,30 @@ def _add_model_config(cfg: CN) -> None:
     # recently used dropped first (>= 0; 0 keeps none).
     ocz.TEST.VOCABULARY_CACHE_SIZE = 8
 
+    # --- test-time CLIP classification of segments (ZegFormer's decoupled route; inference
+    # only, no parameters: ocz_d2/modeling/segment_classifier.py) ---
+    ocz.SEGMENT_CLIP = CN()
+    # Classify each query's segment again with the frozen CLIP and ensemble it with the
+    # decoder's classes at inference: bool (training and checkpoints are unchanged).
+    ocz.SEGMENT_CLIP.ENABLED = False
+    # "region" (one extra prompt-free CLIP pass; its CLS token attends only to the segment's
+    # patches in the last block) or "crop" (ZegFormer: one CLIP forward per segment on its crop).
+    ocz.SEGMENT_CLIP.ROUTE = "region"
+    # Crop route's input: "cropmask" (the mask's box, pixels outside the mask at CLIP's mean
+    # colour), "crop" (the box, unmasked) or "mask" (the masked whole image, no crop).
+    ocz.SEGMENT_CLIP.STYLE = "cropmask"
+    # lambda in [0, 1] of the geometric ensemble: seen classes p_dec^lambda * p_clip^(1-lambda),
+    # other classes (all of an open vocabulary) p_dec^(1-lambda) * p_clip^lambda.
+    ocz.SEGMENT_CLIP.LAMBDA = 2.0 / 3.0
+    # Replace CLIP's seen-class probabilities by their mean over the seen classes (ZegFormer): bool.
+    ocz.SEGMENT_CLIP.SEEN_MEAN = False
+    # Queries whose decoder no-object probability exceeds this keep the decoder's classes only
+    # (the crop route then skips their CLIP forward); 0 = off, every query is classified.
+    ocz.SEGMENT_CLIP.SKIP_NO_OBJECT = 0.0
+    # Temperature of CLIP's class logits, LOGIT_SCALE * cos(segment, class embedding) (> 0;
+    # CLIP's own is 100).
+    ocz.SEGMENT_CLIP.LOGIT_SCALE = 100.0
+
 
 def _add_solver_config(cfg: CN) -> None:
     # "ADAMW" or "SGD".
@@ -280,6 +304,8 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.HEAD_MULTIPLIER = 10.0
     # Weight decay of normalisation layers, embeddings and prompts.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Periodic checkpoints (model_NNNNNNN.pth) kept on disk, the newest; 0 keeps all.
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 
 
 def load_config(config_file: str | os.PathLike | None, opts: Sequence[str] = ()) -> CN:

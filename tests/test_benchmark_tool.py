@@ -25,6 +25,7 @@ from ocz_d2.engine.benchmark import (
     _loader_cell,
     _loader_throughput,
     add_ratios,
+    count_flops,
     synthetic_inputs,
     time_components,
     timing_stats,
@@ -112,6 +113,27 @@ def test_report_structure_and_consistency(smoke_run):
     assert oczss["flops"]["guide_online"] > 0
     assert oczss["times"]["inference_online_guide"]["runs"] == 2
     assert "| oczss |" in printed and "absent" in printed
+
+
+def test_flops_of_frozen_attention_are_counted():
+    """A frozen nn.MultiheadAttention in eval mode takes PyTorch's fused path, which the FLOP
+    counter cannot see; count_flops counts it all (multiply-adds by hand: projections
+    4 x 8 x (24 + 8), scores and weighted sum 2 x (2 heads x 4 x 4 x 4))."""
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, samples):
+            x = samples[0]["x"]
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Attend().eval().requires_grad_(False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    flops = count_flops(model, [{"x": torch.randn(1, 4, 8)}])
+    assert flops["total"] == 4 * 8 * (24 + 8) + 2 * (2 * 4 * 4 * 4)
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath  # restored
 
 
 def test_synthetic_inputs_look_like_the_mapper_output(synthetic_benchmark):

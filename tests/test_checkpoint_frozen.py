@@ -33,8 +33,8 @@ def clip_files(tmp_path_factory):
 
 
 def _model(data, clip_weights: str, seed: int):
-    opts = data.predictor_overrides(**{"MODEL.OCZ.CLIP.WEIGHTS": clip_weights})
-    torch.manual_seed(seed)
+    # The trainable parts' initial weights follow SEED (each part has its own random stream).
+    opts = data.predictor_overrides(**{"MODEL.OCZ.CLIP.WEIGHTS": clip_weights, "SEED": seed})
     return build_model(load_config(CONFIG, opts)).eval()
 
 

@@ -10,6 +10,7 @@ matters.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,18 @@ from ocz_d2.config import load_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper
 from ocz_d2.engine import ZeroShotPredictor
 from ocz_d2.modeling.text import Vocabulary, embed_vocabulary
+from ocz_d2.utils.errors import CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to float rounding, relatively (scores can be ~1e-6 where no mask is on)."""
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9)
+def close(actual, expected) -> None:
+    """Equal up to float rounding, relatively (scores can be ~1e-6 where no mask is on); numpy
+    arrays or tensors."""
+    torch.testing.assert_close(
+        torch.as_tensor(actual), torch.as_tensor(expected), rtol=1e-5, atol=1e-9
+    )
 
 
 def bench_image(data, index: int = 0) -> np.ndarray:
@@ -106,13 +111,17 @@ def test_result_fields_agree(setup):
     names = list(data.classes)
     result = predictor(image, names)
     assert result.labels.shape == image.shape[:2] and result.labels.dtype == np.int64
+    # One kind of array: every field is a numpy array (scores too, float32).
+    for field in ("labels", "scores", "areas", "class_scores", "calibrated"):
+        assert isinstance(getattr(result, field), np.ndarray), field
+    assert result.scores.dtype == np.float32
     assert result.scores.shape == (len(names), *image.shape[:2])
-    assert np.array_equal(result.labels, result.scores.argmax(0).numpy())
+    assert np.array_equal(result.labels, result.scores.argmax(0))
     assert np.array_equal(result.areas, np.bincount(result.labels.ravel(), minlength=len(names)))
     assert len(result.present) >= 3, "the spread model should use several classes"
     for k in range(len(names)):
         if result.areas[k]:
-            mean = result.scores[k].numpy()[result.labels == k].mean()
+            mean = result.scores[k][result.labels == k].mean()
             assert result.class_scores[k] == pytest.approx(mean, rel=1e-5)
         else:
             assert np.isnan(result.class_scores[k])
@@ -134,8 +143,8 @@ def test_vocabulary_order_is_only_a_relabelling(setup):
     # shuffled class j is base class perm[j]; scores are tiny where every mask is off, so
     # they are compared relatively
     close(shuffled.scores, base.scores[perm])
-    top2 = base.scores.topk(2, dim=0).values
-    clear = ((top2[0] - top2[1]) > 1e-3 * top2[0]).numpy()  # pixels not decided by rounding
+    top2 = np.sort(base.scores, axis=0)[::-1][:2]
+    clear = (top2[0] - top2[1]) > 1e-3 * top2[0]  # pixels not decided by rounding
     assert clear.mean() > 0.99
     assert np.array_equal(perm[shuffled.labels][clear], base.labels[clear])
 
@@ -280,6 +289,30 @@ def test_predictor_errors(setup, tmp_path):
         ZeroShotPredictor(cfg, model=setup[1], mode="tiles")
 
 
+def test_empty_image_and_unreadable_checkpoints_are_named(setup, spread_checkpoint, tmp_path):
+    """A zero-byte image is called empty; a truncated, empty or garbage checkpoint gives one
+    error naming the file, its size and the likely cause (not torch's traceback)."""
+    cfg, _, data = setup
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"cannot read image .*empty\.png: the file is empty"):
+        _predictor(setup)(empty, list(data.classes))
+    whole = Path(spread_checkpoint[2]).read_bytes()
+    cases = {
+        "truncated.pth": (whole[: len(whole) // 3], f"{len(whole) // 3:,} bytes"),
+        "zero.pth": (b"", "empty \\(0 bytes\\)"),
+        "garbage.pth": (b"not a checkpoint" * 64, f"{16 * 64:,} bytes"),
+    }
+    for name, (content, size) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as info:
+            ZeroShotPredictor(cfg, weights=str(path))
+        message = str(info.value)
+        assert message.startswith(f"cannot read checkpoint {path}"), message
+        assert re.search(size, message) and "interrupted download or copy" in message, message
+
+
 def test_weights_are_loaded(setup, spread_checkpoint):
     """Built from cfg and weights: the checkpoint's model, not a fresh random one."""
     cfg, _, data = setup
@@ -288,7 +321,7 @@ def test_weights_are_loaded(setup, spread_checkpoint):
     close(loaded(image, names).scores, _predictor(setup)(image, names).scores)
     torch.manual_seed(0)
     fresh = ZeroShotPredictor(cfg, allow_untrained=True)  # same seed, heads not scaled
-    assert not torch.allclose(fresh(image, names).scores, loaded(image, names).scores)
+    assert not np.allclose(fresh(image, names).scores, loaded(image, names).scores)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -298,5 +331,5 @@ def test_gpu_matches_cpu(setup):
     cpu = _predictor(setup)(image, names)
     gpu = ZeroShotPredictor(setup[0], model=copy.deepcopy(setup[1]).cuda(), device="cuda")
     result = gpu(image, names)
-    assert result.scores.device.type == "cpu"
-    assert torch.allclose(result.scores, cpu.scores, atol=1e-3)
+    assert isinstance(result.scores, np.ndarray)
+    assert np.allclose(result.scores, cpu.scores, atol=1e-3)

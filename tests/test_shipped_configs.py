@@ -93,6 +93,12 @@ def test_protocol_configs_follow_the_recipe(config):
     else:
         assert cfg.DATASETS.TEST[0] == train.replace("_train", "_val")
     assert cfg.MODEL.OCZ.TEXT.TEMPLATES == ("imagenet" if "coco_stuff" in train else "single")
+    # OC-ZSS's settings: n_o = 8 objects and S = 5 ORA rounds on Context-59, 6 and 4 elsewhere;
+    # prompts and heads at x10 the base LR (OTSeg's lr_mult for "backbone" and "head").
+    context = train.startswith("ocz_context59")
+    assert cfg.MODEL.OCZ.OBJECTS.NUM == (8 if context else 6)
+    assert cfg.MODEL.OCZ.ORA.NUM_ROUNDS == (5 if context else 4)
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 10.0 and cfg.SOLVER.HEAD_MULTIPLIER == 10.0
 
 
 def test_voc_protocol_config_equals_the_ladder_top():

@@ -31,10 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-import ocz_d2
-from ocz_d2.engine.benchmark import BenchmarkSettings, format_markdown, run_benchmark
-from ocz_d2.engine.report import ReportRow
-from ocz_d2.utils.checkout import check_same_checkout
+# torch, Detectron2 and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
 
 def _config_row(path: str) -> list[str]:
@@ -96,6 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
+    from ocz_d2.engine.benchmark import BenchmarkSettings, format_markdown, run_benchmark
+    from ocz_d2.engine.report import ReportRow
+    from ocz_d2.utils.checkout import check_same_checkout
+
     check_same_checkout(__file__, ocz_d2.__file__)
     logging.basicConfig(level=logging.INFO, format="[benchmark] %(message)s")
     if not args.rows:

@@ -23,44 +23,47 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import build_model
-from PIL import Image
-
-import ocz_d2
-from ocz_d2.config import ConfigError, load_config
-from ocz_d2.data import ZeroShotSemSegDatasetMapper
-from ocz_d2.data.synthetic import ensure_synthetic_benchmark
-from ocz_d2.engine import AtomicCheckpointer
-from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
-from ocz_d2.engine.protocol import chance_metrics
-from ocz_d2.engine.report import ReportRow, pin_clip_weights, run_seed
-from ocz_d2.utils.checkout import check_same_checkout
-from ocz_d2.utils.visualize import prediction_panel
+# torch, Detectron2 and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "ocz_tiny.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--output-dir", default="output/demo")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (SEED)")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes (CPU: gloo)")
+    parser.add_argument(
+        "--config-file",
+        default=str(DEFAULT_CONFIG),
+        help="the model's config (default: this checkout's configs/synthetic/ocz_tiny.yaml)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="output/demo",
+        help="run folder: checkpoints, metrics and the picture; a finished run there is reused "
+        "(default: output/demo)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="training seed (SEED; default: 0)")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes (CPU: gloo; default: 1)")
     parser.add_argument(
         "--min-unseen-ratio",
         type=float,
         default=3.0,
-        help="fail unless the test unseen mIoU is at least this multiple of the chance level",
+        help="fail unless the test unseen mIoU is at least this multiple of the chance level "
+        "(default: 3)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of config errors (OCZ_D2_DEBUG=1)"
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE, after every flag"
+    )
     return parser.parse_args(argv)
 
 
 def prepare(log) -> str:
     """The benchmark and its pretrained tiny CLIP; returns the CLIP weights file."""
+    from ocz_d2.data.synthetic import ensure_synthetic_benchmark
+    from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
+
     start = time.time()
     benchmark = ensure_synthetic_benchmark()
     log(f"synthetic benchmark at {benchmark.root} ({time.time() - start:.0f} s)")
@@ -75,12 +78,24 @@ def prepare(log) -> str:
 
 
 def demo_config(args, overrides: list[str]):
+    from ocz_d2.config import load_config
+
     cfg = load_config(args.config_file, overrides)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
 
 def write_picture(cfg, weights: str, dataset_name: str, path: Path, num_images: int = 6) -> None:
+    import numpy as np
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.modeling import build_model
+    from PIL import Image
+
+    from ocz_d2.data import ZeroShotSemSegDatasetMapper
+    from ocz_d2.engine import AtomicCheckpointer
+    from ocz_d2.utils.visualize import prediction_panel
+
     model = build_model(cfg)
     AtomicCheckpointer(model).load(weights)
     model.eval()
@@ -108,16 +123,24 @@ def print_results(log, dataset: str, result: dict, chance: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
+    from ocz_d2.engine.cli import run_tool
+    from ocz_d2.utils.checkout import check_same_checkout
+
     check_same_checkout(__file__, ocz_d2.__file__)
+    return run_tool(run, args, debug=args.debug)
+
+
+def run(args) -> int:
+    from ocz_d2.engine.cli import check_overrides
+    from ocz_d2.engine.protocol import chance_metrics
+    from ocz_d2.engine.report import ReportRow, pin_clip_weights, run_seed
 
     def log(message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
-    try:
-        demo_config(args, args.opts)
-    except ConfigError as e:
-        print(f"[demo] config error: {e}", file=sys.stderr)
-        return 2
+    check_overrides(args.opts, "demo.py")
+    demo_config(args, args.opts)  # a config error stops the demo before any work
     start = time.time()
     clip_weights = prepare(log)
     row = pin_clip_weights(ReportRow("demo", args.config_file, tuple(args.opts)), clip_weights)

@@ -29,13 +29,30 @@ import shlex
 import sys
 import tempfile
 
-import torch
+# torch and ocz_d2 are imported when first needed: --help is instant.
+_LAZY = {
+    "available_clip_models": "ocz_d2.modeling.backbone.clip_prompt",
+    "create_clip_model": "ocz_d2.modeling.backbone.clip_prompt",
+    "create_ssl_model": "ocz_d2.modeling.backbone.ssl_guide",
+}
 
-from ocz_d2.modeling.backbone.clip_prompt import available_clip_models, create_clip_model
-from ocz_d2.modeling.backbone.ssl_guide import create_ssl_model
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
+
+
+def _get(name: str):
+    """A lazily imported function, or what replaced it in this module (tests)."""
+    return globals()[name] if name in globals() else __getattr__(name)
 
 
 def _save(state: dict, path: str) -> None:
+    import torch
+
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -61,19 +78,19 @@ def fetch(args: argparse.Namespace) -> list[str]:
     if args.clip:
         path = os.path.abspath(os.path.join(args.out, f"clip_{args.clip_model}_{args.clip_tag}.pt"))
         if not os.path.isfile(path):
-            _save(create_clip_model(args.clip_model, args.clip_tag).state_dict(), path)
+            _save(_get("create_clip_model")(args.clip_model, args.clip_tag).state_dict(), path)
         print(f"CLIP {args.clip_model}/{args.clip_tag}: {path} (sha256 {_sha256(path)})")
         name = args.clip_model
         # The tag's activation, which a weights file does not carry (see the module docstring).
         quick = f"{name}-quickgelu"
-        if args.clip_tag == "openai" and quick in available_clip_models():
+        if args.clip_tag == "openai" and quick in _get("available_clip_models")():
             name = quick
         keys += ["MODEL.OCZ.CLIP.MODEL_NAME", name, "MODEL.OCZ.CLIP.PRETRAINED", ""]
         keys += ["MODEL.OCZ.CLIP.WEIGHTS", path]
     if args.ssl:
         path = os.path.abspath(os.path.join(args.out, f"ssl_{args.ssl_model}.pth"))
         if not os.path.isfile(path):
-            _save(create_ssl_model(args.ssl_model, pretrained=True).state_dict(), path)
+            _save(_get("create_ssl_model")(args.ssl_model, pretrained=True).state_dict(), path)
         print(f"SSL {args.ssl_model}: {path} (sha256 {_sha256(path)})")
         keys += ["MODEL.OCZ.GUIDE.SSL_MODEL", args.ssl_model, "MODEL.OCZ.GUIDE.WEIGHTS", path]
     return keys

@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-from ocz_d2.evaluation import class_map
-from ocz_d2.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost
-from ocz_d2.modeling.point_utils import point_sample, sample_valid_points
+# torch and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
 
 def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict:
     """Median seconds of each case, one call of every case per round."""
+    import numpy as np
+
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(warmup + repeats):
         for name, fn in cases.items():
@@ -42,11 +42,17 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
 
 def _two_softplus_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The matcher's BCE cost before it used softplus(x) = softplus(-x) + x (reference)."""
+    import torch.nn.functional as F
+
     pos, neg = F.softplus(-logits), F.softplus(logits)
     return (pos @ targets.t() + neg @ (1 - targets).t()) / logits.shape[1]
 
 
 def bench_argmax(args) -> list[str]:
+    import torch
+
+    from ocz_d2.evaluation import class_map
+
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand((args.classes, args.size, args.size), generator=gen)
     best = scores.amax(0, keepdim=True)
@@ -69,6 +75,11 @@ def bench_argmax(args) -> list[str]:
 
 
 def bench_matcher(args) -> list[str]:
+    import torch
+
+    from ocz_d2.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost
+    from ocz_d2.modeling.point_utils import point_sample, sample_valid_points
+
     torch.manual_seed(0)
     side = args.size // 4
     sets = [
@@ -106,17 +117,26 @@ def bench_matcher(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("argmax", "matcher"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "what",
+        choices=("argmax", "matcher"),
+        help="argmax: the evaluator's per-pixel argmax; matcher: the Hungarian matcher's parts",
+    )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--classes", type=int, default=20, help="K (argmax)")
     parser.add_argument("--sets", type=int, default=7, help="prediction sets (matcher)")
     parser.add_argument("--queries", type=int, default=100, help="queries per set (matcher)")
     parser.add_argument("--targets", type=int, default=4, help="target masks (matcher)")
     parser.add_argument("--points", type=int, default=12544, help="points (matcher)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (the median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     args = parser.parse_args(argv)
+    import torch
+
     lines = bench_argmax(args) if args.what == "argmax" else bench_matcher(args)
     header = f"{args.what}, {torch.get_num_threads()} thread(s), median of {args.repeats} runs"
     print(header, *lines, sep="\n")

@@ -23,25 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from detectron2.data import DatasetCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.modeling import build_model
-from PIL import Image
-from tqdm import tqdm
-
-import ocz_d2
-from ocz_d2.config import ConfigError, load_config
-from ocz_d2.data.object_maps import guide_record, write_object_map_split_file, write_record
-from ocz_d2.data.split_file import load_split_file, register_split_file, resolve_split_file
-from ocz_d2.utils.checkout import check_same_checkout
+# torch, Detectron2 and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
 NO_REGION_VALUE = 255
 
 
-def regions_to_pixels(regions: torch.Tensor, patch_size: int, height: int, width: int):
+def regions_to_pixels(regions, patch_size: int, height: int, width: int):
     """Patch-grid regions [gh, gw] -> uint8 pixel map [height, width] (255 = no region)."""
+    import numpy as np
+
     pixels = regions.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
     pixels = pixels[:height, :width].cpu().numpy()
     return np.where(pixels < 0, NO_REGION_VALUE, pixels).astype(np.uint8)
@@ -55,6 +45,14 @@ def output_folder(dicts: list[dict], name: str, split: str) -> Path:
 
 def precompute_split(model, dicts: list[dict], folder: Path, batch_size: int) -> float:
     """Write the object map of every image of ``dicts`` into ``folder``; returns images/s."""
+    import numpy as np
+    import torch
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ocz_d2.utils.errors import DataError, unreadable_file_message
+
     folder.mkdir(parents=True, exist_ok=True)
     patch = model.backbone.patch_size
     start = time.perf_counter()
@@ -67,7 +65,10 @@ def precompute_split(model, dicts: list[dict], folder: Path, batch_size: int) ->
                 try:
                     array = read_image(d["file_name"], format="RGB")
                 except OSError as e:
-                    raise SystemExit(f"cannot read the image {d['file_name']}: {e}") from e
+                    path = d["file_name"]
+                    raise DataError(
+                        unreadable_file_message(f"cannot read the image {path}", path, e)
+                    ) from e
                 images.append(torch.as_tensor(np.ascontiguousarray(array.transpose(2, 0, 1))))
             by_size: dict[tuple, list[int]] = {}
             for j, img in enumerate(images):
@@ -84,19 +85,42 @@ def precompute_split(model, dicts: list[dict], folder: Path, batch_size: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True)
+    parser.add_argument(
+        "--config-file", required=True, help="the model config whose guide makes the regions"
+    )
     parser.add_argument("--split-file", required=True, help="the dataset's YAML split file")
     parser.add_argument("--name", required=True, help="name of this set of maps, e.g. dino")
     parser.add_argument("--splits", nargs="*", help="splits to do (default: all of the file's)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images per guide call (default: 16)"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of config and data errors"
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE, after every flag"
+    )
     args = parser.parse_args(argv)
+    import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
+    from ocz_d2.engine.cli import run_tool
+    from ocz_d2.utils.checkout import check_same_checkout
+
     check_same_checkout(__file__, ocz_d2.__file__)
-    try:
-        cfg = load_config(args.config_file, args.opts)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(run, args, debug=args.debug)
+
+
+def run(args) -> int:
+    import torch
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from ocz_d2.config import load_config
+    from ocz_d2.data.object_maps import guide_record, write_object_map_split_file, write_record
+    from ocz_d2.data.split_file import load_split_file, register_split_file, resolve_split_file
+    from ocz_d2.engine.cli import check_overrides
+
+    check_overrides(args.opts, "precompute_object_maps.py")
+    cfg = load_config(args.config_file, args.opts)
     if cfg.MODEL.OCZ.OBJECTS.NUM <= 0 or not cfg.MODEL.OCZ.OBJECTS.PROMPTS:
         print(
             "config error: object maps need object prompts: set MODEL.OCZ.OBJECTS.NUM > 0 and "

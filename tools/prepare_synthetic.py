@@ -21,10 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ocz_d2.data.register_zero_shot import load_class_embeddings
-from ocz_d2.data.split_file import register_split_file
-from ocz_d2.data.synthetic import generate_synthetic_benchmark, write_oracle_object_maps
-from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
+# torch, Detectron2 and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +57,12 @@ def _progress(split: str, done: int, total: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import ocz_d2  # noqa: F401  (first: it keeps fvcore's and Detectron2's import warnings quiet)
+    from ocz_d2.data.register_zero_shot import load_class_embeddings
+    from ocz_d2.data.split_file import register_split_file
+    from ocz_d2.data.synthetic import generate_synthetic_benchmark
+    from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
+
     start = time.perf_counter()
     print(f"Generating the synthetic benchmark in {os.path.abspath(args.root)}", flush=True)
     info = generate_synthetic_benchmark(
@@ -118,6 +121,8 @@ _GUIDE_CONFIGS = {"clip": "ocz_tiny_objects.yaml", "randvit": "ocz_tiny_oczss_ra
 
 def write_object_maps(root: Path, with_clip: bool) -> int:
     """Oracle maps, then the online guides' maps of the miniature's ladder configs."""
+    from ocz_d2.data.synthetic import write_oracle_object_maps
+
     print(f"Oracle object maps: {write_oracle_object_maps(root)}", flush=True)
     if not with_clip:
         print("--no-clip: skipping the CLIP-guided maps (they need the tiny CLIP).")

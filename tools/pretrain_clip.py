@@ -21,22 +21,25 @@ import os
 import sys
 from pathlib import Path
 
-import open_clip
-import torch
+# torch, open_clip and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
-from ocz_d2.engine.clip_pretrain import (
-    ClipPretrainConfig,
-    load_image_caption_csv,
-    load_labelled_images,
-    pretrain_clip,
-    save_atomic,
-    zero_shot_accuracy,
-)
-from ocz_d2.modeling.backbone.clip_prompt import register_tiny_clip_configs
+#: The defaults of ``ocz_d2.engine.clip_pretrain.ClipPretrainConfig`` (a test keeps them equal),
+#: written out so that --help needs no heavy import.
+DEFAULTS = {
+    "model_name": "OCZ-Tiny-ViT",
+    "steps": 1000,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "weight_decay": 0.1,
+    "warmup_steps": 25,
+    "seed": 0,
+    "positives": "identical",
+    "checkpoint_period": 100,
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d = ClipPretrainConfig()
+    d = argparse.Namespace(**DEFAULTS)
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -44,20 +47,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--img-key", default="filepath", help="image path column")
     parser.add_argument("--caption-key", default="caption", help="caption column")
     parser.add_argument("--separator", default=",", help="column separator (use $'\\t' for TSV)")
-    parser.add_argument("--model", default=d.model_name, help="open_clip model name")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--model", default=d.model_name, help=f"open_clip model name (default: {d.model_name})"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"image-caption pairs per step, >= 2 (default: {d.batch_size})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=d.lr, help=f"peak AdamW learning rate (default: {d.lr:g})"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"AdamW weight decay (default: {d.weight_decay:g})",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help=f"linear warmup steps before the cosine decay (default: {d.warmup_steps})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"seed of the weights and the batches (default: {d.seed})",
+    )
     parser.add_argument(
         "--positives",
         choices=("identical", "none"),
         default=d.positives,
-        help="identical: identical captions in a batch are positives; none: open_clip's InfoNCE",
+        help="identical: identical captions in a batch are positives; none: open_clip's InfoNCE "
+        f"(default: {d.positives})",
     )
-    parser.add_argument("--checkpoint-period", type=int, default=d.checkpoint_period)
+    parser.add_argument(
+        "--checkpoint-period",
+        type=int,
+        default=d.checkpoint_period,
+        help=f"steps between saves of the training state (default: {d.checkpoint_period})",
+    )
     parser.add_argument("--output", required=True, help="weights file to write (a state dict)")
     parser.add_argument("--work-dir", help="training state folder (default: beside --output)")
     parser.add_argument("--no-resume", action="store_true", help="ignore a saved training state")
@@ -69,6 +104,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import open_clip
+    import torch
+
+    from ocz_d2.engine.clip_pretrain import (
+        ClipPretrainConfig,
+        load_image_caption_csv,
+        load_labelled_images,
+        pretrain_clip,
+        save_atomic,
+        zero_shot_accuracy,
+    )
+    from ocz_d2.modeling.backbone.clip_prompt import register_tiny_clip_configs
+
     register_tiny_clip_configs()
     try:
         cfg = ClipPretrainConfig(

@@ -32,10 +32,6 @@ import os
 import sys
 from pathlib import Path
 
-import ocz_d2
-from ocz_d2.engine.report import ReportRow, format_markdown, pin_clip_weights, run_report
-from ocz_d2.utils.checkout import check_same_checkout
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -65,6 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ocz_d2.engine.cli import run_tool  # after the arguments: --help answers at once
+
+    return run_tool(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ocz_d2
+    from ocz_d2.engine.report import ReportRow, format_markdown, pin_clip_weights, run_report
+    from ocz_d2.utils.checkout import check_same_checkout
+
     check_same_checkout(__file__, ocz_d2.__file__)
     logging.basicConfig(level=logging.INFO, format="[report] %(message)s")
     try:

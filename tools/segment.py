@@ -18,9 +18,10 @@ is the k-th class. For each image ``<name>`` it writes to ``--output``:
 No calibration unless ``--calibration DATASET``: then the classes named like a seen class of
 that registered dataset lose ``MODEL.OCZ.TEST.CALIBRATION`` from their scores, as in its
 evaluation. An unreadable image is reported and skipped; the others are still segmented and the
-exit status is 1. Errors in the arguments (empty vocabulary, a name given twice, missing
-weights) stop the tool with status 2 before any image. ``--allow-untrained`` accepts an empty
-``MODEL.WEIGHTS`` (random heads: smoke tests only).
+exit status is 1. Errors in the arguments (empty vocabulary, a name given twice, missing or
+unreadable weights, a flag after the overrides) stop the tool with status 2 before any image,
+with one message (``--debug`` or ``OCZ_D2_DEBUG=1`` shows the traceback). ``--allow-untrained``
+accepts an empty ``MODEL.WEIGHTS`` (random heads: smoke tests only).
 """
 
 from __future__ import annotations
@@ -31,20 +32,11 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-import ocz_d2
-from ocz_d2.config import ConfigError, load_config
-from ocz_d2.engine import SegmentationResult, ZeroShotPredictor, load_image
-from ocz_d2.modeling.text import Vocabulary
-from ocz_d2.utils.checkout import check_same_checkout
-from ocz_d2.utils.visualize import draw_segmentation
+# torch, Detectron2 and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -53,8 +45,31 @@ class UsageError(Exception):
     """An argument error: reported, and the tool exits with status 2 before any image."""
 
 
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+|OUTPUT_DIR|SEED")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors name a flag written after the config overrides (argparse gives
+    every word after the first override to them, then misses the flag)."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        words = self.argv
+        for i, word in enumerate(words):
+            if _CONFIG_KEY.fullmatch(word) and i + 1 < len(words):
+                flags = [w for w in words[i + 2 :] if w.startswith("--")]
+                if flags:
+                    message = (
+                        f"{flags[0]} comes after the config overrides: flags go before them, "
+                        "the KEY VALUE pairs last"
+                    )
+                break
+        super().error(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", required=True, help="the model's config")
@@ -76,11 +91,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="accept an empty MODEL.WEIGHTS (random heads; for smoke tests)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of argument errors (OCZ_D2_DEBUG=1)"
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE, after every flag"
+    )
+    parser.argv = list(sys.argv[1:] if argv is None else argv)
     return parser.parse_args(argv)
 
 
-def read_vocabulary(args) -> Vocabulary:
+def read_vocabulary(args):
+    """The :class:`~ocz_d2.modeling.text.Vocabulary` of ``--classes`` / ``--vocab-file``."""
+    from ocz_d2.modeling.text import Vocabulary
+
     try:
         if args.vocab_file is not None:
             if not os.path.isfile(args.vocab_file):
@@ -141,7 +165,15 @@ def output_names(paths: list[str]) -> list[str]:
     return names
 
 
-def build_predictor(args) -> ZeroShotPredictor:
+def build_predictor(args):
+    """The :class:`~ocz_d2.engine.ZeroShotPredictor` of the config and weights."""
+    import torch
+
+    from ocz_d2.config import ConfigError, load_config
+    from ocz_d2.engine import ZeroShotPredictor
+    from ocz_d2.engine.cli import check_overrides
+
+    check_overrides(args.opts, "segment.py")
     try:
         cfg = load_config(args.config_file, args.opts)
     except ConfigError as e:
@@ -167,9 +199,7 @@ def build_predictor(args) -> ZeroShotPredictor:
         raise UsageError(str(e)) from None
 
 
-def summary(
-    path: str, result: SegmentationResult, legend: list[int], files: dict, predictor
-) -> dict:
+def summary(path: str, result, legend: list[int], files: dict, predictor) -> dict:
     """The JSON summary of one image."""
     total = int(result.labels.size)
     classes = []
@@ -203,7 +233,12 @@ def summary(
     }
 
 
-def write_outputs(out: Path, name: str, path: str, image: np.ndarray, result, predictor) -> None:
+def write_outputs(out: Path, name: str, path: str, image, result, predictor) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ocz_d2.utils.visualize import draw_segmentation
+
     labels = result.labels
     dtype = np.uint8 if len(result.vocabulary) <= 256 else np.uint16
     files = {"labels": f"{name}_labels.png", "overlay": f"{name}_overlay.png"}
@@ -215,6 +250,10 @@ def write_outputs(out: Path, name: str, path: str, image: np.ndarray, result, pr
 
 
 def run(args) -> int:
+    from tqdm import tqdm
+
+    from ocz_d2.engine import load_image
+
     vocabulary = read_vocabulary(args)
     paths, errors = expand_inputs(args.input)
     for message in errors:
@@ -253,12 +292,18 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
+    from ocz_d2.engine.cli import USER_ERROR_STATUS, debug_enabled, run_tool
+    from ocz_d2.utils.checkout import check_same_checkout
+
     check_same_checkout(__file__, ocz_d2.__file__)
     try:
-        return run(args)
+        return run_tool(run, args, debug=args.debug)
     except UsageError as e:
+        if debug_enabled(args.debug):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_STATUS
 
 
 if __name__ == "__main__":

@@ -1,119 +1,208 @@
 #!/usr/bin/env python
-"""Train or evaluate an ocz_d2 zero-shot segmentation model.
+"""Train or evaluate an ocz_d2 zero-shot semantic segmentation model (Detectron2).
 
     python tools/train_net.py --config-file configs/synthetic/ocz_tiny.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS path/model_final.pth
     python tools/train_net.py --config-file ... --resume          # continue from last_checkpoint
     python tools/train_net.py --config-file ... --num-gpus 8      # one process per GPU
-On a machine without GPU, ``--num-gpus N`` starts N CPU processes that talk through gloo.
+
+Flags come first, config overrides (KEY VALUE pairs) last. Training writes checkpoints, logs and
+the evaluation of DATASETS.TEST to OUTPUT_DIR; --resume continues from its last checkpoint with
+the batches an uninterrupted run would see (without a checkpoint it starts from scratch, with a
+warning). --num-gpus N starts N processes, one per GPU; on a machine without GPU they run on the
+CPU and talk through gloo (SOLVER.IMS_PER_BATCH is the total over them). A problem with the
+config, data or weights stops the tool with status 2 and one message (--debug or OCZ_D2_DEBUG=1
+shows the traceback).
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
 import os
+import sys
 
-import torch
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import DatasetEvaluators, verify_results
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
-
-import ocz_d2
-from ocz_d2.config import ConfigError, load_config
-from ocz_d2.data import ZeroShotSemSegDatasetMapper, register_split_files_from_config
-from ocz_d2.engine import (
-    AtomicCheckpointer,
-    ZeroShotTrainerBase,
-    build_lr_scheduler,
-    build_optimizer,
-)
-from ocz_d2.evaluation import build_zero_shot_evaluator
-from ocz_d2.utils.checkout import check_same_checkout
+# Heavy imports (torch, Detectron2) happen after the arguments are parsed: --help is instant.
 
 
-class Trainer(ZeroShotTrainerBase):
-    """The ocz_d2 data, evaluator, optimizer and schedule on :class:`ZeroShotTrainerBase`."""
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return DatasetEvaluators([build_zero_shot_evaluator(dataset_name, output_folder)])
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=ZeroShotSemSegDatasetMapper(cfg, True))
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        mapper = ZeroShotSemSegDatasetMapper(cfg, False)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
-
-    @classmethod
-    def build_lr_scheduler(cls, cfg, optimizer):
-        return build_lr_scheduler(cfg, optimizer)
+def _default_port() -> int:
+    # Detectron2's per-user default, so that two users of one machine do not collide.
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return 2**15 + 2**14 + hash(uid) % 2**14
 
 
-def setup(args):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train_net.py",
+        description=__doc__.split("\n\n")[0].strip(),
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="the YAML config")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT_DIR's last checkpoint (from scratch, with a warning, if none)",
+    )
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate DATASETS.TEST with MODEL.WEIGHTS (or, with --resume, the last checkpoint)",
+    )
+    parser.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="let --eval-only run without weights (random heads: smoke tests only)",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="processes per machine, one per GPU; without GPU, CPU processes talking through "
+        "gloo (default: 1)",
+    )
+    parser.add_argument("--num-machines", type=int, default=1, help="machines (default: 1)")
+    parser.add_argument(
+        "--machine-rank", type=int, default=0, help="this machine's rank, 0..N-1 (default: 0)"
+    )
+    parser.add_argument(
+        "--dist-url",
+        default=f"tcp://127.0.0.1:{_default_port()}",
+        help="URL where the processes meet (default: a per-user local port)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of config, data and weight errors (also: OCZ_D2_DEBUG=1)",
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides, after every flag, e.g. SOLVER.MAX_ITER 100 OUTPUT_DIR out/x",
+    )
+    return parser.parse_args(argv)
+
+
+def load_run_config(args):
+    """The run's config: file + overrides, device fallback, split files registered; checked
+    before any model is built (datasets, weights). Raises user errors."""
+    import torch
+
+    from ocz_d2.config import load_config
+    from ocz_d2.data import register_split_files_from_config
+    from ocz_d2.engine.cli import check_overrides, check_run_inputs
+    from ocz_d2.utils.errors import ArgumentError
+
+    check_overrides(args.opts, "train_net.py")
     if not args.config_file:
-        raise SystemExit("--config-file is required (e.g. configs/synthetic/ocz_tiny.yaml)")
-    try:
-        cfg = load_config(args.config_file, args.opts)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
+        raise ArgumentError("--config-file is required (e.g. configs/synthetic/ocz_tiny.yaml)")
+    cfg = load_config(args.config_file, args.opts)
+    register_split_files_from_config(cfg)
+    check_run_inputs(
+        cfg,
+        train=not args.eval_only,
+        eval_only=args.eval_only,
+        resume=args.resume,
+        allow_untrained=args.allow_untrained,
+    )
     if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
+        import logging
+
         logging.getLogger("ocz_d2").warning("no CUDA device: running on CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
-    register_split_files_from_config(cfg)
     cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ocz_d2")
     return cfg
 
 
-def main(args):
-    result = run(args)
-    if comm.get_world_size() > 1:
-        # Leave together and close the group: a process exiting while gloo's threads still run
-        # can abort ("terminate called without an active exception").
-        comm.synchronize()
-        torch.distributed.destroy_process_group()
-    return result
+def setup(args):
+    """The checked config, with Detectron2's setup (logs, config.yaml, seeds) done."""
+    from detectron2.engine import default_setup
+    from detectron2.utils import comm
+
+    from ocz_d2.engine.cli import setup_run_logging
+
+    cfg = load_run_config(args)
+    setup_run_logging(cfg.OUTPUT_DIR, comm.get_rank())
+    default_setup(cfg, args)
+    return cfg
 
 
 def run(args):
+    from detectron2.evaluation import verify_results
+    from detectron2.utils import comm
+
+    from ocz_d2.engine import AtomicCheckpointer, ZeroShotTrainer
+
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
+        model = ZeroShotTrainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        res = Trainer.test(cfg, model)
+        res = ZeroShotTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = Trainer(cfg)
+    trainer = ZeroShotTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
-def invoke_main() -> None:
+def main_worker(args):
+    """One process of the run (Detectron2's ``launch`` calls it in each)."""
+    import torch
+    from detectron2.utils import comm
+
+    from ocz_d2.engine.cli import run_tool
+
+    if comm.get_world_size() == 1:
+        return run(args)
+    status = run_tool(run, args, debug=args.debug)
+    if status:
+        sys.exit(status)  # the parent reports the status; the others are stopped
+    # Leave together and close the group: a process exiting while gloo's threads still run
+    # can abort ("terminate called without an active exception").
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.debug:
+        os.environ["OCZ_D2_DEBUG"] = "1"  # for the worker processes and the log filter too
+    import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
+    from ocz_d2.engine.cli import run_tool
+    from ocz_d2.utils.checkout import check_same_checkout
+
     check_same_checkout(__file__, ocz_d2.__file__)
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+
+    def launch_all():
+        from detectron2.engine import launch
+
+        launch(
+            main_worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+        return 0
+
+    return run_tool(launch_all, debug=args.debug)
+
+
+def __getattr__(name: str):
+    # ``Trainer``: the package's trainer, for code that loads this file as a module.
+    if name == "Trainer":
+        from ocz_d2.engine import ZeroShotTrainer
+
+        return ZeroShotTrainer
+    raise AttributeError(name)
+
+
+def invoke_main() -> None:
+    sys.exit(main())
 
 
 if __name__ == "__main__":

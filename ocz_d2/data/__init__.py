@@ -1,4 +1,5 @@
-"""Zero-shot data: split registration, split files, the dataset mapper, the synthetic benchmark.
+"""Zero-shot data: split registration, split files, the dataset mapper, the resumable training
+loader, the synthetic benchmark.
 
 Importing this package registers the builtin splits (``ocz_synthetic_{train,val,test}`` and
 ``ocz_synthetic_attr_{train,val,test}``) and the real benchmarks (``ocz_voc_*``,
@@ -23,6 +24,7 @@ from .dataset_mapper import ZERO_SHOT_SETTINGS, ZeroShotSemSegDatasetMapper, rea
 from .register_zero_shot import (
     EVALUATOR_TYPE,
     IGNORE_LABEL,
+    check_datasets,
     datasets_root,
     ignore_label_of,
     is_zero_shot_split,
@@ -42,6 +44,7 @@ from .synthetic import (
     synthetic_class_embeddings,
     synthetic_split_config,
 )
+from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 
 _builtin.register_all_synthetic()
 _builtin.register_all_benchmarks()
@@ -50,6 +53,7 @@ __all__ = [
     "EVALUATOR_TYPE",
     "IGNORE_LABEL",
     "PhotometricDistortionTransform",
+    "ResumableTrainLoader",
     "RandomPhotometricDistortion",
     "RandomResizeScale",
     "SYNTHETIC_ATTR_SPLIT_FILE",
@@ -59,7 +63,9 @@ __all__ = [
     "SyntheticBenchmark",
     "ZERO_SHOT_SETTINGS",
     "ZeroShotSemSegDatasetMapper",
+    "build_resumable_train_loader",
     "build_zero_shot_augmentations",
+    "check_datasets",
     "datasets_root",
     "default_synthetic_root",
     "ensure_synthetic_benchmark",

@@ -16,6 +16,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 from PIL import Image, UnidentifiedImageError
 
+from ..utils.errors import DataError, unreadable_file_message
 from .augmentations import build_zero_shot_augmentations
 from .register_zero_shot import ignore_label_of
 
@@ -66,9 +67,10 @@ def read_label_map(path: str, *, what: str = "label") -> np.ndarray:
             mode = img.mode
             arr = np.asarray(img)
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"Cannot read the {what} file {path}: {e}") from e
+        message = unreadable_file_message(f"Cannot read the {what} file {path}", path, e)
+        raise DataError(message) from e
     if arr.ndim != 2:
-        raise ValueError(
+        raise DataError(
             f"The {what} file {path} has mode {mode!r} and shape {arr.shape}; it must be a "
             "single-channel image of class indices (mode 'L' or 'P'), not a color image."
         )
@@ -77,7 +79,7 @@ def read_label_map(path: str, *, what: str = "label") -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8)
     if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise ValueError(
+        raise DataError(
             f"The {what} file {path} has values in [{arr.min()}, {arr.max()}]; label maps must "
             "hold values 0..255 (classes, 255 = ignore)."
         )
@@ -136,7 +138,7 @@ class ZeroShotSemSegDatasetMapper:
             zero_shot_setting: one of :data:`ZERO_SHOT_SETTINGS`.
         """
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
-            raise ValueError(
+            raise DataError(
                 f"INPUT.ZERO_SHOT_SETTING must be one of {ZERO_SHOT_SETTINGS}, got "
                 f"{zero_shot_setting!r}."
             )
@@ -182,7 +184,7 @@ class ZeroShotSemSegDatasetMapper:
                 return None
             ignore = ignore_label_of(dataset_name)
             if not 0 <= ignore <= 255:
-                raise ValueError(
+                raise DataError(
                     f"Dataset {dataset_name!r} has ignore_label {ignore} in its metadata; label "
                     "maps are uint8: register it with a value in 0..255 (255 by default)."
                 )
@@ -202,7 +204,7 @@ class ZeroShotSemSegDatasetMapper:
         info = self._label_table(name)
         if info is None:
             if self.is_train:
-                raise ValueError(
+                raise DataError(
                     f"Dataset {name!r} of {dataset_dict['sem_seg_file_name']} has no zero-shot "
                     "metadata (stuff_classes, unseen_classes): register it with "
                     "ocz_d2.data.register_zero_shot_split or a split file, and keep "
@@ -214,7 +216,7 @@ class ZeroShotSemSegDatasetMapper:
         present = np.flatnonzero(counts)
         bad = [int(v) for v in present if v >= num_classes and v != ignore]
         if bad:
-            raise ValueError(
+            raise DataError(
                 f"Label file {dataset_dict['sem_seg_file_name']} has values {bad[:10]} outside "
                 f"[0, {num_classes}) and the ignore value {ignore} (dataset "
                 f"{name!r} has {num_classes} classes). Convert the raw labels with the dataset's "
@@ -237,7 +239,8 @@ class ZeroShotSemSegDatasetMapper:
         try:
             image = utils.read_image(path, format=self.image_format)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise ValueError(f"Cannot read the image {path}: {e}") from e
+            message = unreadable_file_message(f"Cannot read the image {path}", path, e)
+            raise DataError(message) from e
         utils.check_image_size(dataset_dict, image)
         return image
 
@@ -249,7 +252,7 @@ class ZeroShotSemSegDatasetMapper:
         if dataset_dict.get("sem_seg_file_name"):
             sem_seg = read_label_map(dataset_dict["sem_seg_file_name"])
         elif self.is_train:
-            raise ValueError(
+            raise DataError(
                 f"Training needs a label for {dataset_dict['file_name']}: the dataset dict has "
                 "no 'sem_seg_file_name'."
             )
@@ -262,7 +265,7 @@ class ZeroShotSemSegDatasetMapper:
         for key, arr in [("sem_seg", sem_seg), *extras.items()]:
             if arr is not None and arr.shape != image_shape:
                 path = dataset_dict["sem_seg_file_name" if key == "sem_seg" else key + _FILE_SUFFIX]
-                raise ValueError(
+                raise DataError(
                     f"{key} map {path} has size {arr.shape[::-1]} (w, h) but the image "
                     f"{dataset_dict['file_name']} has {image_shape[::-1]}."
                 )

@@ -32,10 +32,13 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..utils.errors import DataError, MissingFileError, unreadable_file_message
+
 __all__ = [
     "IGNORE_LABEL",
     "EVALUATOR_TYPE",
     "IMAGE_EXTENSIONS",
+    "check_datasets",
     "datasets_root",
     "ignore_label_of",
     "resolve_dataset_path",
@@ -44,6 +47,7 @@ __all__ = [
     "register_zero_shot_split",
     "unregister_zero_shot_split",
     "is_zero_shot_split",
+    "unknown_dataset_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,9 +62,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _NAME_PREFIX = "ocz_"
 _PREPARE_HINT = (
     "Set the environment variable DETECTRON2_DATASETS to the folder that holds your datasets "
-    "(now: {root!r}) or prepare the data first (see datasets/README.md; the synthetic benchmark "
+    "(now: {root}) or prepare the data first (see datasets/README.md; the synthetic benchmark "
     "is made by `python tools/prepare_synthetic.py`)."
 )
+
+
+def _prepare_hint() -> str:
+    root = datasets_root()
+    shown = f"{root!r}, i.e. {os.path.abspath(root)}" if root != os.path.abspath(root) else root
+    unset = "" if "DETECTRON2_DATASETS" in os.environ else ", unset"
+    return _PREPARE_HINT.format(root=shown + unset)
+
+
 # Image headers are read in threads beyond this many files (helps on network file systems).
 _PARALLEL_SIZE_THRESHOLD = 256
 
@@ -128,19 +141,19 @@ def resolve_dataset_path(path: str | os.PathLike, root: str | os.PathLike | None
 
 def _prefixed(name: str) -> str:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"A zero-shot split needs a non-empty string name, got {name!r}.")
+        raise DataError(f"A zero-shot split needs a non-empty string name, got {name!r}.")
     return name if name.startswith(_NAME_PREFIX) else _NAME_PREFIX + name
 
 
 def _check_classes(name: str, classes: Sequence[str]) -> tuple[str, ...]:
     if isinstance(classes, str) or not isinstance(classes, Sequence) or len(classes) == 0:
-        raise ValueError(
+        raise DataError(
             f"{name}: `classes` must be a non-empty list of class names in the label order, "
             f"got {classes!r}."
         )
     bad = [c for c in classes if not isinstance(c, str) or not c.strip()]
     if bad:
-        raise ValueError(f"{name}: every class name must be a non-empty string; got {bad[:5]!r}.")
+        raise DataError(f"{name}: every class name must be a non-empty string; got {bad[:5]!r}.")
     seen: dict[str, int] = {}
     duplicates = []
     for i, c in enumerate(classes):
@@ -148,12 +161,12 @@ def _check_classes(name: str, classes: Sequence[str]) -> tuple[str, ...]:
             duplicates.append(f"{c!r} at indices {seen[c]} and {i}")
         seen.setdefault(c, i)
     if duplicates:
-        raise ValueError(
+        raise DataError(
             f"{name}: duplicate class names: {'; '.join(duplicates[:5])}. Class names must be "
             "unique (they are matched to text embeddings); rename one of each pair."
         )
     if len(classes) >= IGNORE_LABEL:
-        raise ValueError(
+        raise DataError(
             f"{name}: {len(classes)} classes do not fit uint8 label maps with ignore = "
             f"{IGNORE_LABEL}; at most {IGNORE_LABEL} classes are supported."
         )
@@ -178,17 +191,17 @@ def resolve_unseen(
             ``[0, K)``, or a class listed twice.
     """
     if isinstance(unseen, str | bytes) or not isinstance(unseen, Sequence):
-        raise ValueError(
+        raise DataError(
             f"{name}: `unseen` must be a list of class names or indices, got {unseen!r}."
         )
     index = {c: i for i, c in enumerate(classes)}
     out: list[int] = []
     for item in unseen:
         if isinstance(item, bool):
-            raise ValueError(f"{name}: unseen entry {item!r} is a bool, not a name or index.")
+            raise DataError(f"{name}: unseen entry {item!r} is a bool, not a name or index.")
         if isinstance(item, int | np.integer):
             if not 0 <= int(item) < len(classes):
-                raise ValueError(
+                raise DataError(
                     f"{name}: unseen index {int(item)} is out of range: there are "
                     f"{len(classes)} classes, so valid indices are 0..{len(classes) - 1}."
                 )
@@ -198,18 +211,18 @@ def resolve_unseen(
                 close = difflib.get_close_matches(item, list(classes), n=3, cutoff=0.6)
                 hint = f" Did you mean {close}?" if close else ""
                 shown = list(classes[:20]) + (["..."] if len(classes) > 20 else [])
-                raise ValueError(
+                raise DataError(
                     f"{name}: unseen class {item!r} is not one of the {len(classes)} class "
                     f"names.{hint} Valid names: {shown}."
                 )
             out.append(index[item])
         else:
-            raise ValueError(
+            raise DataError(
                 f"{name}: unseen entry {item!r} must be a class name (str) or index (int)."
             )
     repeated = sorted({classes[i] for i in out if out.count(i) > 1})
     if repeated:
-        raise ValueError(f"{name}: unseen lists these classes more than once: {repeated}.")
+        raise DataError(f"{name}: unseen lists these classes more than once: {repeated}.")
     return sorted(out)
 
 
@@ -228,26 +241,26 @@ def load_class_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarra
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Class-embedding file {path} does not exist. Create it (a .npz with 'classes' [K] "
             "and 'embeddings' [K, D]) or drop `class_embeddings` to use the text encoder."
         )
     with np.load(path, allow_pickle=False) as data:
         missing = [k for k in ("classes", "embeddings") if k not in data.files]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"Class-embedding file {path} lacks the key(s) {missing}; it has {data.files}. "
                 "It needs 'classes' (unicode array [K]) and 'embeddings' (float array [K, D])."
             )
         classes = [str(c) for c in data["classes"].tolist()]
         emb = np.asarray(data["embeddings"])
     if emb.ndim != 2 or emb.shape[0] != len(classes):
-        raise ValueError(
+        raise DataError(
             f"Class-embedding file {path}: 'embeddings' has shape {emb.shape}, expected "
             f"[{len(classes)}, D] (one row per entry of 'classes')."
         )
     if not np.issubdtype(emb.dtype, np.floating) or not np.all(np.isfinite(emb)):
-        raise ValueError(f"Class-embedding file {path}: 'embeddings' must be finite floats.")
+        raise DataError(f"Class-embedding file {path}: 'embeddings' must be finite floats.")
     return classes, emb.astype(np.float32, copy=False)
 
 
@@ -277,7 +290,7 @@ def _check_class_embeddings(name: str, path: str, classes: Sequence[str]) -> Non
             f"the same names in a different order (first difference at index {first}: "
             f"file {file_classes[first]!r}, split {classes[first]!r})"
         )
-    raise ValueError(
+    raise DataError(
         f"{name}: the classes of the class-embedding file {path} do not equal the split's "
         f"{len(classes)} classes ({detail}). Rows must follow the split's class order; "
         "regenerate the file for this class list."
@@ -303,7 +316,7 @@ def _list_files(root: str, exts: Sequence[str] | None) -> dict[str, str]:
                 duplicates.append(f"{found[key]} / {rel}")
             found[key] = rel
     if duplicates:
-        raise ValueError(
+        raise DataError(
             f"Files in {root} share a name with different extensions: {duplicates[:5]}. "
             "Pass `image_ext` to choose one extension."
         )
@@ -321,15 +334,12 @@ def _image_size(path: str) -> tuple[int, int]:
                 if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                     width, height = height, width
     except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"Cannot read the image header of {path}: {e}") from e
+        raise DataError(unreadable_file_message(f"Cannot read the image {path}", path, e)) from e
     return height, width
 
 
-def _missing_root_error(name: str, kind: str, path: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{name}: the {kind} folder {path} does not exist. "
-        + _PREPARE_HINT.format(root=datasets_root())
-    )
+def _missing_root_error(name: str, kind: str, path: str) -> MissingFileError:
+    return MissingFileError(f"{name}: the {kind} folder {path} does not exist. " + _prepare_hint())
 
 
 def _check_pairs(
@@ -338,21 +348,31 @@ def _check_pairs(
     no_label = sorted(set(found) - set(labels))
     if no_label:
         examples = [found[k] for k in no_label[:5]]
-        raise ValueError(
+        raise DataError(
             f"{name}: {len(no_label)} of {len(found)} {kind}s in {root} have no label in "
             f"{label_root} (e.g. {examples}). Every {kind} needs a label PNG with the same "
             "relative name; remove the extra files or point the roots at matching folders."
         )
 
 
-def _load_dicts(spec: _SplitSpec) -> list[dict]:
-    """Check the split's files and build its dataset dicts (the DatasetCatalog loader)."""
-    name = spec.name
+def _check_spec_paths(spec: _SplitSpec) -> None:
+    """Raise if a folder or the class-embedding file of the split is missing (no listing)."""
     for kind, root in [("image", spec.image_root), ("label", spec.label_root)] + [
         (f"{key} label", r) for key, r in spec.extra_label_roots
     ]:
         if not os.path.isdir(root):
-            raise _missing_root_error(name, kind, root)
+            raise _missing_root_error(spec.name, kind, root)
+    if spec.class_embeddings is not None and not os.path.isfile(spec.class_embeddings):
+        raise MissingFileError(
+            f"{spec.name}: the class-embedding file {spec.class_embeddings} does not exist. "
+            + _prepare_hint()
+        )
+
+
+def _load_dicts(spec: _SplitSpec) -> list[dict]:
+    """Check the split's files and build its dataset dicts (the DatasetCatalog loader)."""
+    name = spec.name
+    _check_spec_paths(spec)
     if spec.class_embeddings is not None:
         _check_class_embeddings(name, spec.class_embeddings, spec.classes)
 
@@ -360,7 +380,7 @@ def _load_dicts(spec: _SplitSpec) -> list[dict]:
     images = _list_files(spec.image_root, image_exts)
     if not images:
         present = sorted({os.path.splitext(f)[1] for f in os.listdir(spec.image_root)})
-        raise ValueError(
+        raise DataError(
             f"{name}: no image with extension {image_exts} in {spec.image_root} (extensions "
             f"found there: {present}). Set `image_ext` or fix `image_root`."
         )
@@ -369,7 +389,7 @@ def _load_dicts(spec: _SplitSpec) -> list[dict]:
     no_image = sorted(set(labels) - set(images))
     if no_image:
         examples = [labels[k] for k in no_image[:5]]
-        raise ValueError(
+        raise DataError(
             f"{name}: {len(no_image)} of {len(labels)} labels in {spec.label_root} have no "
             f"image in {spec.image_root} (e.g. {examples}; image extensions looked for: "
             f"{image_exts}). Remove the stray labels, set `image_ext`, or fix the roots."
@@ -418,7 +438,7 @@ def _normalise_extension(ext: str | None, what: str) -> str | None:
     if ext is None:
         return None
     if not isinstance(ext, str) or not ext:
-        raise ValueError(f"`{what}` must be an extension such as '.png', got {ext!r}.")
+        raise DataError(f"`{what}` must be an extension such as '.png', got {ext!r}.")
     return ext if ext.startswith(".") else "." + ext
 
 
@@ -506,7 +526,7 @@ def _make_spec(name: str, *, classes, unseen, extra_label_roots, root, **paths) 
     extra = {}
     for key, folder in dict(extra_label_roots or {}).items():
         if not isinstance(key, str) or not key.isidentifier() or key in ("file", "sem_seg"):
-            raise ValueError(
+            raise DataError(
                 f"{name}: extra label key {key!r} must be an identifier other than 'file' and "
                 "'sem_seg' (it becomes the dataset-dict key '<key>_file_name')."
             )
@@ -531,13 +551,13 @@ def _already_registered(spec: _SplitSpec) -> bool:
     if spec.name in _REGISTERED:
         if _REGISTERED[spec.name] == spec:
             return True
-        raise ValueError(
+        raise DataError(
             f"Dataset {spec.name!r} is already registered with different arguments "
             f"({_describe_difference(_REGISTERED[spec.name], spec)}). Use another name, or call "
             "ocz_d2.data.unregister_zero_shot_split(name) first."
         )
     if spec.name in DatasetCatalog.list():
-        raise ValueError(
+        raise DataError(
             f"Dataset {spec.name!r} is already registered in DatasetCatalog by other code; "
             "choose another name for the zero-shot split."
         )
@@ -576,6 +596,44 @@ def unregister_zero_shot_split(name: str) -> None:
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
+
+
+def unknown_dataset_message(name: str, key: str = "DATASETS.TRAIN") -> str:
+    """The error for a dataset name that nothing registered: the close names among the
+    zero-shot splits, and how to register one."""
+    close = difflib.get_close_matches(name, sorted(_REGISTERED), n=3, cutoff=0.6)
+    if close:
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?"
+    else:
+        names = sorted(_REGISTERED)
+        shown = ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+        hint = f" The registered zero-shot splits are: {shown}."
+    return (
+        f"{key}: dataset {name!r} is not registered.{hint} To add a zero-shot split, list its "
+        "YAML split file in DATASETS.SPLIT_FILES (format: ocz_d2/data/split_file.py, "
+        "datasets/README.md) or call ocz_d2.data.register_zero_shot_split."
+    )
+
+
+def check_datasets(names: Sequence[str], key: str = "DATASETS.TRAIN") -> None:
+    """Check, before any model is built, that datasets are registered and that the folders
+    and class-embedding file of each zero-shot split exist (no file is listed or read).
+
+    Args:
+        names: registered dataset names (e.g. ``cfg.DATASETS.TRAIN``).
+        key: the config key they come from, for the message.
+
+    Raises:
+        DataError: a name that nothing registered (close zero-shot split names are suggested).
+        MissingFileError: a missing folder or class-embedding file; the message names it and
+            ``$DETECTRON2_DATASETS``.
+    """
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            raise DataError(unknown_dataset_message(name, key))
+        if name in _REGISTERED:
+            _check_spec_paths(_REGISTERED[name])
 
 
 def is_zero_shot_split(name: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..utils.errors import DataError, MissingFileError
 from .register_zero_shot import register_zero_shot_split
 
 __all__ = [
@@ -52,13 +53,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 def _check_keys(where: str, data: dict, allowed: dict[str, bool]) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)} "
             f"(required: {sorted(k for k, req in allowed.items() if req)})."
         )
     missing = sorted(k for k, req in allowed.items() if req and k not in data)
     if missing:
-        raise ValueError(f"{where}: missing required key(s) {missing}.")
+        raise DataError(f"{where}: missing required key(s) {missing}.")
 
 
 def load_split_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def load_split_file(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Split file {path} does not exist (relative paths resolve against the working "
             f"directory {os.getcwd()})."
         )
@@ -85,35 +86,35 @@ def load_split_file(path: str | os.PathLike) -> dict[str, Any]:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ValueError(f"Split file {path} is not valid YAML: {e}") from e
+            raise DataError(f"Split file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"Split file {path} must hold a mapping at the top level.")
+        raise DataError(f"Split file {path} must hold a mapping at the top level.")
     _check_keys(f"Split file {path}", data, _TOP_KEYS)
     if not isinstance(data["dataset"], str) or not _NAME_RE.match(data["dataset"]):
-        raise ValueError(
+        raise DataError(
             f"Split file {path}: 'dataset' must be a name of letters, digits, '_', '-' or '.', "
             f"got {data['dataset']!r}."
         )
     if not isinstance(data["classes"], list):
-        raise ValueError(f"Split file {path}: 'classes' must be a list of class names.")
+        raise DataError(f"Split file {path}: 'classes' must be a list of class names.")
     if not isinstance(data["unseen"], list):
-        raise ValueError(f"Split file {path}: 'unseen' must be a list (names or indices).")
+        raise DataError(f"Split file {path}: 'unseen' must be a list (names or indices).")
     splits = data["splits"]
     if not isinstance(splits, dict) or not splits:
-        raise ValueError(
+        raise DataError(
             f"Split file {path}: 'splits' must map split names (e.g. train, val) to "
             "{image_root, label_root}."
         )
     for split, entry in splits.items():
         where = f"Split file {path}, split {split!r}"
         if not isinstance(split, str) or not _NAME_RE.match(split):
-            raise ValueError(f"{where}: split names must be letters, digits, '_', '-' or '.'.")
+            raise DataError(f"{where}: split names must be letters, digits, '_', '-' or '.'.")
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: must be a mapping with image_root and label_root.")
+            raise DataError(f"{where}: must be a mapping with image_root and label_root.")
         _check_keys(where, entry, _SPLIT_KEYS)
         extra = entry.get("extra_label_roots")
         if extra is not None and not isinstance(extra, dict):
-            raise ValueError(f"{where}: 'extra_label_roots' must map keys to folders.")
+            raise DataError(f"{where}: 'extra_label_roots' must map keys to folders.")
     return data
 
 
@@ -197,7 +198,7 @@ def resolve_split_file(path: str | os.PathLike) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"split file {path!r} in DATASETS.SPLIT_FILES does not exist (looked for "
         f"{[os.path.abspath(c) for c in candidates]}): fix the path, or create it (object-map "
         "split files come from tools/precompute_object_maps.py or tools/prepare_synthetic.py)."

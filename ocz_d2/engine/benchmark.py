@@ -121,6 +121,8 @@ FLOP_COMPONENTS = (
     Component("pixel_decoder", path="pixel_decoder"),
     Component("mfe", path="pixel_decoder.mfe"),
     Component("transformer_decoder", path="transformer_decoder"),
+    # Test-time CLIP classification of the segments (MODEL.OCZ.SEGMENT_CLIP), both routes.
+    Component("segment_clip", path="segment_classifier"),
 )
 
 #: Components timed inside the training step (the criterion includes its matcher calls).
@@ -358,9 +360,21 @@ def _wrap_timed(
 def _flop_counter() -> Iterator:
     from torch.utils.flop_counter import FlopCounterMode
 
-    # Module tracking needs autograd on (under no_grad it fails on parameters used as inputs).
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        yield counter
+    # nn.MultiheadAttention's fused inference path (taken by frozen CLIP blocks: eval mode, no
+    # tensor that needs a gradient) is one op the counter has no formula for, so its
+    # projections and attention would count 0 (a ViT-B/16 at 224 would count 11.3 GFLOPs of
+    # 17.6). The slow path computes the same.
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        # Module tracking needs autograd on (under no_grad it fails on parameters used as inputs).
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def _module_flops(counter, root: str) -> dict[str, int]:

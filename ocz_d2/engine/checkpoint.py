@@ -8,17 +8,34 @@ the model's state without those tensors, plus a record under ``"frozen_weights"`
 source and a SHA-256 digest of every left-out tensor. Loading checks that the model as built holds
 the same frozen tensors (names every difference) and fills them in from the model; a checkpoint
 without a record (an older, full one) loads as before.
+
+A file that cannot be read (truncated, empty, not a checkpoint) gives one
+:class:`~ocz_d2.utils.errors.CheckpointError` naming the file, its size and the likely cause;
+:func:`check_checkpoint_file` finds the common cases before a model is built.
+:func:`remove_stale_temporaries` deletes what a killed write left behind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import tempfile
+import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+
+from ..utils.errors import CheckpointError, MissingFileError
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of the temporary files of :func:`_atomic_write` (``.tmp-<random>-<name>``).
+TMP_PREFIX = ".tmp-"
+# mkstemp's random part: 8 characters of [a-z0-9_].
+_TMP_RE = re.compile(r"^\.tmp-[a-z0-9_]{8}-(?P<name>.+)$")
 
 
 def _atomic_write(path: str, write) -> None:
@@ -28,7 +45,7 @@ def _atomic_write(path: str, write) -> None:
     file. ``write(f)`` receives a binary file object.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -39,6 +56,81 @@ def _atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files that a killed :func:`_atomic_write` left in ``folder``.
+
+    Only our own names are touched (``.tmp-<8 random characters>-<checkpoint name>``). Call it
+    when a run starts in the folder, before it writes: no write of this run is then under way.
+
+    Returns:
+        The removed paths.
+    """
+    if not folder or "://" in folder or not os.path.isdir(folder):
+        return []
+    removed, size = [], 0
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if _TMP_RE.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            size += os.path.getsize(path)
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.info(
+            "Removed %d partial file(s) (%.1f MB) of an interrupted checkpoint write in %s: %s",
+            len(removed),
+            size / 1e6,
+            folder,
+            ", ".join(os.path.basename(p) for p in removed),
+        )
+    return removed
+
+
+def unreadable_checkpoint_message(path: str, error: BaseException) -> str:
+    """What is wrong with a checkpoint file that ``torch.load`` failed on, and what to do."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    full = str(error).strip()
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", full)
+    if found and size:
+        return (
+            f"cannot read checkpoint {path} ({size:,} bytes): it holds Python objects "
+            f"({found.group(1)}) that torch.load refuses with weights_only=True. Load it yourself "
+            "and save its tensors as a plain state dict, or use a checkpoint written by ocz_d2."
+        )
+    if size == 0:
+        return (
+            f"cannot read checkpoint {path}: it is empty (0 bytes). It is probably incomplete "
+            "(an interrupted download or copy, or a full disk): download or copy it again."
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", full)
+    text = detail.group(1) if detail else (full.splitlines()[0] if full else "")
+    text = text.split(". ")[0][:160] or type(error).__name__
+    return (
+        f"cannot read checkpoint {path} ({size:,} bytes): it is truncated or corrupt ({text}). "
+        "It is probably incomplete "
+        "(an interrupted download or copy, or a full disk): download or copy it again."
+    )
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Cheap checks of a local checkpoint before a model is built: it exists, is not empty and,
+    for torch's zip format, ends with the archive's directory (a truncated copy does not).
+
+    Raises:
+        MissingFileError, CheckpointError: with :func:`unreadable_checkpoint_message`'s text.
+    """
+    if not path or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(unreadable_checkpoint_message(path, EOFError()))
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        reason = RuntimeError("the zip archive has no central directory at its end")
+        raise CheckpointError(unreadable_checkpoint_message(path, reason))
 
 
 #: Checkpoint key of the frozen-weights record.
@@ -97,8 +189,8 @@ def check_frozen_record(model: torch.nn.Module, records: list[dict]) -> dict:
         The frozen tensors to fill in (state-dict name -> tensor, from ``model``).
 
     Raises:
-        ValueError: a recorded group is absent or differs; the message names the sources and
-            the differing tensors.
+        CheckpointError (a ValueError): a recorded group is absent or differs; the message
+            names the sources and the differing tensors.
     """
     state = model.state_dict()
     groups = {name: (prefix, source) for name, prefix, source in frozen_weight_groups(model)}
@@ -106,7 +198,7 @@ def check_frozen_record(model: torch.nn.Module, records: list[dict]) -> dict:
     for rec in records:
         want = rec["source"]
         if rec["module"] not in groups:
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint left out the frozen weights of {rec['module'] or 'the model'} "
                 f"({want}) and expects the model to rebuild them, but this model has no "
                 "rebuildable frozen weights there (trainable, or random: no pretrained tag or "
@@ -118,7 +210,7 @@ def check_frozen_record(model: torch.nn.Module, records: list[dict]) -> dict:
         differ = [k for k in keys if k in rec["sha256"] and _digest(state[k]) != rec["sha256"][k]]
         if extra or differ:
             unknown = f", {len(extra)} not in the record (e.g. {extra[:3]})" if extra else ""
-            raise ValueError(
+            raise CheckpointError(
                 f"frozen weights differ from the checkpoint's: it was trained with {want}, this "
                 f"model was built with {have}; {len(differ)} of {len(keys)} tensors differ "
                 f"(e.g. {differ[:3]}){unknown}. Set MODEL.OCZ.CLIP.MODEL_NAME / PRETRAINED / "
@@ -147,11 +239,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"checkpoint {path!r} does not exist: set MODEL.WEIGHTS to a model file (e.g. "
                 "output/demo/model_final.pth), or '' to start from the backbone's own weights"
             )
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str):
+        """The parent's reading, with an error that names the file, its size and the likely
+        cause when the file cannot be read (truncated, empty, not a checkpoint)."""
+        try:
+            return super()._load_file(filename)
+        except Exception as e:
+            local = PathManager.get_local_path(filename) if "://" in filename else filename
+            raise CheckpointError(unreadable_checkpoint_message(local, e)) from e
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

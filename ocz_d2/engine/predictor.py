@@ -4,6 +4,7 @@ predictor = ZeroShotPredictor(cfg)                      # cfg.MODEL.WEIGHTS: a t
 result = predictor("photo.jpg", "cat, dog, sofa|couch")
 result.labels      # [H, W] int64, k = the k-th class
 result.areas       # [K] pixels per class
+result.scores      # [K, H, W] per-pixel class scores (numpy, like every field)
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from torch import nn
 from ..data.augmentations import build_zero_shot_augmentations
 from ..data.split_file import register_split_files_from_config
 from ..modeling.meta_arch.zero_shot_segmentor import TEST_MODES, calibrate
+from ..modeling.segment_classifier import ENSEMBLE_SEEN_KEY
 from ..modeling.text.templates import clean_class_name
 from ..modeling.text.vocabulary import Vocabulary, embed_vocabulary, name_key
-from .checkpoint import AtomicCheckpointer
+from ..utils.errors import ArgumentError, DataError, MissingFileError, unreadable_file_message
+from .checkpoint import AtomicCheckpointer, check_checkpoint_file
 
 __all__ = ["ImageLike", "SegmentationResult", "VocabularyLike", "ZeroShotPredictor", "load_image"]
 
@@ -48,11 +51,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"cannot read image {path}: no such file")
+        raise DataError(f"cannot read image {path}: no such file")
     try:
         return utils.read_image(path, format="RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise DataError(unreadable_file_message(f"cannot read image {path}", path, e)) from e
 
 
 def _as_rgb(image: ImageLike) -> np.ndarray:
@@ -64,14 +67,14 @@ def _as_rgb(image: ImageLike) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise TypeError(f"an image is a path, a numpy array or a PIL image, not {type(image)}")
     if image.dtype != np.uint8:
-        raise ValueError(
+        raise ArgumentError(
             f"image arrays must be uint8 (0..255), got {image.dtype}: convert first, e.g. "
             "(x * 255).round().astype(np.uint8) for values in [0, 1]"
         )
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (3, 4) or min(image.shape[:2]) < 1:
-        raise ValueError(f"an image array is [H, W, 3] RGB (or [H, W], RGBA), got {image.shape}")
+        raise ArgumentError(f"an image array is [H, W, 3] RGB (or [H, W], RGBA), got {image.shape}")
     return np.ascontiguousarray(image[..., :3])
 
 
@@ -89,9 +92,9 @@ class SegmentationResult:
 
     Attributes:
         labels: int64 [H, W] at the input's size; value k is ``vocabulary.classes[k]``.
-        scores: float32 [K, H, W] per-pixel class scores on the CPU (the model's sum over queries
-            of class probability x mask probability; minus gamma for calibrated classes); the
-            labels are their argmax.
+        scores: float32 [K, H, W] per-pixel class scores (the model's sum over queries of class
+            probability x mask probability; minus gamma for calibrated classes); the labels are
+            their argmax.
         areas: int64 [K] pixels labelled with each class.
         class_scores: float64 [K] mean score of each class over its own pixels (NaN when
             absent): how confidently the class won where it won.
@@ -100,7 +103,7 @@ class SegmentationResult:
     """
 
     labels: np.ndarray
-    scores: torch.Tensor
+    scores: np.ndarray
     areas: np.ndarray
     class_scores: np.ndarray
     vocabulary: Vocabulary
@@ -197,29 +200,32 @@ class ZeroShotPredictor:
     @staticmethod
     def _check_settings(cfg, mode: str | None, cache_size: int | None, batch_size: int) -> None:
         if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
+            raise ArgumentError(
                 f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: use 'cpu'"
             )
         mode = cfg.MODEL.OCZ.TEST.MODE if mode is None else mode
         if mode not in TEST_MODES:
-            raise ValueError(f"mode {mode!r}: use one of {TEST_MODES}")
+            raise ArgumentError(f"mode {mode!r}: use one of {TEST_MODES}")
         size = cfg.MODEL.OCZ.TEST.VOCABULARY_CACHE_SIZE if cache_size is None else cache_size
         if size < 0 or batch_size < 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"cache_size must be >= 0 and batch_size >= 1, got {size}, {batch_size}"
             )
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor takes RGB or BGR")
+            raise ArgumentError(
+                f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the predictor takes RGB or BGR"
+            )
 
     def _build(self, cfg, allow_untrained: bool) -> nn.Module:
         weights = self.weights
         if not weights and not allow_untrained:
-            raise ValueError(
+            raise ArgumentError(
                 "MODEL.WEIGHTS is empty: give the trained model (e.g. MODEL.WEIGHTS "
                 "output/demo/model_final.pth); untrained heads give meaningless segmentations"
             )
         if weights and "://" not in weights and not os.path.isfile(weights):
-            raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
+            raise MissingFileError(f"MODEL.WEIGHTS {weights!r} does not exist")
+        check_checkpoint_file(weights)  # a truncated file: named before the model is built
         model = build_model(cfg)
         if weights:
             AtomicCheckpointer(model).load(weights)
@@ -233,7 +239,7 @@ class ZeroShotPredictor:
             register_split_files_from_config(cfg, lazy=True)
         meta = MetadataCatalog.get(dataset) if dataset in MetadataCatalog.list() else None
         if meta is None or meta.get("stuff_classes", None) is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"calibration dataset {dataset!r} is not a registered zero-shot split (add its "
                 "split file to DATASETS.SPLIT_FILES, or give no calibration)"
             )
@@ -253,7 +259,7 @@ class ZeroShotPredictor:
         """
         if vocabulary is None:
             if not self.calibration:
-                raise ValueError("no vocabulary: give class names (or a calibration dataset)")
+                raise ArgumentError("no vocabulary: give class names (or a calibration dataset)")
             vocab = Vocabulary.parse(MetadataCatalog.get(self.calibration).stuff_classes)
             key: tuple = ("dataset", self.calibration)
         else:
@@ -334,7 +340,12 @@ class ZeroShotPredictor:
         for start in range(0, len(images), self.batch_size):
             samples = [self._sample(x) for x in images[start : start + self.batch_size]]
             for s in samples:
-                s.update(class_names=vocab.names, class_embeddings=text)
+                # The calibrated (seen) classes are also the seen side of the segment-CLIP
+                # ensemble (MODEL.OCZ.SEGMENT_CLIP), as in evaluation.
+                s.update(
+                    {"class_names": vocab.names, "class_embeddings": text,
+                     ENSEMBLE_SEEN_KEY: calibrated}
+                )  # fmt: skip
             for out in self.model(samples):
                 results.append(self._result(out["sem_seg"], vocab, calibrated))
         return results
@@ -351,7 +362,7 @@ class ZeroShotPredictor:
         mean = (sums / areas.clamp(min=1)).masked_fill(areas == 0, float("nan"))
         return SegmentationResult(
             labels=labels.cpu().numpy(),
-            scores=scores.cpu(),
+            scores=scores.cpu().numpy(),
             areas=areas.cpu().numpy(),
             class_scores=mean.cpu().numpy(),
             vocabulary=vocab,

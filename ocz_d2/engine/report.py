@@ -146,6 +146,10 @@ def run_seed(
             done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         where = "the output above" if console else str(log)
+        if done.returncode == 2:  # train_net's status for a user error (config, data, weights)
+            from ..utils.errors import UserError
+
+            raise UserError(f"training stopped on a config, data or weights error; see {where}.")
         raise RuntimeError(f"Training failed (exit {done.returncode}); see {where}.")
     from .protocol import tuned_test  # heavy imports only when a run is needed
 

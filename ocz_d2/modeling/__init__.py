@@ -4,12 +4,14 @@ from . import backbone, meta_arch, pixel_decoder, text, transformer_decoder
 from .backbone import CLIPPromptBackbone
 from .meta_arch import OCZeroShotSegmentor
 from .pixel_decoder import SimplePyramidPixelDecoder
+from .segment_classifier import SegmentCLIPClassifier
 from .text import TextEmbedder
 from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY, ZeroShotMaskDecoder
 
 __all__ = [
     "CLIPPromptBackbone",
     "OCZeroShotSegmentor",
+    "SegmentCLIPClassifier",
     "SimplePyramidPixelDecoder",
     "TRANSFORMER_DECODER_REGISTRY",
     "TextEmbedder",

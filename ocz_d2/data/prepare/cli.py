@@ -8,7 +8,18 @@ from collections.abc import Callable
 
 from .common import PrepareError, PrepareResult, format_summary
 
-__all__ = ["base_parser", "datasets_dir", "run_cli"]
+__all__ = ["DefaultsHelpFormatter", "base_parser", "datasets_dir", "run_cli"]
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" suffix, left out where the help already says the default and
+    for defaults that say nothing (None, False of a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def datasets_dir() -> str:
@@ -18,9 +29,7 @@ def datasets_dir() -> str:
 
 def base_parser(description: str, out_name: str) -> argparse.ArgumentParser:
     """A parser with the options every prepare script shares."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     parser.add_argument(
         "--out",
         default=os.path.join(datasets_dir(), out_name),

@@ -30,6 +30,7 @@ from ..criterion import SetCriterion, SplitCriterion, build_criterion
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
 from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
+from ..segment_classifier import ENSEMBLE_SEEN_KEY, SegmentCLIPClassifier
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
 
@@ -40,17 +41,22 @@ GUIDE_SOURCES = ("ssl", "clip", "oracle")
 SPLIT_TARGETS = ("prompted", "plain")
 
 
-def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+def semantic_inference(
+    pred_logits: torch.Tensor, pred_masks: torch.Tensor, class_probs: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-pixel class scores from mask classification.
 
     Args:
         pred_logits: [Q, K+1] class logits of each query (the last column is no-object).
         pred_masks: [Q, H, W] mask logits.
+        class_probs: [Q, K] class scores of the queries to use instead of the softmax of
+            ``pred_logits`` (e.g. :class:`SegmentCLIPClassifier`'s ensemble), or None.
     Returns:
         [K, H, W] scores: sum over queries of softmax class probability times mask sigmoid.
     """
-    probs = pred_logits.softmax(-1)[:, :-1]
-    return torch.einsum("qk,qhw->khw", probs, pred_masks.sigmoid())
+    probs = pred_logits.softmax(-1)[:, :-1] if class_probs is None else class_probs
+    masks = pred_masks.sigmoid()
+    return torch.einsum("qk,qhw->khw", probs.to(masks.dtype), masks)
 
 
 def calibrate(scores: torch.Tensor, seen_classes: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -98,6 +104,10 @@ class OCZeroShotSegmentor(nn.Module):
     (open-vocabulary inference; no calibration then), and with them ``"class_embeddings"``
     ([K, D], rows L2-normalised) to use instead of the text embedder's embeddings of the names
     (``ZeroShotPredictor`` passes synonym-averaged embeddings from its bounded cache this way).
+    With ``MODEL.OCZ.SEGMENT_CLIP.ENABLED``, each query's class probabilities are ZegFormer's
+    ensemble of the decoder's and the frozen CLIP's classification of its segment
+    (:class:`SegmentCLIPClassifier`); its seen classes are the dataset's, or for ``"class_names"``
+    none unless the sample names them (``"ensemble_seen"``, indices into the names).
     """
 
     @configurable
@@ -122,6 +132,7 @@ class OCZeroShotSegmentor(nn.Module):
         pseudo_masker: PseudoMaskGenerator | None = None,
         split_targets: str = "prompted",
         self_training: dict | None = None,
+        segment_classifier: SegmentCLIPClassifier | None = None,
     ):
         """
         Args:
@@ -149,6 +160,8 @@ class OCZeroShotSegmentor(nn.Module):
                 step's prompted CLIP pass) or "plain" (a frozen prompt-free CLIP pass).
             self_training: {"start_iter", "threshold"} of transductive self-training (see
                 ``MODEL.OCZ.SELF_TRAINING``); used only in the transductive setting.
+            segment_classifier: test-time CLIP classification of the segments, ensembled with
+                the decoder's classes (``MODEL.OCZ.SEGMENT_CLIP``); None: off.
         """
         super().__init__()
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
@@ -196,6 +209,9 @@ class OCZeroShotSegmentor(nn.Module):
             )
         self.split_targets = split_targets
         self.self_training = dict(self_training or {"start_iter": 0, "threshold": 0.0})
+        if segment_classifier is not None:
+            segment_classifier.check_backbone(backbone, text_embedder.dim)
+        self.segment_classifier = segment_classifier
 
     @classmethod
     def from_config(cls, cfg):
@@ -255,6 +271,9 @@ class OCZeroShotSegmentor(nn.Module):
                 "start_iter": ocz.SELF_TRAINING.START_ITER,
                 "threshold": ocz.SELF_TRAINING.THRESHOLD,
             },
+            "segment_classifier": (
+                SegmentCLIPClassifier(cfg) if ocz.SEGMENT_CLIP.ENABLED else None
+            ),
         }
 
     @property
@@ -626,10 +645,13 @@ class OCZeroShotSegmentor(nn.Module):
         image = (sample["image"].to(self.device) - self.pixel_mean) / self.pixel_std
         object_map = sample.get(OBJECT_MAP_KEY)
         none_value = ignore_label_of(sample.get("dataset_name")) if object_map is not None else 0
+        # The segment classifier's seen classes; a caller may name them for class_names.
+        ensemble_seen = sample.get(ENSEMBLE_SEEN_KEY, seen)
+        ensemble_seen = torch.as_tensor(ensemble_seen, dtype=torch.long, device=self.device)
         if self.test_mode == "slide":
-            scores = self._slide_scores(image, text, object_map, none_value)
+            scores = self._slide_scores(image, text, object_map, none_value, ensemble_seen)
         else:
-            scores = self._scores(image[None], text, object_map, none_value)[0]
+            scores = self._scores(image[None], text, object_map, none_value, ensemble_seen)[0]
         if self.zero_shot_setting == "inductive":
             scores = calibrate(scores, seen, self.calibration)
         height = sample.get("height", image.shape[-2])
@@ -643,12 +665,14 @@ class OCZeroShotSegmentor(nn.Module):
         text: torch.Tensor,
         object_map: torch.Tensor | list[torch.Tensor | None] | None = None,
         none_value: int = 255,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[N, 3, h, w] normalised images of one size -> [N, K, h, w] class scores (padding
         handled here).
 
         ``object_map`` is the object map [h, w] of a single image, a list of N maps (or None
         entries), or None; ``none_value`` its "no region" value (see :meth:`_regions`).
+        ``seen``: int64 indices of the seen classes, for the segment classifier (None: none).
         """
         h, w = image.shape[-2:]
         if object_map is None or isinstance(object_map, torch.Tensor):
@@ -661,10 +685,16 @@ class OCZeroShotSegmentor(nn.Module):
         masks = F.interpolate(
             outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False
         )[..., :h, :w]
+        probs = [None] * len(image)
+        if self.segment_classifier is not None:
+            seen = seen if seen is not None else torch.zeros(0, dtype=torch.long)
+            probs = self.segment_classifier(
+                self.backbone, image, outputs["pred_logits"], masks, text, seen
+            )
         return torch.stack(
             [
-                retry_if_cuda_oom(semantic_inference)(lg, mk)
-                for lg, mk in zip(outputs["pred_logits"], masks)
+                retry_if_cuda_oom(semantic_inference)(lg, mk, p)
+                for lg, mk, p in zip(outputs["pred_logits"], masks, probs)
             ]
         )
 
@@ -674,6 +704,7 @@ class OCZeroShotSegmentor(nn.Module):
         text: torch.Tensor,
         object_map: torch.Tensor | None = None,
         none_value: int = 255,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Average of window scores over a sliding window; [3, H, W] -> [K, H, W].
 
@@ -692,7 +723,7 @@ class OCZeroShotSegmentor(nn.Module):
             maps = None
             if object_map is not None:
                 maps = [object_map[y : y + wh, x : x + ww] for y, x in chunk]
-            for (y, x), window in zip(chunk, self._scores(crops, text, maps, none_value)):
+            for (y, x), window in zip(chunk, self._scores(crops, text, maps, none_value, seen)):
                 scores[:, y : y + wh, x : x + ww] += window
                 counts[:, y : y + wh, x : x + ww] += 1
         return scores / counts
