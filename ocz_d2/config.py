@@ -196,7 +196,7 @@ def _add_model_config(cfg: CN) -> None:
     # Fraction of points chosen by uncertainty; the rest are uniform over valid pixels.
     ocz.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
 
-    # --- split matching (Split Matching; DESIGN.md component 8) ---
+    # --- split matching (Split Matching; docs/DESIGN.md, "Split matching") ---
     ocz.SPLIT = CN()
     # N_c, candidate queries: the last N_c of DECODER.NUM_QUERIES, matched to pseudo-masks of the
     # unannotated pixels; the first NUM_QUERIES - N_c (seen queries) to the ground truth.

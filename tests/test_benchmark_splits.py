@@ -1,5 +1,6 @@
-"""Every registered real-benchmark split against PROTOCOLS.md: class counts, unseen names and
-indices (the expectations are written here from PROTOCOLS.md, independently of the split files)."""
+"""Every registered real-benchmark split against docs/PROTOCOLS.md: class counts, unseen names
+and indices (the expectations are written here from docs/PROTOCOLS.md, independently of the split
+files)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ PROTOCOLS = {
         [19, 33, 48, 14, 7, 24, 6, 54, 31, 0],
         "cow motorbike sofa cat boat fence bird tvmonitor keyboard aeroplane".split(),
     ),
-    # Not in PROTOCOLS.md ("Cascade-CLIP uses a different 10-class split"): from Cascade-CLIP's
-    # public config (novel_class of configs/context_59/vpt_seg_zero_vit-b_512x512_40k_12_10.py).
+    # From Cascade-CLIP's public config (novel_class of
+    # configs/context_59/vpt_seg_zero_vit-b_512x512_40k_12_10.py), as docs/PROTOCOLS.md lists it.
     "ocz_context59_cascade": (
         59,
         [0, 2, 3, 7, 9, 13, 17, 19, 31, 37],

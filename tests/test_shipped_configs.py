@@ -1,6 +1,6 @@
 """Every shipped config under configs/ loads and builds a model (with a tiny CLIP and a random tiny
 SSL ViT instead of ViT-B/16 and DINO: nothing downloads), and the protocol configs say what
-PROTOCOLS.md says."""
+docs/PROTOCOLS.md says."""
 
 from __future__ import annotations
 

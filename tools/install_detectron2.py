@@ -70,7 +70,7 @@ NP_ALIAS_FILES = [
 
 
 def patch_tree(src: Path) -> None:
-    """Apply the fixes of shared/STACK.md to an extracted sdist at ``src``."""
+    """Apply the fixes below (INSTALL.md, "Known issues") to an extracted sdist at ``src``."""
     d2 = src / "detectron2"
     # 1. setup.py: no C++ extension when its sources are absent; drop the formatter pin
     #    (black 21.4b2 is a development tool and breaks with current click).

@@ -1,8 +1,9 @@
 """Training and test augmentations of the zero-shot semantic-segmentation mapper.
 
-Training follows the recipe of the zero-shot anchors (PROTOCOLS.md): random rescale to a target
-size times a factor in ``RESIZE_SCALE``, a category-area-constrained crop, a horizontal flip and
-a photometric distortion (brightness, contrast, saturation, hue). Test: ``ResizeShortestEdge``.
+Training follows the recipe of the zero-shot anchors (docs/PROTOCOLS.md): random rescale to a
+target size times a factor in ``RESIZE_SCALE``, a category-area-constrained crop, a horizontal
+flip and a photometric distortion (brightness, contrast, saturation, hue). Test:
+``ResizeShortestEdge``.
 """
 
 from __future__ import annotations

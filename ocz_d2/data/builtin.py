@@ -47,7 +47,7 @@ def register_all_synthetic(root: str | os.PathLike | None = None) -> list[str]:
 
 
 #: The real benchmarks' split files (``datasets/prepare_*.py`` make their data): registered as
-#: ``ocz_<dataset>_{train,val}`` with the PROTOCOLS.md seen/unseen split.
+#: ``ocz_<dataset>_{train,val}`` with the seen/unseen split of docs/PROTOCOLS.md.
 BENCHMARK_SPLIT_FILES = tuple(
     _SPLITS_DIR / name
     for name in (

@@ -131,7 +131,7 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
     model = build_model(cfg)
     AtomicCheckpointer(model).load(weights)
     val = cfg.DATASETS.VAL[0]
-    # The transductive setting has no calibration at test time (PROTOCOLS.md): nothing to tune.
+    # The transductive setting has no calibration at test time (docs/PROTOCOLS.md): no tuning.
     grid = cfg.MODEL.OCZ.TEST.CALIBRATION_GRID
     if cfg.INPUT.ZERO_SHOT_SETTING == "transductive":
         grid = [0.0]

@@ -1,6 +1,6 @@
 """Zero-shot semantic segmentation evaluator: seen, unseen and harmonic mIoU from one matrix.
 
-The generalized zero-shot protocol (PROTOCOLS.md, "Metrics"): the model predicts over the full
+The generalized zero-shot protocol (docs/PROTOCOLS.md, "Metrics"): the model predicts over the full
 label set (seen + unseen classes) and one confusion matrix is accumulated over the whole
 evaluation set. Per-class IoUs come from that matrix; mIoU(S) and mIoU(U) average them over the
 seen and the unseen class indices; hIoU = 2 S U / (S + U).
