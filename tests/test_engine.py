@@ -102,6 +102,23 @@ def test_checkpoint_atomic_and_tagged(tmp_path):
     assert not torch.equal(restored.head.weight, model.head.weight)
 
 
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+    """What a killed atomic write leaves (``.tmp-<8 random>-<name>``) goes; other files stay.
+    (tests/test_reliability.py checks the same through a resumed train_net run.)"""
+    from ocz_d2.engine.checkpoint import remove_stale_temporaries
+
+    stale = [
+        tmp_path / ".tmp-k3x_9q2a-model_0000003.pth",
+        tmp_path / ".tmp-0abc12de-last_checkpoint",
+    ]
+    keep = [tmp_path / ".tmp-notes.txt", tmp_path / "model_0000003.pth"]
+    for path in stale + keep:
+        path.write_bytes(b"partial")
+    assert remove_stale_temporaries(str(tmp_path)) == sorted(str(p) for p in stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in keep)
+    assert remove_stale_temporaries(str(tmp_path / "absent")) == []
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     ckpt = AtomicCheckpointer(_Toy(), save_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS"):

@@ -403,6 +403,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path, registered, monkeypatch):
     rng = np.random.default_rng(7)
     labels = []

@@ -514,6 +514,7 @@ def _criterion_on_rank(rank, world_size, init_file, out_dir, first_masks):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 @pytest.mark.parametrize("first_masks", [1, 0])  # 3 masks; 1 mask (fewer than the ranks)
 def test_criterion_losses_under_two_ranks_equal_one_process(tmp_path, first_masks):

@@ -148,6 +148,7 @@ def resumed_run(synthetic_benchmark, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_warns_once(resumed_run):
     err = resumed_run["first"].stderr + resumed_run["first"].stdout
     warnings = [line for line in err.splitlines() if "WARNING" in line and "--resume" in line]
@@ -156,6 +157,7 @@ def test_resume_without_checkpoint_warns_once(resumed_run):
     assert "Starting training from iteration 0" in err
 
 
+@pytest.mark.slow
 def test_resumed_run_at_max_iter_writes_model_final(resumed_run):
     out = resumed_run["out"]
     log = resumed_run["second"].stderr + resumed_run["second"].stdout
@@ -167,11 +169,13 @@ def test_resumed_run_at_max_iter_writes_model_final(resumed_run):
     assert final["iteration"] == 5
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed(resumed_run):
     assert not any(p.exists() for p in resumed_run["stale"])
     assert resumed_run["keep"].read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_checkpoint_max_to_keep(resumed_run):
     assert resumed_run["files_after_first"] == [
         "model_0000004.pth",
@@ -180,6 +184,7 @@ def test_checkpoint_max_to_keep(resumed_run):
     ]
 
 
+@pytest.mark.slow
 def test_no_colour_codes_nor_jit_warnings(resumed_run):
     log = (resumed_run["out"] / "log.txt").read_text()
     assert "Running with full config" in log and ANSI not in log
@@ -197,6 +202,7 @@ def truncated(spread_checkpoint, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_in_train_net(synthetic_benchmark, truncated, tmp_path):
     proc = _train_net(
         synthetic_benchmark,
@@ -268,6 +274,7 @@ def test_flag_after_overrides(synthetic_benchmark, tmp_path, capsys, monkeypatch
     check_overrides(["SOLVER.BASE_LR", "-1"])  # a negative value is not a flag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config", ["synthetic/ocz_tiny_attr.yaml", "voc/oczss_vitb16_bs16_20k.yaml"]
 )
@@ -376,6 +383,7 @@ def bad_label_split(synthetic_benchmark, tmp_path_factory) -> Path:
     return split
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("debug", [False, True])
 def test_bad_label_in_training(synthetic_benchmark, bad_label_split, tmp_path, debug):
     data = synthetic_benchmark
@@ -412,6 +420,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill(synthetic_benchmark, tmp_path):
     """Killed (SIGKILL) after a checkpoint and resumed, a run gives the losses, the final
     weights and the final metrics of a run that never stopped (CPU: bit for bit)."""
@@ -462,6 +471,7 @@ def test_exact_resume_after_kill(synthetic_benchmark, tmp_path):
     assert json.dumps(metrics[0], sort_keys=True) == json.dumps(metrics[1], sort_keys=True)
 
 
+@pytest.mark.slow
 def test_resumable_loader_restarts_at_any_iteration(synthetic_benchmark):
     """The loader started at iteration t gives batch t of a loader started at 0, for 0 and 2
     workers, with and without aspect-ratio grouping (mixed aspect ratios)."""
@@ -498,6 +508,7 @@ TOOLS = ["train_net", "segment", "demo", "pretrain_clip", "microbench", "benchma
 TOOLS += ["precompute_object_maps", "slim_checkpoint", "fetch_weights", "prepare_synthetic"]
 
 
+@pytest.mark.slow
 def test_help_is_instant_and_says_what_the_tool_is():
     """--help imports neither torch nor ocz_d2 (the package imports torch)."""
     probe = (
@@ -562,6 +573,7 @@ def test_prepare_scripts_print_each_default_once(capsys):
         assert "(default: None)" not in text and "(default: False)" not in text
 
 
+@pytest.mark.slow
 def test_importing_the_package_prints_no_jit_warning():
     proc = subprocess.run(
         [sys.executable, "-W", "default", "-c", "import ocz_d2"],

@@ -50,6 +50,7 @@ def env(synthetic_benchmark, monkeypatch):
     return synthetic_benchmark
 
 
+@pytest.mark.slow
 def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     data = env
     # DATASETS.TEST comes from the row: the test split, with the val split for tuning.
@@ -102,15 +103,21 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     assert (
         "per_class_iou" not in json.loads((tmp_path / "a" / "report.json").read_text())["runs"][0]
     )
-    assert tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
-    assert "nowhere.yaml not found" in capsys.readouterr().err
-    assert tool.main([*argv, "--reference", "nope", "--row", row.name, row.config_file]) == 2
-    assert "--reference nope is not a row name" in capsys.readouterr().err
     # Another command (other overrides) in the same folder is neither reused nor resumed from.
     other = _row(data, **{"DATASETS.TEST": f"('{data.test_name}',)", "SOLVER.MAX_ITER": 1})
     with pytest.raises(RuntimeError, match="run of another command"):
         run_report([other], [0], tmp_path / "a")
     assert metrics_a.stat().st_mtime_ns == stamp
+
+
+def test_report_tool_names_bad_rows_before_running(tmp_path, capsys):
+    tool = _load_tool()
+    argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path)]
+    assert tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
+    assert "nowhere.yaml not found" in capsys.readouterr().err
+    assert tool.main([*argv, "--reference", "nope", "--row", "tiny", str(CONFIG)]) == 2
+    assert "--reference nope is not a row name" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_summary_is_mean_std_min():

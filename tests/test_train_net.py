@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test starts tools/train_net.py as a subprocess.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = REPO / "tools" / "train_net.py"
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"

@@ -23,11 +23,9 @@ and ``--ssl-model`` pick others (e.g. ``vit_base_patch14_dinov2.lvd142m``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import sys
-import tempfile
 
 # torch and ocz_d2 are imported when first needed: --help is instant.
 _LAZY = {
@@ -53,33 +51,22 @@ def _get(name: str):
 def _save(state: dict, path: str) -> None:
     import torch
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from ocz_d2.utils.io import atomic_write
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def fetch(args: argparse.Namespace) -> list[str]:
     """Write the weight files; returns the config overrides (KEY VALUE ...)."""
+    from ocz_d2.utils.io import file_sha256
+
     os.makedirs(args.out, exist_ok=True)
     keys: list[str] = []
     if args.clip:
         path = os.path.abspath(os.path.join(args.out, f"clip_{args.clip_model}_{args.clip_tag}.pt"))
         if not os.path.isfile(path):
             _save(_get("create_clip_model")(args.clip_model, args.clip_tag).state_dict(), path)
-        print(f"CLIP {args.clip_model}/{args.clip_tag}: {path} (sha256 {_sha256(path)})")
+        print(f"CLIP {args.clip_model}/{args.clip_tag}: {path} (sha256 {file_sha256(path)})")
         name = args.clip_model
         # The tag's activation, which a weights file does not carry (see the module docstring).
         quick = f"{name}-quickgelu"
@@ -91,7 +78,7 @@ def fetch(args: argparse.Namespace) -> list[str]:
         path = os.path.abspath(os.path.join(args.out, f"ssl_{args.ssl_model}.pth"))
         if not os.path.isfile(path):
             _save(_get("create_ssl_model")(args.ssl_model, pretrained=True).state_dict(), path)
-        print(f"SSL {args.ssl_model}: {path} (sha256 {_sha256(path)})")
+        print(f"SSL {args.ssl_model}: {path} (sha256 {file_sha256(path)})")
         keys += ["MODEL.OCZ.GUIDE.SSL_MODEL", args.ssl_model, "MODEL.OCZ.GUIDE.WEIGHTS", path]
     return keys
 

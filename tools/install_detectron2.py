@@ -16,7 +16,6 @@ Run with the interpreter of the target environment, after torch is installed:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import re
 import subprocess
@@ -139,12 +138,14 @@ def patch_tree(src: Path) -> None:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _file_sha256(path: Path) -> str:
+    """:func:`ocz_d2.utils.io.file_sha256`, its file loaded by path: importing the ``ocz_d2``
+    package needs Detectron2, which this script installs."""
+    source = Path(__file__).resolve().parents[1] / "ocz_d2" / "utils" / "io.py"
+    spec = importlib.util.spec_from_file_location("ocz_d2_utils_io", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.file_sha256(path)
 
 
 def fetch_sdist(dest: Path, local: str | None) -> Path:
@@ -156,7 +157,7 @@ def fetch_sdist(dest: Path, local: str | None) -> Path:
         path = dest / SDIST_NAME
         print(f"downloading {SDIST_NAME} from PyPI ...", flush=True)
         urllib.request.urlretrieve(SDIST_URL, path)
-    digest = _sha256(path)
+    digest = _file_sha256(path)
     if digest != SDIST_SHA256:
         sys.exit(f"{path}: sha256 {digest} is not the expected {SDIST_SHA256}")
     return path

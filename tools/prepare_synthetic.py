@@ -25,10 +25,11 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    default_root = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ocz_synthetic")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--root", default=default_root, help=f"output folder (default: {default_root})"
+        "--root",
+        help="output folder (default: $DETECTRON2_DATASETS/ocz_synthetic; DETECTRON2_DATASETS "
+        "defaults to ./datasets)",
     )
     parser.add_argument("--num-train", type=int, default=1000, help="training images")
     parser.add_argument("--num-val", type=int, default=100, help="validation images")
@@ -62,7 +63,10 @@ def main(argv=None) -> int:
     from ocz_d2.data.split_file import register_split_file
     from ocz_d2.data.synthetic import generate_synthetic_benchmark
     from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
+    from ocz_d2.utils.io import datasets_root
 
+    if args.root is None:
+        args.root = os.path.join(datasets_root(), "ocz_synthetic")
     start = time.perf_counter()
     print(f"Generating the synthetic benchmark in {os.path.abspath(args.root)}", flush=True)
     info = generate_synthetic_benchmark(
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
         f"{', '.join(info.unseen)}), embeddings {embeddings.shape}; checked {names}."
     )
     parent = info.root.parent
-    if os.path.abspath(os.environ.get("DETECTRON2_DATASETS", "datasets")) != str(parent):
+    if os.path.abspath(datasets_root()) != str(parent):
         print(f"Use it with: export DETECTRON2_DATASETS={parent}")
     if info.root.name != "ocz_synthetic":
         print(
@@ -122,13 +126,14 @@ _GUIDE_CONFIGS = {"clip": "ocz_tiny_objects.yaml", "randvit": "ocz_tiny_oczss_ra
 def write_object_maps(root: Path, with_clip: bool) -> int:
     """Oracle maps, then the online guides' maps of the miniature's ladder configs."""
     from ocz_d2.data.synthetic import write_oracle_object_maps
+    from ocz_d2.utils.io import DATASETS_ENV
 
     print(f"Oracle object maps: {write_oracle_object_maps(root)}", flush=True)
     if not with_clip:
         print("--no-clip: skipping the CLIP-guided maps (they need the tiny CLIP).")
         return 0
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DETECTRON2_DATASETS": str(root.parent)}
+    env = {**os.environ, DATASETS_ENV: str(root.parent)}
     for name, config in _GUIDE_CONFIGS.items():
         cmd = [
             sys.executable, str(repo / "tools" / "precompute_object_maps.py"),

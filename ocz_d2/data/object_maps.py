@@ -21,6 +21,8 @@ from pathlib import Path
 import yaml
 from detectron2.data import MetadataCatalog
 
+from ..utils.io import atomic_write_json, atomic_write_text, datasets_root, file_sha256
+
 __all__ = [
     "OBJECT_MAP_KEY",
     "RECORD_NAME",
@@ -39,7 +41,6 @@ RECORD_NAME = "object_maps.json"
 
 def _file_fingerprint(path: str) -> str:
     """sha256 (first 16 hex digits) of a weights file (resolved like MODEL.OCZ.CLIP.WEIGHTS)."""
-    from ..engine.clip_pretrain import file_sha256
     from ..modeling.backbone.clip_prompt import resolve_weights_path
 
     return file_sha256(resolve_weights_path(path))[:16]
@@ -76,9 +77,7 @@ def guide_record(cfg) -> dict:
 def write_record(folder: str | os.PathLike, record: dict) -> Path:
     """Write ``record`` as the folder's ``object_maps.json`` (atomically)."""
     path = Path(folder) / RECORD_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, record, indent=2, sort_keys=True)
     return path
 
 
@@ -144,7 +143,7 @@ def write_object_map_split_file(
     from .split_file import load_split_file
 
     data = load_split_file(split_file)
-    root = os.path.abspath(root or os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    root = os.path.abspath(root or datasets_root())
     data["dataset"] = dataset
     splits = {}
     for split, folder in folders.items():
@@ -157,11 +156,9 @@ def write_object_map_split_file(
         splits[split] = entry
     data["splits"] = splits
     output = Path(output)
-    tmp = output.with_suffix(".yaml.tmp")
     header = (
         f"# {dataset}: {Path(split_file).name} with object maps (written by ocz_d2; paths are "
         "relative to $DETECTRON2_DATASETS).\n"
     )
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    os.replace(tmp, output)
+    atomic_write_text(output, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return output

@@ -33,6 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from ..utils.errors import DataError, MissingFileError, unreadable_file_message
+from ..utils.io import DATASETS_ENV, datasets_root
 
 __all__ = [
     "IGNORE_LABEL",
@@ -70,7 +71,7 @@ _PREPARE_HINT = (
 def _prepare_hint() -> str:
     root = datasets_root()
     shown = f"{root!r}, i.e. {os.path.abspath(root)}" if root != os.path.abspath(root) else root
-    unset = "" if "DETECTRON2_DATASETS" in os.environ else ", unset"
+    unset = "" if DATASETS_ENV in os.environ else ", unset"
     return _PREPARE_HINT.format(root=shown + unset)
 
 
@@ -111,15 +112,6 @@ def ignore_label_of(dataset_name: str | None) -> int:
     if dataset_name is None or dataset_name not in MetadataCatalog.list():
         return IGNORE_LABEL
     return int(MetadataCatalog.get(dataset_name).get("ignore_label", IGNORE_LABEL))
-
-
-def datasets_root() -> str:
-    """Return the folder that relative dataset paths resolve against.
-
-    Returns:
-        ``$DETECTRON2_DATASETS`` if set, else ``"datasets"`` (relative to the working directory).
-    """
-    return os.environ.get("DETECTRON2_DATASETS", "datasets")
 
 
 def resolve_dataset_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from ..utils.errors import DataError, MissingFileError
+from ..utils.io import resolve_data_path
 from .register_zero_shot import register_zero_shot_split
 
 __all__ = [
@@ -191,15 +192,10 @@ def resolve_split_file(path: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: naming both places.
     """
-    path = os.fspath(path)
-    candidates = [path]
-    if not os.path.isabs(path):
-        candidates.append(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), path))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    raise MissingFileError(
-        f"split file {path!r} in DATASETS.SPLIT_FILES does not exist (looked for "
-        f"{[os.path.abspath(c) for c in candidates]}): fix the path, or create it (object-map "
-        "split files come from tools/precompute_object_maps.py or tools/prepare_synthetic.py)."
+    return resolve_data_path(
+        path,
+        what=f"split file {os.fspath(path)!r} in DATASETS.SPLIT_FILES",
+        fix="fix the path, or create it (object-map split files come from "
+        "tools/precompute_object_maps.py or tools/prepare_synthetic.py).",
+        error=MissingFileError,
     )

@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, datasets_root
 from .register_zero_shot import IGNORE_LABEL
 
 __all__ = [
@@ -395,20 +396,16 @@ def _dataset_name_for(root: Path) -> str:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Like ``np.savez`` but byte-for-byte reproducible (fixed zip timestamps)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, arr in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
+    """Like ``np.savez`` but byte-for-byte reproducible (fixed zip timestamps); atomic."""
 
+    def write(file) -> None:
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as zf:
+            for key, arr in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def _split_yaml(dataset: str, folder: str, with_embeddings: bool) -> str:
@@ -429,7 +426,7 @@ def _split_yaml(dataset: str, folder: str, with_embeddings: bool) -> str:
 
 def _write_csv(path: Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
     lines = [",".join(header)] + [f"{a},{_csv_field(b)}" for a, b in rows]
-    _write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _csv_field(text: str) -> str:
@@ -618,12 +615,14 @@ def generate_synthetic_benchmark(
     _write_pretraining_set(root, params, progress)
     _write_zeroshot_set(root, params)
     _write_npz(info.class_embeddings, synthetic_class_embeddings(embedding_dim, seed))
-    _write_text(info.split_file, _split_yaml(params.dataset, root.name, with_embeddings=False))
-    _write_text(
+    atomic_write_text(
+        info.split_file, _split_yaml(params.dataset, root.name, with_embeddings=False)
+    )
+    atomic_write_text(
         info.split_file_embeddings,
         _split_yaml(f"{params.dataset}_attr", root.name, with_embeddings=True),
     )
-    _write_text(marker, json.dumps(params.marker(), indent=2, sort_keys=True) + "\n")
+    atomic_write_json(marker, params.marker(), indent=2, sort_keys=True)
     logger.info(
         "Generated the synthetic benchmark in %s: %d train / %d val / %d test images of %d px, "
         "%d image-caption pairs.",
@@ -703,9 +702,7 @@ def write_oracle_object_maps(
 def default_synthetic_root() -> Path:
     """``$DETECTRON2_DATASETS/ocz_synthetic`` (``datasets/ocz_synthetic`` if unset), absolute:
     the folder that the builtin splits ``ocz_synthetic_{train,val}`` read."""
-    return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser().absolute() / (
-        "ocz_synthetic"
-    )
+    return Path(datasets_root()).expanduser().absolute() / "ocz_synthetic"
 
 
 def ensure_synthetic_benchmark(

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import zipfile
 
 import torch
@@ -29,40 +28,17 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from ..utils.errors import CheckpointError, MissingFileError
+from ..utils.io import atomic_write, atomic_write_text, is_temporary_name
 
 logger = logging.getLogger(__name__)
 
-#: Prefix of the temporary files of :func:`_atomic_write` (``.tmp-<random>-<name>``).
-TMP_PREFIX = ".tmp-"
-# mkstemp's random part: 8 characters of [a-z0-9_].
-_TMP_RE = re.compile(r"^\.tmp-[a-z0-9_]{8}-(?P<name>.+)$")
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write ``path`` through a temporary file in the same folder, fsync it, then rename.
-
-    A process killed at any moment leaves either the old file or the new one, never a truncated
-    file. ``write(f)`` receives a binary file object.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete the temporary files that a killed :func:`_atomic_write` left in ``folder``.
+    """Delete the temporary files that a killed atomic write left in ``folder``.
 
-    Only our own names are touched (``.tmp-<8 random characters>-<checkpoint name>``). Call it
-    when a run starts in the folder, before it writes: no write of this run is then under way.
+    Only our own names are touched (``.tmp-<8 random characters>-<file name>``, see
+    :func:`~ocz_d2.utils.io.is_temporary_name`). Call it when a run starts in the folder, before
+    it writes: no write of this run is then under way.
 
     Returns:
         The removed paths.
@@ -72,7 +48,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     removed, size = [], 0
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if _TMP_RE.match(name) and os.path.isfile(path) and not os.path.islink(path):
+        if is_temporary_name(name) and os.path.isfile(path) and not os.path.islink(path):
             size += os.path.getsize(path)
             os.remove(path)
             removed.append(path)
@@ -270,7 +246,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         self.logger.info("Saving checkpoint to %s", save_file)
         os.makedirs(self.save_dir, exist_ok=True)
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(os.path.basename(save_file))
 
     def _load_model(self, checkpoint):
@@ -290,7 +266,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         tag = os.path.join(self.save_dir, "last_checkpoint")
         if not _is_local(tag):
             return super().tag_last_checkpoint(last_filename_basename)
-        _atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
+        atomic_write_text(tag, last_filename_basename)
 
 
 def _is_local(path: str) -> bool:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from ..modeling.backbone.clip_prompt import create_clip_model
 from ..modeling.text.templates import get_templates
+from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json, file_sha256
 
 __all__ = [
     "ClipPretrainConfig",
@@ -278,13 +279,7 @@ def _read_state(path: Path) -> dict | None:
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def pretrain_clip(
@@ -430,15 +425,6 @@ def zero_shot_accuracy(
     }
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(cfg: ClipPretrainConfig, csv_path: Path, extra: dict | None = None) -> str:
     """Hash of everything that changes the weights: the settings, the model's architecture,
     the CSV's bytes, ``extra`` (e.g. the generator's parameters of the images), this module's
@@ -512,9 +498,7 @@ def ensure_pretrained_clip(
     weights = folder / "weights.pt"
     save_atomic(model.state_dict(), weights)
     record["sha256"] = file_sha256(weights)
-    tmp = folder / (_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / _MANIFEST)
+    atomic_write_json(folder / _MANIFEST, record, indent=2)
     return weights, record
 
 
@@ -564,7 +548,5 @@ def ensure_synthetic_clip(
     )
     target = root / SYNTHETIC_CLIP_FILE
     if not target.is_file() or file_sha256(target) != record["sha256"]:
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(cached.read_bytes())
-        os.replace(tmp, target)
+        atomic_write_bytes(target, cached.read_bytes())
     return cached, record

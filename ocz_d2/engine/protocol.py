@@ -9,7 +9,6 @@ transductive model is evaluated without calibration (gamma 0, nothing tuned).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from detectron2.modeling import build_model
 from ..data import ZeroShotSemSegDatasetMapper
 from ..evaluation import ZeroShotSemSegEvaluator, build_zero_shot_evaluator
 from ..modeling.meta_arch.zero_shot_segmentor import calibrate
+from ..utils.io import atomic_write_json
 from .checkpoint import AtomicCheckpointer
 
 __all__ = [
@@ -154,10 +154,7 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
         "test": test,
     }
     path = os.path.join(output_dir, TUNED_RESULTS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(result), f, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(tmp, path)
+    atomic_write_json(path, _finite(result), indent=2, sort_keys=True, allow_nan=False)
     return result
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import atomic_write_json
+
 __all__ = [
     "ReportRow",
     "format_markdown",
@@ -166,9 +168,7 @@ def run_seed(
         "per_class_iou": _per_class_iou(tuned["test"][test_name]),
         "sec_per_iter": _seconds_per_iter(out_dir / "metrics.json"),
     }
-    tmp = result_path.with_name(_RESULT + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, result_path)
+    atomic_write_json(result_path, result, indent=2)
     return result
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import base_parser, datasets_dir, run_cli
+from ...utils.io import datasets_root
+from .cli import base_parser, run_cli
 from .common import (
     Item,
     PrepareError,
@@ -91,7 +92,7 @@ def cli(argv: list[str] | None = None) -> tuple[int, str]:
     parser = base_parser(__doc__.splitlines()[0], "ocz_ade150")
     parser.add_argument(
         "--ade",
-        default=str(Path(datasets_dir()) / "ADEChallengeData2016"),
+        default=str(Path(datasets_root()) / "ADEChallengeData2016"),
         help="the ADEChallengeData2016 folder (images/, annotations/)",
     )
     args = parser.parse_args(argv)

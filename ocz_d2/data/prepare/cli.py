@@ -6,9 +6,10 @@ import argparse
 import os
 from collections.abc import Callable
 
+from ...utils.io import datasets_root
 from .common import PrepareError, PrepareResult, format_summary
 
-__all__ = ["DefaultsHelpFormatter", "base_parser", "datasets_dir", "run_cli"]
+__all__ = ["DefaultsHelpFormatter", "base_parser", "run_cli"]
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -22,17 +23,12 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def datasets_dir() -> str:
-    """``$DETECTRON2_DATASETS`` (default ``"datasets"``)."""
-    return os.environ.get("DETECTRON2_DATASETS", "datasets")
-
-
 def base_parser(description: str, out_name: str) -> argparse.ArgumentParser:
     """A parser with the options every prepare script shares."""
     parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     parser.add_argument(
         "--out",
-        default=os.path.join(datasets_dir(), out_name),
+        default=os.path.join(datasets_root(), out_name),
         help="output folder (the split file expects $DETECTRON2_DATASETS/" + out_name + ")",
     )
     parser.add_argument(

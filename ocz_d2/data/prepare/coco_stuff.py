@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import base_parser, datasets_dir, run_cli
+from ...utils.io import datasets_root
+from .cli import base_parser, run_cli
 from .common import (
     Item,
     PrepareError,
@@ -101,7 +102,7 @@ def cli(argv: list[str] | None = None) -> tuple[int, str]:
     parser = base_parser(__doc__.splitlines()[0], "ocz_coco_stuff")
     parser.add_argument(
         "--coco",
-        default=str(Path(datasets_dir()) / "coco"),
+        default=str(Path(datasets_root()) / "coco"),
         help="folder with the COCO 2017 train2017/ and val2017/ images",
     )
     parser.add_argument(

@@ -15,7 +15,6 @@ re-run skips the finished ones; every label, new or reused, is read back and its
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ...utils.io import atomic_write, atomic_write_json, is_temporary_name
 from ..register_zero_shot import IGNORE_LABEL
 from ..split_file import load_split_file
 
@@ -51,7 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS_DIR = Path(__file__).resolve().parents[1] / "splits"
-_TMP_TAG = ".ocz-tmp"
+# Temporary names of earlier versions, still removed when an interrupted run left them.
+_OLD_TMP_TAG = ".ocz-tmp"
 _MARKER = "prepare_complete.json"
 
 
@@ -218,22 +219,24 @@ def _read_raw(path: str, reader: str) -> np.ndarray:
 
 
 def _atomic_save_png(array: np.ndarray, dst: str) -> None:
-    tmp = f"{dst}{_TMP_TAG}{os.getpid()}.png"
-    Image.fromarray(array, mode="L").save(tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda f: Image.fromarray(array, mode="L").save(f, format="PNG"))
+
+
+def _copy_into(src: str, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
 
 
 def _place_image(src: str, dst: str, mode: str) -> None:
     if os.path.lexists(dst):
         return
-    tmp = f"{dst}{_TMP_TAG}{os.getpid()}"
+    # A link is created whole or not at all; a copy goes through a temporary file.
     if mode == "symlink":
-        os.symlink(os.path.abspath(src), tmp)
+        os.symlink(os.path.abspath(src), dst)
     elif mode == "hardlink":
-        os.link(src, tmp)
+        os.link(src, dst)
     else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        atomic_write(dst, partial(_copy_into, src))
 
 
 def _process(item: Item, *, lut: np.ndarray, num_classes: int, image_mode: str):
@@ -274,7 +277,7 @@ def _remove_temporaries(out: Path) -> None:
     """Delete the temporary files an interrupted run left behind."""
     for dirpath, _, filenames in os.walk(out):
         for name in filenames:
-            if _TMP_TAG in name:
+            if is_temporary_name(name) or _OLD_TMP_TAG in name:
                 os.remove(os.path.join(dirpath, name))
 
 
@@ -347,9 +350,7 @@ def run_items(
         "ignored_pixels": result.ignored,
         **(extra_record or {}),
     }
-    tmp = out / (_MARKER + _TMP_TAG)
-    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    os.replace(tmp, marker)
+    atomic_write_json(marker, record, indent=1)
     logger.info("%s: %d images, %d labels written", out, len(items), written)
     return result
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .cli import base_parser, datasets_dir, run_cli
+from ...utils.io import datasets_root
+from .cli import base_parser, run_cli
 from .common import (
     Item,
     PrepareError,
@@ -149,12 +150,12 @@ def cli(argv: list[str] | None = None) -> tuple[int, str]:
     parser = base_parser(__doc__.splitlines()[0], "ocz_context59")
     parser.add_argument(
         "--voc2010",
-        default=str(Path(datasets_dir()) / "VOCdevkit" / "VOC2010"),
+        default=str(Path(datasets_root()) / "VOCdevkit" / "VOC2010"),
         help="VOC2010 folder (JPEGImages, ImageSets/Main)",
     )
     parser.add_argument(
         "--context",
-        default=str(Path(datasets_dir()) / "pascal_context"),
+        default=str(Path(datasets_root()) / "pascal_context"),
         help="folder of the extracted Context trainval.tar.gz (trainval/*.mat, labels.txt)",
     )
     parser.add_argument(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import base_parser, datasets_dir, run_cli
+from ...utils.io import datasets_root
+from .cli import base_parser, run_cli
 from .common import (
     Item,
     PrepareResult,
@@ -107,12 +108,12 @@ def cli(argv: list[str] | None = None) -> tuple[int, str]:
     parser = base_parser(__doc__.splitlines()[0], "ocz_voc2012")
     parser.add_argument(
         "--voc",
-        default=str(Path(datasets_dir()) / "VOCdevkit" / "VOC2012"),
+        default=str(Path(datasets_root()) / "VOCdevkit" / "VOC2012"),
         help="VOC 2012 folder (JPEGImages, SegmentationClass, ImageSets/Segmentation)",
     )
     parser.add_argument(
         "--sbd",
-        default=str(Path(datasets_dir()) / "benchmark_RELEASE" / "dataset"),
+        default=str(Path(datasets_root()) / "benchmark_RELEASE" / "dataset"),
         help="SBD folder (cls/*.mat, train.txt, val.txt)",
     )
     args = parser.parse_args(argv)

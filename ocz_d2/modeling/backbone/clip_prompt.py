@@ -32,6 +32,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from ...utils.io import resolve_data_path
 from .object_prompts import ObjectPrompts
 
 __all__ = [
@@ -133,23 +134,18 @@ def resolve_weights_path(weights: str) -> str:
     Raises:
         FileNotFoundError: naming every place that was tried.
     """
-    candidates = [weights]
-    if not os.path.isabs(weights):
-        candidates.append(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), weights))
-    for path in candidates:
-        if os.path.isfile(path):
-            return os.path.abspath(path)
     hint = (
         " Run `python tools/prepare_synthetic.py` to pretrain it."
         if weights.endswith("tiny_clip.pt")
         else ""
     )
-    raise FileNotFoundError(
-        f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r} does not exist (looked for "
-        f"{[os.path.abspath(c) for c in candidates]}): fix MODEL.OCZ.CLIP.WEIGHTS (a local "
-        "open_clip state-dict file) or set it to '' to use MODEL.OCZ.CLIP.PRETRAINED instead."
-        + hint
+    found = resolve_data_path(
+        weights,
+        what=f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r}",
+        fix="fix MODEL.OCZ.CLIP.WEIGHTS (a local open_clip state-dict file) or set it to '' to "
+        "use MODEL.OCZ.CLIP.PRETRAINED instead." + hint,
     )
+    return os.path.abspath(found)
 
 
 def _check_model_name(model_name: str) -> None:
