@@ -90,7 +90,9 @@ def run_tool(func: Callable, *args, debug: bool = False, **kwargs) -> int:
         result = func(*args, **kwargs)
     except Exception as e:
         if is_user_error(e) and not debug_enabled(debug):
-            print(f"{_rank_prefix()}error: {user_message(e)}", file=sys.stderr, flush=True)
+            # The tool's own output (the package logs everything else).
+            sys.stderr.write(f"{_rank_prefix()}error: {user_message(e)}\n")
+            sys.stderr.flush()
             return USER_ERROR_STATUS
         worker_status = getattr(e, "exit_code", None)  # torch.multiprocessing's exceptions
         if worker_status == USER_ERROR_STATUS and "ProcessExited" in type(e).__name__:
