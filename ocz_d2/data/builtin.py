@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .register_zero_shot import register_zero_shot_split
-from .split_file import load_split_file, register_split_file
+from .split_file import register_split_file
 
 __all__ = [
     "SYNTHETIC_SPLIT_FILE",
@@ -28,8 +27,10 @@ SYNTHETIC_ATTR_SPLIT_FILE = _SPLITS_DIR / "synthetic_attr.yaml"
 
 
 def register_all_synthetic(root: str | os.PathLike | None = None) -> list[str]:
-    """Register ``ocz_synthetic_{train,val,test}`` and ``ocz_synthetic_attr_{train,val,test}``
-    (lazily).
+    """Register ``ocz_synthetic_{train,val,test}``, ``ocz_synthetic_attr_{train,val,test}`` and
+    ``ocz_synthetic_supervised_{train,val,test}`` (lazily). The supervised copy is the same
+    images with every class annotated (no unseen class): its test mIoU is the miniature's fully
+    supervised upper bound (``configs/synthetic/ocz_tiny_supervised.yaml``).
 
     Args:
         root: the datasets folder that holds ``ocz_synthetic/``; ``None`` uses
@@ -39,11 +40,14 @@ def register_all_synthetic(root: str | os.PathLike | None = None) -> list[str]:
     Returns:
         The registered names. Calling again with the same root is a no-op.
     """
-    return [
+    names = [
         name
         for path in (SYNTHETIC_SPLIT_FILE, SYNTHETIC_ATTR_SPLIT_FILE)
         for name in register_split_file(path, root=root, lazy=True)
     ]
+    return names + register_split_file(
+        SYNTHETIC_SPLIT_FILE, root=root, lazy=True, dataset="synthetic_supervised", unseen=[]
+    )
 
 
 #: The real benchmarks' split files (``datasets/prepare_*.py`` make their data): registered as
@@ -86,19 +90,7 @@ def register_all_benchmarks(root: str | os.PathLike | None = None) -> list[str]:
         n for path in BENCHMARK_SPLIT_FILES for n in register_split_file(path, root=root, lazy=True)
     ]
     for path, base in FULL_LABEL_SET_TARGETS.items():
-        data = load_split_file(path)
-        entry = data["splits"]["val"]
-        names.append(
-            register_zero_shot_split(
-                f"ocz_{base}_val",
-                image_root=entry["image_root"],
-                label_root=entry["label_root"],
-                image_ext=entry.get("image_ext"),
-                classes=data["classes"],
-                unseen=[],
-                split_file=path,
-                lazy=True,
-                root=root,
-            )
+        names += register_split_file(
+            path, root=root, lazy=True, dataset=base, unseen=[], splits=["val"]
         )
     return names

@@ -125,6 +125,8 @@ def register_split_file(
     root: str | os.PathLike | None = None,
     dataset: str | None = None,
     lazy: bool = False,
+    unseen: list[str] | None = None,
+    splits: list[str] | None = None,
 ) -> list[str]:
     """Register every split of a YAML split file.
 
@@ -136,6 +138,10 @@ def register_split_file(
             ``ocz_<dataset>_<split>``), e.g. to register a second copy of the data.
         lazy: defer file-system checks to the first ``DatasetCatalog.get`` (see
             :func:`~ocz_d2.data.register_zero_shot.register_zero_shot_split`).
+        unseen: overrides the file's unseen list; ``[]`` registers a fully supervised copy
+            (every class annotated in training and evaluated as one set); give it a new
+            ``dataset`` name.
+        splits: register only these splits of the file (None: all of them).
 
     Returns:
         The registered names, in the file's split order. Idempotent like
@@ -145,8 +151,13 @@ def register_split_file(
     base = dataset if dataset is not None else data["dataset"]
     if base.startswith("ocz_"):
         base = base[len("ocz_") :]
+    unknown = sorted(set(splits or ()) - set(data["splits"]))
+    if unknown:
+        raise ValueError(f"split file {os.fspath(path)!r} has no splits {unknown}")
     names = []
     for split, entry in data["splits"].items():
+        if splits is not None and split not in splits:
+            continue
         kwargs = {k: entry[k] for k in ("image_ext", "label_ext") if k in entry}
         names.append(
             register_zero_shot_split(
@@ -154,7 +165,7 @@ def register_split_file(
                 image_root=entry["image_root"],
                 label_root=entry["label_root"],
                 classes=data["classes"],
-                unseen=data["unseen"],
+                unseen=data["unseen"] if unseen is None else unseen,
                 class_embeddings=data.get("class_embeddings"),
                 extra_label_roots=entry.get("extra_label_roots"),
                 split_file=path,
