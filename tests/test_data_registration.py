@@ -353,6 +353,28 @@ def test_split_file_errors(split_dir, names):
         register_split_file(_write_yaml(path, {**good, "unseen": ["dgo"]}), root=split_dir)
 
 
+def test_split_file_overrides(split_dir, names):
+    """unseen=[] and splits=[...] register a fully supervised copy of some splits."""
+    base = names()
+    path = _write_yaml(
+        split_dir / "two.yaml",
+        {
+            "dataset": names(),
+            "classes": CLASSES,
+            "unseen": ["dog"],
+            "splits": {
+                "train": {"image_root": "toy/images", "label_root": "toy/labels"},
+                "val": {"image_root": "toy/images", "label_root": "toy/labels"},
+            },
+        },
+    )
+    got = register_split_file(path, root=split_dir, dataset=base, unseen=[], splits=["val"])
+    assert got == [f"{base}_val"] and not is_zero_shot_split(f"{base}_train")
+    assert _meta(f"{base}_val")["unseen_classes"] == []
+    with pytest.raises(ValueError, match=r"has no splits \['test'\]"):
+        register_split_file(path, root=split_dir, dataset=names(), splits=["test"])
+
+
 def test_split_files_from_config(split_dir, names, monkeypatch):
     base = names()
     path = _write_yaml(
@@ -385,6 +407,13 @@ def test_builtin_synthetic_splits_match_the_generator(tmp_path, names):
             assert meta["split_file"] == str(path)
             assert meta["unseen_classes"] == [1, 7, 8, 14]
             assert meta["image_root"].endswith(f"ocz_synthetic/images/{split}")
+    for split in ("train", "val", "test"):  # the fully supervised copy: same data, no unseen
+        supervised, zero_shot = _meta(f"ocz_synthetic_supervised_{split}"), _meta(
+            f"ocz_synthetic_{split}"
+        )
+        assert supervised["unseen_classes"] == [] and supervised["seen_classes"] == list(range(16))
+        assert supervised["stuff_classes"] == zero_shot["stuff_classes"]
+        assert supervised["image_root"] == zero_shot["image_root"]
     assert _meta("ocz_synthetic_test")["class_embeddings"] is None  # names through CLIP
     assert _meta("ocz_synthetic_attr_test")["class_embeddings"].endswith("class_embeddings.npz")
     package = yaml.safe_load(SYNTHETIC_SPLIT_FILE.read_text())

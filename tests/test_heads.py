@@ -133,6 +133,50 @@ def test_pixel_decoder_uses_every_input():
         assert feat.grad is not None and feat.grad.abs().sum() > 0, name
 
 
+def test_image_path_carries_sub_patch_detail():
+    """The image path adds detail finer than a patch: two images with the same backbone
+    features but different pixels give different mask features with it, identical ones
+    without it; its stride-s maps land on the pyramid levels of stride s."""
+    shapes, grid = _shapes(16), (4, 6)
+    features = _features(shapes, 2, grid)
+    image = torch.randn(2, 3, 64, 96)
+    other = image.clone()
+    other[:, :, 4:8, 4:8] += 3.0  # a 4 x 4 detail inside one 16 x 16 patch
+    torch.manual_seed(0)
+    plain = SimplePyramidPixelDecoder(shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM)
+    same = [plain({**features, "image": x})[0] for x in (image, other)]
+    assert torch.equal(same[0], same[1])
+    torch.manual_seed(0)
+    with_path = SimplePyramidPixelDecoder(
+        shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM, image_path_widths=(32, 32, 32)
+    )
+    assert with_path.image_path.out_strides == [4, 8]  # stage strides 2, 4, 8; levels 32..4
+    assert len(with_path.image_path.stages) == 3
+    (m1, levels1), (m2, levels2) = (with_path({**features, "image": x}) for x in (image, other))
+    assert (m1 - m2).abs().amax() > 1e-3
+    # Stride 32 and 16 levels have no image-path input: they do not see the detail.
+    assert torch.allclose(levels1[0], levels2[0]) and torch.allclose(levels1[1], levels2[1])
+    assert (levels1[2] - levels2[2]).abs().amax() > 1e-3  # stride 8 does
+    # The path adds to the same layers: with its projections zeroed it is the plain decoder.
+    torch.manual_seed(0)
+    twin = SimplePyramidPixelDecoder(
+        shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM, image_path_widths=(32, 32, 32)
+    )
+    for proj in twin.image_path.out_proj.values():
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+    plain_out = plain(features)[0]
+    assert torch.allclose(twin({**features, "image": image})[0], plain_out, atol=1e-6)
+    with pytest.raises(KeyError, match="needs features\\['image'\\]"):
+        with_path(features)
+    with pytest.raises(ValueError, match="stride-4 map is"):
+        with_path({**features, "image": torch.randn(2, 3, 60, 96)})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(24, 24))
+    with pytest.raises(ValueError, match="none of which is a pyramid level"):
+        SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(32,))
+
+
 # ---------------------------------------------------------------- transformer decoder
 
 

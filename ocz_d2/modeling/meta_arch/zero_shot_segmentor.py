@@ -29,6 +29,7 @@ from ..backbone.ssl_guide import (
 from ..criterion import SetCriterion, SplitCriterion, build_criterion
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
+from ..pixel_decoder.image_path import IMAGE_KEY
 from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
 from ..segment_classifier import ENSEMBLE_SEEN_KEY, SegmentCLIPClassifier
 from ..text import TextEmbedder
@@ -364,6 +365,7 @@ class OCZeroShotSegmentor(nn.Module):
         features = self.backbone(images, regions) if self.num_objects else self.backbone(images)
         # The pixel decoder's refiner (ORA) attends only to image patches.
         features[PATCH_VALID_KEY] = image_patches(image_mask, self.backbone.patch_size)
+        features[IMAGE_KEY] = images  # the pixel decoder's optional image path reads it
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.transformer_decoder(multi_scale, mask_features, text), features
 

@@ -13,6 +13,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..padding import PATCH_VALID_KEY
+from .image_path import IMAGE_KEY, ImageDetailPath
 from .mfe import MultiScaleFeatureEnhancement
 from .ora import ObjectRefinementAttention
 
@@ -89,6 +90,9 @@ class SimplePyramidPixelDecoder(nn.Module):
     3. FPN: top-down from the coarsest level, each finer level adds the nearest-upsampled coarser
        output and goes through a 3x3 conv + norm + ReLU; the finest (``mask_stride``) output
        gives ``mask_features`` by a 1x1 conv.
+    2b. Image path (optional, ``image_path_widths``; the miniature's): :class:`ImageDetailPath`,
+       a small conv stem on the image (``features["image"]``), adds its stride-s output to the
+       pyramid level of stride s, before the FPN.
     4. MFE (optional, ``mfe_rates``): :class:`MultiScaleFeatureEnhancement` refines every FPN
        output (a residual multi-receptive-field aggregation per level) before it is returned or
        projected to the mask features.
@@ -109,6 +113,7 @@ class SimplePyramidPixelDecoder(nn.Module):
         mask_stride: int = 4,
         refiner: nn.Module | None = None,
         mfe_rates: tuple[int, ...] | None = None,
+        image_path_widths: tuple[int, ...] = (),
     ):
         """
         Args:
@@ -126,6 +131,8 @@ class SimplePyramidPixelDecoder(nn.Module):
                 (ORA); ``valid`` is ``features["patch_valid"]``, the patches that hold image.
                 None: no refinement.
             mfe_rates: dilation rates of MFE on every output level; None: no MFE.
+            image_path_widths: stage widths of the image path (stage i at stride 2**(i+1));
+                empty: no image path.
         """
         super().__init__()
         if not input_shape:
@@ -172,6 +179,11 @@ class SimplePyramidPixelDecoder(nn.Module):
                 if mfe_rates
                 else None
             )
+            self.image_path = (
+                ImageDetailPath(image_path_widths, self.level_strides, conv_dim, norm)
+                if image_path_widths
+                else None
+            )
         self.mask_proj = Conv2d(conv_dim, mask_dim, kernel_size=1)
         weight_init.c2_xavier_fill(self.mask_proj)
         logger.debug(
@@ -203,6 +215,7 @@ class SimplePyramidPixelDecoder(nn.Module):
             if names
             else None,
             "mfe_rates": tuple(cfg.MODEL.OCZ.MFE.RATES) if cfg.MODEL.OCZ.MFE.ENABLED else None,
+            "image_path_widths": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.IMAGE_PATH.WIDTHS),
         }
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -210,7 +223,8 @@ class SimplePyramidPixelDecoder(nn.Module):
         Args:
             features: name -> [B, C_name, H/p, W/p]; must contain every name of
                 ``self.in_features`` (others are ignored); with a refiner, optionally "objects"
-                [B, n_o, C] (object features OF).
+                [B, n_o, C] (object features OF); with an image path, "image" [B, 3, H, W]
+                (the normalised batch, H = h * p).
 
         Returns:
             mask_features: [B, mask_dim, h_m, w_m] at ``mask_stride``.
@@ -233,6 +247,23 @@ class SimplePyramidPixelDecoder(nn.Module):
             )
         base = sum(self.input_proj[n](inputs[n]) for n in self.in_features)
         levels = [block(base) for block in self.scale_blocks]
+        if self.image_path is not None:
+            if IMAGE_KEY not in features:
+                raise KeyError(
+                    f"SimplePyramidPixelDecoder: the image path needs features[{IMAGE_KEY!r}], "
+                    "the normalised image batch (the meta-architecture passes it)."
+                )
+            detail = self.image_path(features[IMAGE_KEY])
+            for i, stride in enumerate(self.level_strides):
+                if stride in detail:
+                    if detail[stride].shape[-2:] != levels[i].shape[-2:]:
+                        raise ValueError(
+                            f"SimplePyramidPixelDecoder: the image path's stride-{stride} map is "
+                            f"{tuple(detail[stride].shape[-2:])}, the pyramid level "
+                            f"{tuple(levels[i].shape[-2:])}: the image must be the backbone "
+                            "grid times the patch size."
+                        )
+                    levels[i] = levels[i] + detail[stride]
 
         outputs = [levels[0]]
         for level, conv in zip(levels[1:], self.fpn_convs):
