@@ -58,24 +58,32 @@ def test_contrastive_loss_counts_identical_captions_as_positives():
     assert torch.allclose(a.grad[0], a.grad[1])
 
 
-def test_pretraining_is_deterministic_and_resumes_exactly(caption_csv, tmp_path):
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
+def test_pretraining_is_deterministic_and_resumes_exactly(caption_csv, tmp_path, patch_dropout):
     data = load_image_caption_csv(caption_csv, 128)
+    tiny = replace(TINY, patch_dropout=patch_dropout)
     assert data.images.shape == (16, 3, 128, 128) and data.images.dtype == torch.uint8
-    full = pretrain_clip(data, TINY, tmp_path / "full", progress=False)
+    full = pretrain_clip(data, tiny, tmp_path / "full", progress=False)
     # Interrupted after 2 steps (the state is saved every 2), then resumed.
-    pretrain_clip(data, replace(TINY, steps=2), tmp_path / "cut", progress=False)
+    pretrain_clip(data, replace(tiny, steps=2), tmp_path / "cut", progress=False)
     state = torch.load(tmp_path / "cut" / "pretrain_state.pt", weights_only=True)
     assert state["step"] == 2
     # Resuming with other settings is refused; the same settings continue at step 2.
     state["config"] = {**state["config"], "steps": 4}
     torch.save(state, tmp_path / "cut" / "pretrain_state.pt")
-    resumed = pretrain_clip(data, TINY, tmp_path / "cut", progress=False)
+    resumed = pretrain_clip(data, tiny, tmp_path / "cut", progress=False)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     fresh = create_clip_model("OCZ-Tiny-ViT").state_dict()
     assert not torch.equal(fresh["visual.conv1.weight"], full.state_dict()["visual.conv1.weight"])
     with pytest.raises(ValueError, match="other settings"):
-        pretrain_clip(data, replace(TINY, lr=5e-4), tmp_path / "cut", progress=False)
+        pretrain_clip(data, replace(tiny, lr=5e-4), tmp_path / "cut", progress=False)
+    # Patch dropout is for training only: the returned model sees every patch.
+    assert isinstance(full.visual.patch_dropout, torch.nn.Identity)
+    if patch_dropout:  # and it changes what is learned
+        plain = pretrain_clip(data, replace(tiny, patch_dropout=0.0), tmp_path / "p", progress=False)
+        assert not torch.equal(plain.state_dict()["visual.conv1.weight"],
+                               full.state_dict()["visual.conv1.weight"])  # fmt: skip
 
 
 def test_cache_reuses_and_rebuilds_corrupt_files(caption_csv, synthetic_benchmark, tmp_path):

@@ -35,6 +35,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import PatchDropout
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
@@ -77,10 +78,15 @@ class ClipPretrainConfig:
     # "identical": identical captions in a batch are positives; "none": open_clip's InfoNCE.
     positives: str = "identical"
     checkpoint_period: int = 100
+    # FLIP's patch dropout: the fraction of image patches dropped at random in each training
+    # forward (fewer tokens, a cheaper visual tower); inference always sees every patch.
+    patch_dropout: float = 0.0
 
     def __post_init__(self):
         if self.positives not in ("identical", "none"):
             raise ValueError(f"positives must be 'identical' or 'none', got {self.positives!r}.")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}.")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError(
                 f"Need steps >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}."
@@ -313,6 +319,8 @@ def pretrain_clip(
         )
     torch.manual_seed(cfg.seed)
     model = create_clip_model(cfg.model_name)
+    if cfg.patch_dropout > 0:
+        model.visual.patch_dropout = PatchDropout(cfg.patch_dropout)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.model_name)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -329,6 +337,7 @@ def pretrain_clip(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         images, captions = _batch(data, cfg, step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # patch dropout: the same after a resume
         # Encode each distinct caption once; identical captions share one text embedding.
         unique, caption_ids = np.unique(captions, return_inverse=True)
         caption_ids = torch.from_numpy(caption_ids.reshape(-1))
@@ -351,6 +360,7 @@ def pretrain_clip(
                 "config": asdict(cfg),
             }
             save_atomic(state, state_path)
+    model.visual.patch_dropout = nn.Identity()
     return model.eval()
 
 
