@@ -408,8 +408,9 @@ def test_builtin_synthetic_splits_match_the_generator(tmp_path, names):
             assert meta["unseen_classes"] == [1, 7, 8, 14]
             assert meta["image_root"].endswith(f"ocz_synthetic/images/{split}")
     for split in ("train", "val", "test"):  # the fully supervised copy: same data, no unseen
-        supervised, zero_shot = _meta(f"ocz_synthetic_supervised_{split}"), _meta(
-            f"ocz_synthetic_{split}"
+        supervised, zero_shot = (
+            _meta(f"ocz_synthetic_supervised_{split}"),
+            _meta(f"ocz_synthetic_{split}"),
         )
         assert supervised["unseen_classes"] == [] and supervised["seen_classes"] == list(range(16))
         assert supervised["stuff_classes"] == zero_shot["stuff_classes"]
