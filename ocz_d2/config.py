@@ -157,6 +157,10 @@ def _add_model_config(cfg: CN) -> None:
     ocz.DECODER = CN()
     # Registered name in ocz_d2's TRANSFORMER_DECODER_REGISTRY.
     ocz.DECODER.NAME = "ZeroShotMaskDecoder"
+    # The miniature's option: each query's class embedding also gets its mask-pooled mask
+    # features (projected), a direct path from pixel features to the class. Off in every
+    # paper-scale config (no reproduced method has it).
+    ocz.DECODER.MASK_POOLING = False
     # Total number of queries.
     ocz.DECODER.NUM_QUERIES = 100
     # Width of the decoder.

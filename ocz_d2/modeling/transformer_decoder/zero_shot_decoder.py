@@ -170,7 +170,11 @@ class ZeroShotMaskDecoder(nn.Module):
     are ``aux_outputs``). Per query:
 
     - mask logits = MLP(query) . mask_features;
-    - class embedding = normalize(Linear(query)) in the text space, ``pred_embeds``;
+    - class embedding = normalize(Linear(query)) in the text space, ``pred_embeds``; with
+      ``mask_pooling`` (the miniature's option), normalize(Linear(query) + Linear'(pool)),
+      where pool is the mask features averaged over the query's mask (its sigmoid, detached: the
+      class loss trains the features, not the mask), so that class evidence in the pixel
+      features reaches the class directly, as a per-pixel classifier's would;
     - class logits = s * cos(embedding, text_k) for the K classes of the current vocabulary and
       s * cos(embedding, no_object) last, s = exp(logit_scale) (learned, at most 100).
 
@@ -200,6 +204,7 @@ class ZeroShotMaskDecoder(nn.Module):
         masked_attention: bool = True,
         logit_scale_init: float = 50.0,
         num_feature_levels: int = 3,
+        mask_pooling: bool = False,
     ):
         """
         Args:
@@ -216,6 +221,7 @@ class ZeroShotMaskDecoder(nn.Module):
             masked_attention: restrict cross-attention to the previously predicted masks.
             logit_scale_init: initial class-logit scale, in (0, 100].
             num_feature_levels: number of multi-scale feature maps given to ``forward``.
+            mask_pooling: add the mask-pooled mask features (projected) to the class embedding.
         """
         super().__init__()
         if hidden_dim % nheads or hidden_dim % 2:
@@ -261,6 +267,9 @@ class ZeroShotMaskDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.mask_embed = _MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.class_embed = nn.Linear(hidden_dim, text_dim)
+        # Drawn without moving the RNG: the other layers start the same with or without it.
+        with torch.random.fork_rng(devices=[]):
+            self.mask_pool_proj = nn.Linear(mask_dim, text_dim) if mask_pooling else None
         # An Embedding so that Detectron2's optimiser treats it as one (WEIGHT_DECAY_EMBED).
         self.no_object_embed = nn.Embedding(1, text_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
@@ -282,6 +291,7 @@ class ZeroShotMaskDecoder(nn.Module):
             "masked_attention": dec.MASKED_ATTENTION,
             "logit_scale_init": dec.LOGIT_SCALE,
             "num_feature_levels": len(cfg.MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES),
+            "mask_pooling": dec.MASK_POOLING,
         }
 
     def forward(
@@ -371,7 +381,13 @@ class ZeroShotMaskDecoder(nn.Module):
         decoded = self.decoder_norm(queries)
         mask_embed = self.mask_embed(decoded)
         pred_masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        pred_embeds = F.normalize(self.class_embed(decoded), dim=-1)
+        class_embeds = self.class_embed(decoded)
+        if self.mask_pool_proj is not None:
+            weights = pred_masks.detach().sigmoid()
+            pooled = torch.einsum("bqhw,bchw->bqc", weights, mask_features)
+            pooled = pooled / weights.sum((-2, -1)).clamp(min=1.0).unsqueeze(-1)
+            class_embeds = class_embeds + self.mask_pool_proj(pooled)
+        pred_embeds = F.normalize(class_embeds, dim=-1)
         scale = self.logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
         pred_logits = scale * pred_embeds @ class_targets.to(pred_embeds).t()
         pred = {"pred_logits": pred_logits, "pred_masks": pred_masks, "pred_embeds": pred_embeds}
