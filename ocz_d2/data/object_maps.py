@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from detectron2.data import MetadataCatalog
 
+from ..constants import OBJECT_MAP_KEY
 from ..utils.io import atomic_write_json, atomic_write_text, datasets_root, file_sha256
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "write_record",
 ]
 
-#: Key of object maps in ``extra_label_roots`` and in the mapper's output.
-OBJECT_MAP_KEY = "object_map"
 #: File name of the record in each object-map folder.
 RECORD_NAME = "object_maps.json"
 

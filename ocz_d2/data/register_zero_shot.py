@@ -32,6 +32,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..constants import EVALUATOR_TYPE, IGNORE_LABEL
 from ..utils.errors import DataError, MissingFileError, unreadable_file_message
 from ..utils.io import DATASETS_ENV, datasets_root
 
@@ -53,10 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Label value of pixels that no loss or metric counts.
-IGNORE_LABEL = 255
-#: ``evaluator_type`` written into the metadata of every zero-shot split.
-EVALUATOR_TYPE = "ocz_zero_shot_sem_seg"
 #: Extensions recognised as images when ``image_ext`` is left to auto-detection.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
