@@ -25,12 +25,8 @@ from ocz_d2.data.object_maps import (
 from ocz_d2.data.synthetic import write_oracle_object_maps
 from ocz_d2.modeling.backbone import CLIPPromptBackbone
 from ocz_d2.modeling.backbone.object_prompts import ObjectPrompts
-from ocz_d2.modeling.backbone.ssl_guide import (
-    NO_REGION,
-    SSLGuide,
-    label_map_to_grid,
-    voronoi_cluster,
-)
+from ocz_d2.modeling.backbone.ssl_guide import SSLGuide
+from ocz_d2.modeling.clustering import NO_REGION, label_map_to_grid, voronoi_cluster
 from ocz_d2.modeling.pixel_decoder.ora import GranularExtractor, ObjectRefinementAttention
 
 REPO = Path(__file__).resolve().parents[1]
