@@ -22,7 +22,14 @@ import yaml
 from detectron2.data import MetadataCatalog
 
 from ..constants import OBJECT_MAP_KEY
-from ..utils.io import atomic_write_json, atomic_write_text, datasets_root, file_sha256
+from ..utils.io import (
+    atomic_write_json,
+    atomic_write_text,
+    datasets_root,
+    file_sha256,
+    resolve_weights_path,
+)
+from .split_file import load_split_file
 
 __all__ = [
     "OBJECT_MAP_KEY",
@@ -40,8 +47,6 @@ RECORD_NAME = "object_maps.json"
 
 def _file_fingerprint(path: str) -> str:
     """sha256 (first 16 hex digits) of a weights file (resolved like MODEL.OCZ.CLIP.WEIGHTS)."""
-    from ..modeling.backbone.clip_prompt import resolve_weights_path
-
     return file_sha256(resolve_weights_path(path))[:16]
 
 
@@ -139,8 +144,6 @@ def write_object_map_split_file(
         root: the datasets root the paths are written relative to when they lie under it
             (default ``$DETECTRON2_DATASETS``).
     """
-    from .split_file import load_split_file
-
     data = load_split_file(split_file)
     root = os.path.abspath(root or datasets_root())
     data["dataset"] = dataset
