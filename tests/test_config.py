@@ -55,6 +55,27 @@ def _added_keys():
     return sorted(set(flatten(cfg)) - base_keys)
 
 
+#: The keys add_ocz_config adds to Detectron2's config, each with the repr of its default.
+DEFAULTS_SNAPSHOT = REPO / "tests" / "data" / "ocz_config_defaults.yaml"
+
+
+def _added_defaults() -> dict[str, str]:
+    """``{key: repr(default)}`` of every key add_ocz_config adds or changes (repr keeps the type:
+    a tuple is not a list, 1 is not 1.0)."""
+
+    def flatten(node, prefix=""):
+        for k, v in node.items():
+            if hasattr(v, "items"):
+                yield from flatten(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k, repr(v)
+
+    base = dict(flatten(get_cfg()))
+    cfg = get_cfg()
+    add_ocz_config(cfg)
+    return {k: v for k, v in flatten(cfg) if base.get(k) != v}
+
+
 def _our_files():
     files = list((REPO / "ocz_d2").rglob("*.py")) + list((REPO / "tools").glob("*.py"))
     return [p for p in files if p.name != "config.py"]
@@ -178,6 +199,20 @@ def test_a_read_needs_the_node_and_the_leaf_together(tmp_path, source, read):
     assert _is_read("MODEL.OCZ.ORA.DIM", [src]) is read
 
 
+def test_added_keys_and_defaults_match_the_snapshot():
+    """Every key and default of add_ocz_config as recorded in tests/data (a dropped, renamed or
+    added key, or a changed default, fails here). After an intended change, regenerate it with
+    ``python tests/test_config.py``."""
+    expected = yaml.safe_load(DEFAULTS_SNAPSHOT.read_text())
+    actual = _added_defaults()
+    assert sorted(actual) == sorted(expected), (
+        f"keys added: {sorted(set(actual) - set(expected))}, "
+        f"dropped: {sorted(set(expected) - set(actual))}"
+    )
+    changed = {k: (expected[k], v) for k, v in actual.items() if expected[k] != v}
+    assert not changed, f"defaults changed (snapshot, now): {changed}"
+
+
 def test_every_added_key_has_a_comment():
     text = (REPO / "ocz_d2" / "config.py").read_text().splitlines()
     for key in _added_keys():
@@ -219,3 +254,14 @@ def test_train_net_exits_cleanly_on_a_misspelt_key(capsys):
     assert status == 2
     assert err.startswith("error: unknown config key 'MODEL.OCZ.CLIP.NUM_PROMPT'"), err
     assert "Traceback" not in err
+
+
+if __name__ == "__main__":  # regenerate the snapshot of the keys and their defaults
+    header = (
+        "# The keys ocz_d2's add_ocz_config adds to Detectron2's config, with the repr of their\n"
+        "# defaults; tests/test_config.py compares a fresh config with it (regenerate with\n"
+        "# `python tests/test_config.py` after an intended change).\n"
+    )
+    text = yaml.safe_dump(_added_defaults(), sort_keys=True, width=100)
+    DEFAULTS_SNAPSHOT.write_text(header + text)
+    print(f"written: {DEFAULTS_SNAPSHOT}")
