@@ -186,10 +186,10 @@ def _add_pixel_decoder_config(cfg: CN) -> None:
     ocz.PIXEL_DECODER.DECODER_STRIDES = [32, 16, 8]
     # Stride of the mask features (4 or 8).
     ocz.PIXEL_DECODER.MASK_STRIDE = 4
+    ocz.PIXEL_DECODER.IMAGE_PATH = CN()
     # The miniature's light high-resolution path from the image (pixel_decoder/image_path.py):
     # stage widths, stage i at stride 2**(i+1); its outputs at pyramid strides are added to those
     # levels. Empty: off (every paper-scale config; no reproduced method has it).
-    ocz.PIXEL_DECODER.IMAGE_PATH = CN()
     ocz.PIXEL_DECODER.IMAGE_PATH.WIDTHS = []
 
 
