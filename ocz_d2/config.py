@@ -308,7 +308,7 @@ def _add_test_config(ocz: CN) -> None:
     ocz.TEST = CN()
     # Calibration gamma subtracted from seen-class scores at test time (inductive: 0.1).
     ocz.TEST.CALIBRATION = 0.1
-    # Gammas tried on DATASETS.VAL by the tuned protocol (ocz_d2/engine/protocol.py); the one
+    # Gammas tried on DATASETS.VAL by the tuned protocol (ocz_d2/evaluation/protocol.py); the one
     # with the highest val hIoU is used on DATASETS.TEST.
     ocz.TEST.CALIBRATION_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     # "whole" (one forward per image) or "slide" (sliding window, logits averaged).

@@ -30,7 +30,7 @@ from ocz_d2.engine.benchmark import (
     time_components,
     timing_stats,
 )
-from ocz_d2.engine.report import ReportRow
+from ocz_d2.evaluation.report import ReportRow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ocz_d2.engine.protocol import chance_metrics, pick_calibration
-from ocz_d2.engine.report import (
+from ocz_d2.evaluation.protocol import chance_metrics, pick_calibration
+from ocz_d2.evaluation.report import (
     ReportRow,
     format_markdown,
     paired_interval,
     pin_clip_weights,
     run_report,
+    run_seed,
     summarize,
 )
 
@@ -233,3 +234,21 @@ def test_pin_clip_weights_only_where_the_config_loads_a_file():
     assert pin_clip_weights(ReportRow("attr", str(CONFIG)), "/cache/w.pt").opts == ()
     own = ReportRow("own", text.config_file, ("MODEL.OCZ.CLIP.WEIGHTS", "/mine.pt"))
     assert pin_clip_weights(own, "/cache/w.pt") == own
+
+
+def test_results_recorded_with_the_tool_path_are_reused(tmp_path):
+    """A result written while the report started tools/train_net.py by its absolute path names
+    the same run as the report's command now: it is reused, nothing is trained."""
+    row = ReportRow("tiny", str(CONFIG), ("SOLVER.MAX_ITER", "2"))
+    out = tmp_path / "tiny" / "seed3"
+    out.mkdir(parents=True)
+    argv = ["--config-file", row.config_file, "--resume", "--num-gpus", "1", *row.opts]
+    argv += ["SEED", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"]
+    old = {"row": "tiny", "seed": 3, "command": ["/old/checkout/tools/train_net.py", *argv]}
+    (out / "result.json").write_text(json.dumps(old))
+    assert run_seed(row, 3, out) == old
+    old["command"] = ["/old/checkout/tools/other.py", *argv]  # another program: another run
+    (out / "result.json").write_text(json.dumps(old))
+    (out / "command.json").write_text(json.dumps(old["command"]))
+    with pytest.raises(RuntimeError, match="run of another command"):
+        run_seed(row, 3, out)

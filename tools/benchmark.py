@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
     from ocz_d2.engine.benchmark import BenchmarkSettings, format_markdown, run_benchmark
-    from ocz_d2.engine.report import ReportRow
+    from ocz_d2.evaluation.report import ReportRow
     from ocz_d2.utils.checkout import check_same_checkout
 
     check_same_checkout(__file__, ocz_d2.__file__)

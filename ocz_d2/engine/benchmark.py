@@ -1,6 +1,6 @@
 """Benchmark harness: the cost of every component of one or more configs, side by side.
 
-For each row (a config file plus ``KEY VALUE`` overrides, as in :mod:`ocz_d2.engine.report`) the
+For each row (a config file plus ``KEY VALUE`` overrides, as in :mod:`ocz_d2.evaluation.report`) the
 model is built (random weights unless the config names a local file) and measured on synthetic
 inputs built like the dataset mapper's outputs (:func:`synthetic_inputs`):
 
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .report import ReportRow
+from ..evaluation.report import ReportRow
 
 __all__ = [
     "FLOP_COMPONENTS",
