@@ -49,6 +49,7 @@ __all__ = [
     "register_zero_shot_split",
     "unregister_zero_shot_split",
     "is_zero_shot_split",
+    "registered_file_extensions",
     "unknown_dataset_message",
 ]
 
@@ -628,3 +629,11 @@ def check_datasets(names: Sequence[str], key: str = "DATASETS.TRAIN") -> None:
 def is_zero_shot_split(name: str) -> bool:
     """Return whether ``name`` was registered by :func:`register_zero_shot_split`."""
     return name in _REGISTERED
+
+
+def registered_file_extensions(name: str) -> tuple[str | None, str] | None:
+    """``(image_ext, label_ext)`` that the split ``name`` was registered with by
+    :func:`register_zero_shot_split` (``image_ext`` None: detected from the files), or None when
+    it registered no split of that name."""
+    spec = _REGISTERED.get(name)
+    return None if spec is None else (spec.image_ext, spec.label_ext)
