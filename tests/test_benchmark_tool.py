@@ -5,7 +5,6 @@ the missing VOC data (ocz_d2.benchmark.stand_in) with the VOC configs' input rec
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -31,6 +30,8 @@ from ocz_d2.benchmark import (
     timing_stats,
 )
 from ocz_d2.evaluation.report import ReportRow
+from tools import benchmark as benchmark_tool
+from tools import microbench
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -45,13 +46,6 @@ OCZSS = [
 ]  # fmt: skip
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def smoke_run(synthetic_benchmark, tmp_path_factory):
     """The CLI on the baseline and a tiny OC-ZSS row: (its JSON, its printed tables)."""
@@ -64,7 +58,7 @@ def smoke_run(synthetic_benchmark, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         # The split file's relative paths resolve against the benchmark's datasets folder.
         mp.setenv("DETECTRON2_DATASETS", str(Path(synthetic_benchmark.root).parent))
-        assert _load_tool().main(argv) == 0
+        assert benchmark_tool.main(argv) == 0
     return json.loads(out.read_text()), printed.getvalue()
 
 
@@ -306,10 +300,11 @@ def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypa
 
 
 def test_stand_in_options():
-    tool = _load_tool()
-    args = tool.parse_args(["--config", str(TINY), "--loader-stand-in", "64"])
+    args = benchmark_tool.parse_args(["--config", str(TINY), "--loader-stand-in", "64"])
     assert (args.loader_stand_in, args.loader_stand_in_size) == (64, [500, 375])
-    args = tool.parse_args(["--config", str(TINY), "--loader-stand-in-size", "640", "480"])
+    args = benchmark_tool.parse_args(
+        ["--config", str(TINY), "--loader-stand-in-size", "640", "480"]
+    )
     assert (args.loader_stand_in, args.loader_stand_in_size) == (0, [640, 480])
     assert BenchmarkSettings().loader_stand_in == 0
     assert BenchmarkSettings(loader_stand_in_size=[640, 480]).loader_stand_in_size == (640, 480)
@@ -322,12 +317,11 @@ def test_stand_in_options():
 def test_microbench_tool_runs_and_checks_its_variants():
     """tools/microbench.py at tiny sizes: every variant is timed (its own asserts compare
     class_map with argmax and the shipped BCE cost with the two-softplus form)."""
-    spec = importlib.util.spec_from_file_location("microbench", REPO / "tools" / "microbench.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     tiny = ["--size", "32", "--repeats", "1", "--warmup", "0"]
     with contextlib.redirect_stdout(io.StringIO()):
-        argmax = tool.main(["argmax", "--classes", "5", *tiny])
-        matcher = tool.main(["matcher", "--sets", "2", "--queries", "6", "--points", "64", *tiny])
+        argmax = microbench.main(["argmax", "--classes", "5", *tiny])
+        matcher = microbench.main(
+            ["matcher", "--sets", "2", "--queries", "6", "--points", "64", *tiny]
+        )
     assert len(argmax) == 5 and argmax[0].startswith("| class_map |")
     assert len(matcher) == 5 and "Mpixel/s" in argmax[1] and matcher[2].startswith("| BCE cost")

@@ -3,7 +3,6 @@ configs set is read by something that runs; the configs load; bad keys give clea
 
 import ast
 import functools
-import importlib.util
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from detectron2.config import get_cfg
 
 from ocz_d2 import add_ocz_config
 from ocz_d2.config import ConfigError, load_config
+from tools import train_net
 
 REPO = Path(__file__).resolve().parents[1]
 D2 = Path(detectron2.__file__).resolve().parent
@@ -245,9 +245,6 @@ def test_load_config_names_a_misspelt_key():
 
 
 def test_train_net_exits_cleanly_on_a_misspelt_key(capsys):
-    spec = importlib.util.spec_from_file_location("ocz_train_net", REPO / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
     config = str(REPO / "configs" / "synthetic" / "ocz_tiny.yaml")
     status = train_net.main(["--config-file", config, "MODEL.OCZ.CLIP.NUM_PROMPT", "3"])
     err = capsys.readouterr().err

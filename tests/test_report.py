@@ -3,7 +3,6 @@ finished runs reused, per-class IoU recorded, mean ± std tables, paired differe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -20,6 +19,7 @@ from ocz_d2.evaluation.report import (
     run_seed,
     summarize,
 )
+from tools import report as report_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -34,13 +34,6 @@ def _row(data, name="tiny", **extra) -> ReportRow:
         **extra,
     }
     return ReportRow(name, str(CONFIG), tuple(data.tiny_run_overrides(**extra)))
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("report_tool", REPO / "tools" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -92,12 +85,9 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     result_a = tmp_path / "a" / "tiny" / "seed0" / "result.json"
     old = {k: v for k, v in result.items() if k != "per_class_iou"}
     result_a.write_text(json.dumps(old, indent=2) + "\n")
-    tool = _load_tool()
     argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path / "a")]
-    assert (
-        tool.main([*argv, "--reference", "tiny", "--row", row.name, row.config_file, *row.opts])
-        == 0
-    )
+    row_args = ["--row", row.name, row.config_file, *row.opts]
+    assert report_tool.main([*argv, "--reference", "tiny", *row_args]) == 0
     assert metrics_a.stat().st_mtime_ns == stamp
     out = capsys.readouterr()
     assert "| tiny | 1 |" in out.out and "Difference to" not in out.out  # nothing to pair
@@ -112,11 +102,10 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
 
 
 def test_report_tool_names_bad_rows_before_running(tmp_path, capsys):
-    tool = _load_tool()
     argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path)]
-    assert tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
+    assert report_tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
     assert "nowhere.yaml not found" in capsys.readouterr().err
-    assert tool.main([*argv, "--reference", "nope", "--row", "tiny", str(CONFIG)]) == 2
+    assert report_tool.main([*argv, "--reference", "nope", "--row", "tiny", str(CONFIG)]) == 2
     assert "--reference nope is not a row name" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran
 
