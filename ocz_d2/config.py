@@ -29,6 +29,13 @@ def add_ocz_config(cfg: CN) -> None:
 
 
 def _add_data_config(cfg: CN) -> None:
+    """DATASETS and INPUT extras."""
+    _add_datasets_config(cfg)
+    _add_input_config(cfg)
+
+
+def _add_datasets_config(cfg: CN) -> None:
+    """DATASETS: split files and the validation split(s)."""
     # YAML split files (see ocz_d2/data/split_file.py) registered before the datasets are built;
     # relative paths are resolved against the working directory.
     cfg.DATASETS.SPLIT_FILES = []
@@ -36,6 +43,9 @@ def _add_data_config(cfg: CN) -> None:
     # calibration gamma); reported numbers come from DATASETS.TEST. () when there is none.
     cfg.DATASETS.VAL = ()
 
+
+def _add_input_config(cfg: CN) -> None:
+    """INPUT: the zero-shot setting and the training augmentations."""
     # Training setting: "inductive" (unseen pixels -> ignore, nothing else known about them; seen
     # vocabulary only) or "transductive" (ZegCLIP/OTSeg: unseen pixels are ignore in the labels
     # but the mapper keeps where they are; from MODEL.OCZ.SELF_TRAINING.START_ITER the unseen
@@ -58,10 +68,26 @@ def _add_data_config(cfg: CN) -> None:
 
 
 def _add_model_config(cfg: CN) -> None:
+    """MODEL.OCZ, one adder per node (and MODEL.SEM_SEG_HEAD.MASK_DIM with the pixel decoder)."""
     cfg.MODEL.OCZ = CN()
     ocz = cfg.MODEL.OCZ
+    _add_clip_config(ocz)
+    _add_objects_config(ocz)
+    _add_guide_config(ocz)
+    _add_ora_config(ocz)
+    _add_text_config(ocz)
+    _add_pixel_decoder_config(cfg)
+    _add_decoder_config(ocz)
+    _add_loss_config(ocz)
+    _add_split_config(ocz)
+    _add_mfe_config(ocz)
+    _add_self_training_config(ocz)
+    _add_test_config(ocz)
+    _add_segment_clip_config(ocz)
 
-    # --- CLIP backbone (MODEL.BACKBONE.NAME = "CLIPPromptBackbone") ---
+
+def _add_clip_config(ocz: CN) -> None:
+    """MODEL.OCZ.CLIP: the CLIP backbone (MODEL.BACKBONE.NAME = "CLIPPromptBackbone")."""
     ocz.CLIP = CN()
     # open_clip model name ("ViT-B-16", ...) or a tiny config shipped with ocz_d2 ("OCZ-Tiny-ViT").
     ocz.CLIP.MODEL_NAME = "ViT-B-16"
@@ -76,7 +102,10 @@ def _add_model_config(cfg: CN) -> None:
     # Keep CLIP's own weights frozen (only prompts train): bool.
     ocz.CLIP.FROZEN = True
 
-    # --- OC-ZSS objects: object prompts guided by regions (ocz_d2/modeling/backbone) ---
+
+def _add_objects_config(ocz: CN) -> None:
+    """MODEL.OCZ.OBJECTS: OC-ZSS objects, object prompts guided by regions
+    (ocz_d2/modeling/backbone)."""
     ocz.OBJECTS = CN()
     # n_o, objects (regions) per image: object prompts in CLIP and ORA's object slots; 0 disables
     # both (6 for VOC/COCO, 8 for Context in OC-ZSS).
@@ -85,7 +114,10 @@ def _add_model_config(cfg: CN) -> None:
     # is the "ORA with random object init" ablation (no guide is used then).
     ocz.OBJECTS.PROMPTS = True
 
-    # --- the guide that splits each image into n_o regions (object maps override it) ---
+
+def _add_guide_config(ocz: CN) -> None:
+    """MODEL.OCZ.GUIDE: the guide that splits each image into n_o regions (object maps override
+    it)."""
     ocz.GUIDE = CN()
     # "ssl" (cluster a frozen timm ViT's patch features), "clip" (cluster the frozen CLIP's own
     # patch features) or "oracle" (only precomputed object maps, e.g. true instance maps).
@@ -106,7 +138,9 @@ def _add_model_config(cfg: CN) -> None:
     # Seed of the clustering's random draws (and of a random SSL model's weights).
     ocz.GUIDE.SEED = 0
 
-    # --- ORA: Object Refinement Attention between the backbone and the pixel pyramid ---
+
+def _add_ora_config(ocz: CN) -> None:
+    """MODEL.OCZ.ORA: Object Refinement Attention between the backbone and the pixel pyramid."""
     ocz.ORA = CN()
     # S, rounds of (object stage, patch stage); 0 disables ORA (4 for VOC/COCO, 5 for Context).
     ocz.ORA.NUM_ROUNDS = 0
@@ -126,7 +160,9 @@ def _add_model_config(cfg: CN) -> None:
     # Dilation rates of granular attention's depth-wise 3x3 branches.
     ocz.ORA.GRANULAR_RATES = [1, 3, 6, 9]
 
-    # --- text side: class-name embeddings ---
+
+def _add_text_config(ocz: CN) -> None:
+    """MODEL.OCZ.TEXT: the text side, class-name embeddings."""
     ocz.TEXT = CN()
     # Prompt templates: "single" ("a photo of a {}.") or "imagenet" (the template ensemble).
     ocz.TEXT.TEMPLATES = "single"
@@ -137,8 +173,11 @@ def _add_model_config(cfg: CN) -> None:
     # Number of prompts encoded per text-encoder call (memory bound for large vocabularies).
     ocz.TEXT.CHUNK_SIZE = 256
 
-    # --- pixel decoder (MODEL.SEM_SEG_HEAD.NAME) uses MODEL.SEM_SEG_HEAD.{IN_FEATURES,
-    # CONVS_DIM, NORM} and this key:
+
+def _add_pixel_decoder_config(cfg: CN) -> None:
+    """The pixel decoder (MODEL.SEM_SEG_HEAD.NAME): MODEL.SEM_SEG_HEAD.MASK_DIM and
+    MODEL.OCZ.PIXEL_DECODER; it also uses MODEL.SEM_SEG_HEAD.{IN_FEATURES, CONVS_DIM, NORM}."""
+    ocz = cfg.MODEL.OCZ
     # Channels of the mask features (the space query mask embeddings are compared in).
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
     # The pixel decoder's OCZ extras:
@@ -147,13 +186,15 @@ def _add_model_config(cfg: CN) -> None:
     ocz.PIXEL_DECODER.DECODER_STRIDES = [32, 16, 8]
     # Stride of the mask features (4 or 8).
     ocz.PIXEL_DECODER.MASK_STRIDE = 4
+    ocz.PIXEL_DECODER.IMAGE_PATH = CN()
     # The miniature's light high-resolution path from the image (pixel_decoder/image_path.py):
     # stage widths, stage i at stride 2**(i+1); its outputs at pyramid strides are added to those
     # levels. Empty: off (every paper-scale config; no reproduced method has it).
-    ocz.PIXEL_DECODER.IMAGE_PATH = CN()
     ocz.PIXEL_DECODER.IMAGE_PATH.WIDTHS = []
 
-    # --- transformer decoder ---
+
+def _add_decoder_config(ocz: CN) -> None:
+    """MODEL.OCZ.DECODER: the transformer decoder."""
     ocz.DECODER = CN()
     # Registered name in ocz_d2's TRANSFORMER_DECODER_REGISTRY.
     ocz.DECODER.NAME = "ZeroShotMaskDecoder"
@@ -180,7 +221,9 @@ def _add_model_config(cfg: CN) -> None:
     # Initial temperature of the class logits (logits = scale * cosine); learned in log space.
     ocz.DECODER.LOGIT_SCALE = 50.0
 
-    # --- losses and matching ---
+
+def _add_loss_config(ocz: CN) -> None:
+    """MODEL.OCZ.LOSS: losses and matching."""
     ocz.LOSS = CN()
     # Weight of the classification loss (and of the class cost in matching).
     ocz.LOSS.CLASS_WEIGHT = 2.0
@@ -205,7 +248,9 @@ def _add_model_config(cfg: CN) -> None:
     # Fraction of points chosen by uncertainty; the rest are uniform over valid pixels.
     ocz.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
 
-    # --- split matching (Split Matching; docs/DESIGN.md, "Split matching") ---
+
+def _add_split_config(ocz: CN) -> None:
+    """MODEL.OCZ.SPLIT: split matching (Split Matching; docs/DESIGN.md, "Split matching")."""
     ocz.SPLIT = CN()
     # N_c, candidate queries: the last N_c of DECODER.NUM_QUERIES, matched to pseudo-masks of the
     # unannotated pixels; the first NUM_QUERIES - N_c (seen queries) to the ground truth.
@@ -236,14 +281,19 @@ def _add_model_config(cfg: CN) -> None:
     # ... and the alignment 1 - cos(query class embedding, region embedding) (weight).
     ocz.SPLIT.EMBED_WEIGHT = 2.0
 
-    # --- multi-scale feature enhancement (Split Matching's MFE) ---
+
+def _add_mfe_config(ocz: CN) -> None:
+    """MODEL.OCZ.MFE: multi-scale feature enhancement (Split Matching's MFE)."""
     ocz.MFE = CN()
     # Refine every pixel-decoder output level with a residual multi-receptive-field block: bool.
     ocz.MFE.ENABLED = False
     # Dilation rates of its depth-wise 3x3 branches (plus a global-pool branch).
     ocz.MFE.RATES = [1, 2, 3]
 
-    # --- transductive self-training (INPUT.ZERO_SHOT_SETTING "transductive") ---
+
+def _add_self_training_config(ocz: CN) -> None:
+    """MODEL.OCZ.SELF_TRAINING: transductive self-training (INPUT.ZERO_SHOT_SETTING
+    "transductive")."""
     ocz.SELF_TRAINING = CN()
     # Iteration from which the pixels whose ground truth is an unseen class (known to be unseen,
     # class hidden) get pseudo-labels, the argmax over unseen classes of the current prediction,
@@ -256,11 +306,13 @@ def _add_model_config(cfg: CN) -> None:
     # stays ignore. 0 labels every unseen-class pixel (ZegCLIP/OTSeg).
     ocz.SELF_TRAINING.THRESHOLD = 0.0
 
-    # --- inference ---
+
+def _add_test_config(ocz: CN) -> None:
+    """MODEL.OCZ.TEST: inference."""
     ocz.TEST = CN()
     # Calibration gamma subtracted from seen-class scores at test time (inductive: 0.1).
     ocz.TEST.CALIBRATION = 0.1
-    # Gammas tried on DATASETS.VAL by the tuned protocol (ocz_d2/engine/protocol.py); the one
+    # Gammas tried on DATASETS.VAL by the tuned protocol (ocz_d2/evaluation/protocol.py); the one
     # with the highest val hIoU is used on DATASETS.TEST.
     ocz.TEST.CALIBRATION_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     # "whole" (one forward per image) or "slide" (sliding window, logits averaged).
@@ -276,8 +328,10 @@ def _add_model_config(cfg: CN) -> None:
     # recently used dropped first (>= 0; 0 keeps none).
     ocz.TEST.VOCABULARY_CACHE_SIZE = 8
 
-    # --- test-time CLIP classification of segments (ZegFormer's decoupled route; inference
-    # only, no parameters: ocz_d2/modeling/segment_classifier.py) ---
+
+def _add_segment_clip_config(ocz: CN) -> None:
+    """MODEL.OCZ.SEGMENT_CLIP: test-time CLIP classification of segments (ZegFormer's decoupled
+    route; inference only, no parameters: ocz_d2/modeling/segment_classifier.py)."""
     ocz.SEGMENT_CLIP = CN()
     # Classify each query's segment again with the frozen CLIP and ensemble it with the
     # decoder's classes at inference: bool (training and checkpoints are unchanged).
@@ -302,6 +356,7 @@ def _add_model_config(cfg: CN) -> None:
 
 
 def _add_solver_config(cfg: CN) -> None:
+    """SOLVER extras: the optimizer, the poly schedule, LR multipliers, checkpoints kept."""
     # "ADAMW" or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Exponent of the poly schedule (LR_SCHEDULER_NAME = "WarmupPolyLR").

@@ -34,7 +34,13 @@ from pathlib import Path
 
 import pytest
 
+import tools
 from ocz_d2.data import generate_synthetic_benchmark, register_split_file
+
+# The tests import the tools from this checkout's tools/, not Detectron2's package of that name.
+assert Path(tools.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "tools", (
+    f"'tools' is {tools.__file__}: run pytest from the repository root"
+)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,10 @@
-"""tools/benchmark.py and ocz_d2.engine.benchmark: a smoke run on two tiny configs (no timing
+"""tools/benchmark.py and ocz_d2.benchmark: a smoke run on two tiny configs (no timing
 assertions), the helpers' hand-computed answers, and the train loader timed on stand-in files of
-the missing VOC data (ocz_d2.data.stand_in) with the VOC configs' input recipe."""
+the missing VOC data (ocz_d2.benchmark.stand_in) with the VOC configs' input recipe."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -15,22 +14,24 @@ import pytest
 import torch
 from torch import nn
 
-from ocz_d2.engine.benchmark import (
+from ocz_d2.benchmark import (
     FLOP_COMPONENTS,
     SUMMARY_KEYS,
     TIMED_COMPONENTS,
     BenchmarkSettings,
     Component,
-    _load_row_config,
-    _loader_cell,
-    _loader_throughput,
     add_ratios,
     count_flops,
+    load_row_config,
+    loader_cell,
+    loader_throughput,
     synthetic_inputs,
     time_components,
     timing_stats,
 )
-from ocz_d2.engine.report import ReportRow
+from ocz_d2.evaluation.report import ReportRow
+from tools import benchmark as benchmark_tool
+from tools import microbench
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -45,13 +46,6 @@ OCZSS = [
 ]  # fmt: skip
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def smoke_run(synthetic_benchmark, tmp_path_factory):
     """The CLI on the baseline and a tiny OC-ZSS row: (its JSON, its printed tables)."""
@@ -64,7 +58,7 @@ def smoke_run(synthetic_benchmark, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         # The split file's relative paths resolve against the benchmark's datasets folder.
         mp.setenv("DETECTRON2_DATASETS", str(Path(synthetic_benchmark.root).parent))
-        assert _load_tool().main(argv) == 0
+        assert benchmark_tool.main(argv) == 0
     return json.loads(out.read_text()), printed.getvalue()
 
 
@@ -207,8 +201,8 @@ def test_helpers_hand_computed():
 def test_stand_in_files_are_in_the_dataset_formats(tmp_path):
     from PIL import Image
 
+    from ocz_d2.benchmark.stand_in import write_stand_in_split
     from ocz_d2.data.object_maps import read_record
-    from ocz_d2.data.stand_in import write_stand_in_split
 
     kwargs = dict(num_classes=20, num_objects=6, object_map_record={"source": "ssl"}, seed=3)
     files = write_stand_in_split(tmp_path / "a", 3, **kwargs)
@@ -243,16 +237,16 @@ def test_stand_in_files_are_in_the_dataset_formats(tmp_path):
 def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypatch):
     """The VOC split registered over an empty folder: its files are missing, so the loader runs
     on stand-in files, with the config's recipe (512 crops) and the VOC labels and object maps."""
-    import detectron2.data
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    from ocz_d2.benchmark import throughput
     from ocz_d2.data import register_split_file, unregister_zero_shot_split
 
     names = register_split_file(
         VOC_SPLIT_FILE, root=tmp_path / "no_datasets", dataset="test_voc_missing", lazy=True
     )
     batches = []
-    build = detectron2.data.build_detection_train_loader
+    build = throughput.build_detection_train_loader
 
     def recording_loader(*args, **kwargs):
         loader = build(*args, **kwargs)
@@ -264,13 +258,13 @@ def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypa
 
         return batches_of()
 
-    monkeypatch.setattr(detectron2.data, "build_detection_train_loader", recording_loader)
+    monkeypatch.setattr(throughput, "build_detection_train_loader", recording_loader)
     try:
         opts = ("DATASETS.TRAIN", f"('{names[0]}',)", "DATALOADER.NUM_WORKERS", "0")
         settings = BenchmarkSettings(batch=2)
-        cfg = _load_row_config(ReportRow("voc", str(REPO / config), opts), settings)
-        assert _loader_throughput(cfg, 2)["available"] is False  # stand-in off: as before
-        result = _loader_throughput(cfg, 2, stand_in=4, stand_in_size=(500, 375))
+        cfg = load_row_config(ReportRow("voc", str(REPO / config), opts), settings)
+        assert loader_throughput(cfg, 2)["available"] is False  # stand-in off: as before
+        result = loader_throughput(cfg, 2, stand_in=4, stand_in_size=(500, 375))
         seen = set(MetadataCatalog.get(names[0]).seen_classes)
     finally:
         for name in names:
@@ -281,7 +275,7 @@ def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypa
     assert result["stand_in_object_maps"] == num_objects
     assert result["num_workers"] == 0 and result["batch"] == 2
     assert result["images_per_s_per_worker"] == result["images_per_s"] > 0
-    assert "stand-in 500x375, 4 images" in _loader_cell(result)
+    assert "stand-in 500x375, 4 images" in loader_cell(result)
     # The temporary split is gone: catalog entry and files.
     assert result["dataset"] not in DatasetCatalog.list()
     assert not Path(result["stand_in_root"]).exists()
@@ -306,10 +300,11 @@ def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypa
 
 
 def test_stand_in_options():
-    tool = _load_tool()
-    args = tool.parse_args(["--config", str(TINY), "--loader-stand-in", "64"])
+    args = benchmark_tool.parse_args(["--config", str(TINY), "--loader-stand-in", "64"])
     assert (args.loader_stand_in, args.loader_stand_in_size) == (64, [500, 375])
-    args = tool.parse_args(["--config", str(TINY), "--loader-stand-in-size", "640", "480"])
+    args = benchmark_tool.parse_args(
+        ["--config", str(TINY), "--loader-stand-in-size", "640", "480"]
+    )
     assert (args.loader_stand_in, args.loader_stand_in_size) == (0, [640, 480])
     assert BenchmarkSettings().loader_stand_in == 0
     assert BenchmarkSettings(loader_stand_in_size=[640, 480]).loader_stand_in_size == (640, 480)
@@ -322,12 +317,11 @@ def test_stand_in_options():
 def test_microbench_tool_runs_and_checks_its_variants():
     """tools/microbench.py at tiny sizes: every variant is timed (its own asserts compare
     class_map with argmax and the shipped BCE cost with the two-softplus form)."""
-    spec = importlib.util.spec_from_file_location("microbench", REPO / "tools" / "microbench.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     tiny = ["--size", "32", "--repeats", "1", "--warmup", "0"]
     with contextlib.redirect_stdout(io.StringIO()):
-        argmax = tool.main(["argmax", "--classes", "5", *tiny])
-        matcher = tool.main(["matcher", "--sets", "2", "--queries", "6", "--points", "64", *tiny])
+        argmax = microbench.main(["argmax", "--classes", "5", *tiny])
+        matcher = microbench.main(
+            ["matcher", "--sets", "2", "--queries", "6", "--points", "64", *tiny]
+        )
     assert len(argmax) == 5 and argmax[0].startswith("| class_map |")
     assert len(matcher) == 5 and "Mpixel/s" in argmax[1] and matcher[2].startswith("| BCE cost")

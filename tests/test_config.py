@@ -3,7 +3,6 @@ configs set is read by something that runs; the configs load; bad keys give clea
 
 import ast
 import functools
-import importlib.util
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from detectron2.config import get_cfg
 
 from ocz_d2 import add_ocz_config
 from ocz_d2.config import ConfigError, load_config
+from tools import train_net
 
 REPO = Path(__file__).resolve().parents[1]
 D2 = Path(detectron2.__file__).resolve().parent
@@ -53,6 +53,27 @@ def _added_keys():
 
     base_keys = set(flatten(base))
     return sorted(set(flatten(cfg)) - base_keys)
+
+
+#: The keys add_ocz_config adds to Detectron2's config, each with the repr of its default.
+DEFAULTS_SNAPSHOT = REPO / "tests" / "data" / "ocz_config_defaults.yaml"
+
+
+def _added_defaults() -> dict[str, str]:
+    """``{key: repr(default)}`` of every key add_ocz_config adds or changes (repr keeps the type:
+    a tuple is not a list, 1 is not 1.0)."""
+
+    def flatten(node, prefix=""):
+        for k, v in node.items():
+            if hasattr(v, "items"):
+                yield from flatten(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k, repr(v)
+
+    base = dict(flatten(get_cfg()))
+    cfg = get_cfg()
+    add_ocz_config(cfg)
+    return {k: v for k, v in flatten(cfg) if base.get(k) != v}
 
 
 def _our_files():
@@ -178,6 +199,20 @@ def test_a_read_needs_the_node_and_the_leaf_together(tmp_path, source, read):
     assert _is_read("MODEL.OCZ.ORA.DIM", [src]) is read
 
 
+def test_added_keys_and_defaults_match_the_snapshot():
+    """Every key and default of add_ocz_config as recorded in tests/data (a dropped, renamed or
+    added key, or a changed default, fails here). After an intended change, regenerate it with
+    ``python tests/test_config.py``."""
+    expected = yaml.safe_load(DEFAULTS_SNAPSHOT.read_text())
+    actual = _added_defaults()
+    assert sorted(actual) == sorted(expected), (
+        f"keys added: {sorted(set(actual) - set(expected))}, "
+        f"dropped: {sorted(set(expected) - set(actual))}"
+    )
+    changed = {k: (expected[k], v) for k, v in actual.items() if expected[k] != v}
+    assert not changed, f"defaults changed (snapshot, now): {changed}"
+
+
 def test_every_added_key_has_a_comment():
     text = (REPO / "ocz_d2" / "config.py").read_text().splitlines()
     for key in _added_keys():
@@ -210,12 +245,20 @@ def test_load_config_names_a_misspelt_key():
 
 
 def test_train_net_exits_cleanly_on_a_misspelt_key(capsys):
-    spec = importlib.util.spec_from_file_location("ocz_train_net", REPO / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
     config = str(REPO / "configs" / "synthetic" / "ocz_tiny.yaml")
     status = train_net.main(["--config-file", config, "MODEL.OCZ.CLIP.NUM_PROMPT", "3"])
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith("error: unknown config key 'MODEL.OCZ.CLIP.NUM_PROMPT'"), err
     assert "Traceback" not in err
+
+
+if __name__ == "__main__":  # regenerate the snapshot of the keys and their defaults
+    header = (
+        "# The keys ocz_d2's add_ocz_config adds to Detectron2's config, with the repr of their\n"
+        "# defaults; tests/test_config.py compares a fresh config with it (regenerate with\n"
+        "# `python tests/test_config.py` after an intended change).\n"
+    )
+    text = yaml.safe_dump(_added_defaults(), sort_keys=True, width=100)
+    DEFAULTS_SNAPSHOT.write_text(header + text)
+    print(f"written: {DEFAULTS_SNAPSHOT}")

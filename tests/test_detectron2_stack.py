@@ -8,10 +8,8 @@ trained by the ``Trainer`` of ``tools/train_net.py`` (ocz_d2's mapper, optimizer
 """
 
 import copy
-import importlib.util
 import math
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,11 +29,8 @@ from ocz_d2.config import add_ocz_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper, ignore_label_of
 from ocz_d2.engine import ZeroShotTrainerBase
 from ocz_d2.evaluation import METRICS_FILE_NAME, ZeroShotSemSegEvaluator
+from tools import train_net
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ocz_train_net", REPO / "tools" / "train_net.py")
-train_net = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_net)
 Trainer = train_net.Trainer
 
 ARCH_NAME = "OczTestPixelClassifier"

@@ -3,29 +3,18 @@ weights offline (the download is replaced by tiny random models: nothing downloa
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "fetch_weights", REPO / "tools" / "fetch_weights.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tools import fetch_weights as tool
 
 
 def test_fetch_weights_files_and_printed_keys(tmp_path, capsys, monkeypatch):
     from ocz_d2.modeling.backbone.clip_prompt import create_clip_model
     from ocz_d2.modeling.backbone.ssl_guide import create_ssl_model
 
-    tool = _tool()
     calls = []
 
     def fake_clip(name, tag):  # what the tag would download, here a seeded tiny model

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocz_d2.modeling.backbone.ssl_guide import (
+from ocz_d2.modeling.backbone.ssl_guide import SSLGuide
+from ocz_d2.modeling.clustering import (
     NO_REGION,
-    SSLGuide,
     cells_with_image,
     cluster_feature_map,
     resample_regions,

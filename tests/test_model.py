@@ -1,6 +1,5 @@
 """The meta-architecture on CPU with the tiny CLIP config: build, train step, inference, errors."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from ocz_d2.modeling import (
 from ocz_d2.modeling.criterion import SetCriterion
 from ocz_d2.modeling.matcher import HungarianMatcher
 from ocz_d2.modeling.meta_arch import calibrate, semantic_inference, sliding_windows
+from tools import train_net
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -305,21 +305,13 @@ def test_one_evaluation_over_two_vocabularies(
     cfg.OUTPUT_DIR = str(tmp_path / "out")
     cfg.DATALOADER.NUM_WORKERS = 0
     model = build_model(cfg).eval()
-    results = _train_net().Trainer.test(cfg, model)
+    results = train_net.Trainer.test(cfg, model)
     for name in (data.val_name, small_vocabulary_split):
         classes = MetadataCatalog.get(name).stuff_classes
         metrics = results[name]["sem_seg"]
         assert sorted(k[4:] for k in metrics if k.startswith("IoU-")) == sorted(classes)
         assert 0 <= metrics["mIoU"] <= 100
     assert len(MetadataCatalog.get(small_vocabulary_split).stuff_classes) == 6
-
-
-def _train_net():
-    """tools/train_net.py as a module (its Trainer)."""
-    spec = importlib.util.spec_from_file_location("ocz_train_net", REPO / "tools" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_build_without_cfg(synthetic_benchmark):

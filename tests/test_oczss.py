@@ -1,7 +1,6 @@
 """OC-ZSS parts: Voronoi clustering, object prompts and their mask, ORA, granular attention,
 object maps (mapper, records, the precompute tool, the oracle) and the disabled-is-baseline rule."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,13 +24,10 @@ from ocz_d2.data.object_maps import (
 from ocz_d2.data.synthetic import write_oracle_object_maps
 from ocz_d2.modeling.backbone import CLIPPromptBackbone
 from ocz_d2.modeling.backbone.object_prompts import ObjectPrompts
-from ocz_d2.modeling.backbone.ssl_guide import (
-    NO_REGION,
-    SSLGuide,
-    label_map_to_grid,
-    voronoi_cluster,
-)
+from ocz_d2.modeling.backbone.ssl_guide import SSLGuide
+from ocz_d2.modeling.clustering import NO_REGION, label_map_to_grid, voronoi_cluster
 from ocz_d2.modeling.pixel_decoder.ora import GranularExtractor, ObjectRefinementAttention
+from tools import precompute_object_maps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -443,11 +439,6 @@ def test_precompute_tool_maps_match_online_regions(
 ):
     data = synthetic_benchmark_factory("omaps", num_train=4, num_val=2, num_test=2)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(data.root.parent))
-    spec = importlib.util.spec_from_file_location(
-        "precompute", REPO / "tools" / "precompute_object_maps.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     opts = [
         "MODEL.OCZ.OBJECTS.NUM", "3", "MODEL.OCZ.ORA.NUM_ROUNDS", "1", "MODEL.OCZ.ORA.NHEADS", "4",
         "MODEL.OCZ.GUIDE.SOURCE", "clip", "MODEL.OCZ.GUIDE.KMEANS_ITERS", "2",
@@ -455,7 +446,7 @@ def test_precompute_tool_maps_match_online_regions(
     ]  # fmt: skip
     argv = ["--config-file", str(TINY), "--split-file", str(data.split_file), "--name", "c"]
     torch.manual_seed(0)
-    assert tool.main(["--splits", "train", "val"] + argv + opts) == 0
+    assert precompute_object_maps.main(["--splits", "train", "val"] + argv + opts) == 0
     folder = data.root / "object_maps" / "c" / "train"
     record = json.loads((folder / RECORD_NAME).read_text())
     assert record["source"] == "clip" and record["num_objects"] == 3

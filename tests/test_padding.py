@@ -16,7 +16,7 @@ from PIL import Image
 
 from ocz_d2 import add_ocz_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper
-from ocz_d2.modeling.backbone.ssl_guide import NO_REGION
+from ocz_d2.modeling.clustering import NO_REGION
 from ocz_d2.modeling.padding import batch_image_mask, image_patches
 
 REPO = Path(__file__).resolve().parents[1]

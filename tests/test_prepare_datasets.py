@@ -324,25 +324,21 @@ def test_prepare_ade20k_parallel_and_range_check(tmp_path):
         prepare_ade20k(root, out, check_counts=False, progress=False)
 
 
-def test_prepare_cli_prints_summary_and_errors(tmp_path, capsys):
-    import importlib.util
+def test_prepare_cli_prints_summary_and_errors(tmp_path):
+    """The command line of datasets/prepare_ade20k.py (which prints the text, to stderr when
+    the status is not 0)."""
+    from ocz_d2.data.prepare.ade20k import cli
 
-    script = Path(__file__).resolve().parents[1] / "datasets" / "prepare_ade20k.py"
-    spec = importlib.util.spec_from_file_location("prepare_ade20k", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    main = module.main
     root = tmp_path / "ADEChallengeData2016"
     _ade_raw(root, n_train=1)
     out = tmp_path / "ocz_ade150"
     common = ["--out", str(out), "--workers", "1", "--no-progress"]
-    assert main(["--ade", str(root), *common]) == 1
-    assert "wrong count" in capsys.readouterr().err
-    assert main(["--ade", str(root), "--no-count-check", *common]) == 0
-    text = capsys.readouterr().out
-    assert "train: 1 images" in text and "149 flag" in text
-    assert main(["--ade", str(tmp_path / "none"), "--no-count-check", *common]) == 1
-    assert "missing folder" in capsys.readouterr().err
+    code, text = cli(["--ade", str(root), *common])
+    assert code == 1 and "wrong count" in text
+    code, text = cli(["--ade", str(root), "--no-count-check", *common])
+    assert code == 0 and "train: 1 images" in text and "149 flag" in text
+    code, text = cli(["--ade", str(tmp_path / "none"), "--no-count-check", *common])
+    assert code == 1 and "missing folder" in text
 
 
 def test_prepared_voc_loads_through_the_package_split_file(tmp_path):

@@ -3,22 +3,23 @@ finished runs reused, per-class IoU recorded, mean ± std tables, paired differe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from ocz_d2.engine.protocol import chance_metrics, pick_calibration
-from ocz_d2.engine.report import (
+from ocz_d2.evaluation.protocol import chance_metrics, pick_calibration
+from ocz_d2.evaluation.report import (
     ReportRow,
     format_markdown,
     paired_interval,
     pin_clip_weights,
     run_report,
+    run_seed,
     summarize,
 )
+from tools import report as report_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -33,13 +34,6 @@ def _row(data, name="tiny", **extra) -> ReportRow:
         **extra,
     }
     return ReportRow(name, str(CONFIG), tuple(data.tiny_run_overrides(**extra)))
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("report_tool", REPO / "tools" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -91,12 +85,9 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     result_a = tmp_path / "a" / "tiny" / "seed0" / "result.json"
     old = {k: v for k, v in result.items() if k != "per_class_iou"}
     result_a.write_text(json.dumps(old, indent=2) + "\n")
-    tool = _load_tool()
     argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path / "a")]
-    assert (
-        tool.main([*argv, "--reference", "tiny", "--row", row.name, row.config_file, *row.opts])
-        == 0
-    )
+    row_args = ["--row", row.name, row.config_file, *row.opts]
+    assert report_tool.main([*argv, "--reference", "tiny", *row_args]) == 0
     assert metrics_a.stat().st_mtime_ns == stamp
     out = capsys.readouterr()
     assert "| tiny | 1 |" in out.out and "Difference to" not in out.out  # nothing to pair
@@ -111,11 +102,10 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
 
 
 def test_report_tool_names_bad_rows_before_running(tmp_path, capsys):
-    tool = _load_tool()
     argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path)]
-    assert tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
+    assert report_tool.main([*argv, "--row", "bad", "nowhere.yaml"]) == 2
     assert "nowhere.yaml not found" in capsys.readouterr().err
-    assert tool.main([*argv, "--reference", "nope", "--row", "tiny", str(CONFIG)]) == 2
+    assert report_tool.main([*argv, "--reference", "nope", "--row", "tiny", str(CONFIG)]) == 2
     assert "--reference nope is not a row name" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran
 
@@ -233,3 +223,21 @@ def test_pin_clip_weights_only_where_the_config_loads_a_file():
     assert pin_clip_weights(ReportRow("attr", str(CONFIG)), "/cache/w.pt").opts == ()
     own = ReportRow("own", text.config_file, ("MODEL.OCZ.CLIP.WEIGHTS", "/mine.pt"))
     assert pin_clip_weights(own, "/cache/w.pt") == own
+
+
+def test_results_recorded_with_the_tool_path_are_reused(tmp_path):
+    """A result written while the report started tools/train_net.py by its absolute path names
+    the same run as the report's command now: it is reused, nothing is trained."""
+    row = ReportRow("tiny", str(CONFIG), ("SOLVER.MAX_ITER", "2"))
+    out = tmp_path / "tiny" / "seed3"
+    out.mkdir(parents=True)
+    argv = ["--config-file", row.config_file, "--resume", "--num-gpus", "1", *row.opts]
+    argv += ["SEED", "3", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()"]
+    old = {"row": "tiny", "seed": 3, "command": ["/old/checkout/tools/train_net.py", *argv]}
+    (out / "result.json").write_text(json.dumps(old))
+    assert run_seed(row, 3, out) == old
+    old["command"] = ["/old/checkout/tools/other.py", *argv]  # another program: another run
+    (out / "result.json").write_text(json.dumps(old))
+    (out / "command.json").write_text(json.dumps(old["command"]))
+    with pytest.raises(RuntimeError, match="run of another command"):
+        run_seed(row, 3, out)

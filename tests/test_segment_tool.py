@@ -6,7 +6,6 @@ imports); its exit code and output are checked as a user would see them. The mod
 the benchmark's attribute file).
 """
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,24 +16,15 @@ import pytest
 from PIL import Image
 
 from ocz_d2.utils.visualize import class_palette
+from tools import segment
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "segment.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("segment_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
 
 
 def _run(capsys, *args, config=CONFIG):
     try:
-        code = _load_tool().main(["--config-file", str(config), *args])
+        code = segment.main(["--config-file", str(config), *args])
         message = ""
     except SystemExit as e:  # argparse's exits, as a shell would see them
         code, message = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -20,7 +21,6 @@ from ocz_d2.modeling.matcher import (
     embedding_class_cost,
     solve_assignments,
 )
-from ocz_d2.modeling.meta_arch.zero_shot_segmentor import _check_region_embedding_width
 from ocz_d2.modeling.pixel_decoder.mfe import MultiScaleFeatureEnhancement
 from ocz_d2.modeling.pseudo_masks import (
     PseudoMaskGenerator,
@@ -244,12 +244,12 @@ def test_no_candidate_queries_gives_standard_matching_losses_exactly():
 
 def test_matching_of_all_sets_is_one_assignment_per_image_and_set(monkeypatch):
     import ocz_d2.modeling.matcher as matcher_module
-    from ocz_d2.modeling.point_utils import _valid_pixel_centres
+    from ocz_d2.modeling.point_utils import valid_pixel_centres
 
     # Every valid pixel as a point: costs no longer depend on the draws, so matching the sets
     # together (one shared draw per image) must equal matching each set alone.
     monkeypatch.setattr(
-        matcher_module, "sample_valid_points", lambda valid, n: _valid_pixel_centres(valid)
+        matcher_module, "sample_valid_points", lambda valid, n: valid_pixel_centres(valid)
     )
     outputs, targets = _random_outputs(), _random_targets()
     matcher = HungarianMatcher(num_points=64)
@@ -352,16 +352,18 @@ def test_split_matching_model_trains_both_groups(synthetic_benchmark):
     assert all(p.grad is None for p in model.backbone.clip_model.parameters())
 
 
-def test_split_config_errors_are_explained(synthetic_benchmark):
+def test_split_config_errors_are_explained(synthetic_benchmark, tmp_path):
     data = synthetic_benchmark
     with pytest.raises(ValueError, match="NUM_CANDIDATES"):
         build_criterion(_cfg(data, **{**SPLIT, "MODEL.OCZ.SPLIT.NUM_CANDIDATES": 6}))
     # Class embeddings (e.g. an embedding file) of another width than CLIP's image embeddings.
-    model = build_model(_cfg(data, **SPLIT))
+    model = build_model(_cfg(data, **SPLIT))  # the same width builds
     width = model.backbone.clip_model.visual.proj.shape[-1]
-    _check_region_embedding_width(model.backbone, width)  # the same width passes
+    wide = tmp_path / "wide_embeddings.npz"
+    rows = torch.randn(len(data.classes), width + 1, generator=torch.Generator().manual_seed(0))
+    np.savez(wide, classes=np.array(data.classes), embeddings=rows.numpy())
     with pytest.raises(ValueError, match=f"width {width + 1}.*width {width}"):
-        _check_region_embedding_width(model.backbone, width + 1)
+        build_model(_cfg(data, **SPLIT, **{"MODEL.OCZ.TEXT.EMBEDDINGS_FILE": str(wide)}))
 
 
 def test_self_training_starts_at_its_iteration(synthetic_benchmark):

@@ -23,7 +23,7 @@ import ocz_d2.modeling.criterion as criterion_module
 import ocz_d2.modeling.matcher as matcher_module
 from ocz_d2 import add_ocz_config
 from ocz_d2.modeling.criterion import SplitCriterion, build_criterion
-from ocz_d2.modeling.point_utils import _valid_pixel_centres
+from ocz_d2.modeling.point_utils import valid_pixel_centres
 
 H = W = 4
 NUM_CLASSES = 3  # K; the logits have K + 1 entries, the last is no-object
@@ -197,11 +197,11 @@ def _every_valid_pixel(monkeypatch):
     def uncertain(mask_logits, valid, num_points, *args, **kwargs):
         if valid is None:
             valid = torch.ones(mask_logits.shape[-2:], dtype=torch.bool)
-        centres = _valid_pixel_centres(valid)
+        centres = valid_pixel_centres(valid)
         return centres.expand(mask_logits.shape[0], -1, -1)
 
     monkeypatch.setattr(criterion_module, "sample_uncertain_points", uncertain)
-    monkeypatch.setattr(matcher_module, "sample_valid_points", lambda v, n: _valid_pixel_centres(v))
+    monkeypatch.setattr(matcher_module, "sample_valid_points", lambda v, n: valid_pixel_centres(v))
 
 
 def _hand_mask_losses(logit_map, target_map, valid):

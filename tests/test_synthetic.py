@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from ocz_d2.data.synthetic import (
     synthetic_caption,
     synthetic_class_embeddings,
 )
+from tools import prepare_synthetic
 
 TINY = {
     "num_train": 3,
@@ -162,19 +162,15 @@ def test_complete_folders_are_reused_and_broken_ones_regenerated(tmp_path):
 
 
 def test_prepare_script(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "tools" / "prepare_synthetic.py"
-    spec = importlib.util.spec_from_file_location("prepare_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     root = tmp_path / "ocz_prep"
     argv = ["--root", str(root), "--num-train", "4", "--num-val", "2", "--num-test", "2"]
     argv += ["--num-pretrain", "4", "--image-size", "32", "--no-clip"]
-    assert module.main(argv) == 0
+    assert prepare_synthetic.main(argv) == 0
     out = capsys.readouterr().out
     assert "train: 4/4 images" in out and "val: 2/2 images" in out
     assert "16 classes (4 unseen" in out and f"DETECTRON2_DATASETS={tmp_path}" in out
     assert len(list((root / "images" / "train").glob("*.png"))) == 4
-    assert module.main(argv) == 0
+    assert prepare_synthetic.main(argv) == 0
     assert "Already complete" in capsys.readouterr().out
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark configs side by side: parameters, FLOPs per component, inference and training-step
 time, time of matching / clustering / criterion in the step, peak memory, data-loader and
-evaluator throughput, and every number's ratio to the first config (ocz_d2/engine/benchmark.py).
+evaluator throughput, and every number's ratio to the first config (ocz_d2/benchmark/).
 
     python tools/benchmark.py --config configs/synthetic/ocz_tiny.yaml \\
         --config configs/synthetic/ocz_tiny_oczss.yaml --size 128 --batch 8 --device cpu \\
@@ -94,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
-    from ocz_d2.engine.benchmark import BenchmarkSettings, format_markdown, run_benchmark
-    from ocz_d2.engine.report import ReportRow
+    from ocz_d2.benchmark import BenchmarkSettings, format_markdown, run_benchmark
+    from ocz_d2.evaluation.report import ReportRow
     from ocz_d2.utils.checkout import check_same_checkout
 
     check_same_checkout(__file__, ocz_d2.__file__)

@@ -133,8 +133,8 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from ocz_d2.engine.cli import check_overrides
-    from ocz_d2.engine.protocol import chance_metrics
-    from ocz_d2.engine.report import ReportRow, pin_clip_weights, run_seed
+    from ocz_d2.evaluation.protocol import chance_metrics
+    from ocz_d2.evaluation.report import ReportRow, pin_clip_weights, run_seed
 
     def log(message: str) -> None:
         print(f"[demo] {message}", flush=True)

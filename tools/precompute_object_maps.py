@@ -18,69 +18,11 @@ DATASETS.SPLIT_FILES and train on those names. Models check the record against t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 # torch, Detectron2 and ocz_d2 are imported after the arguments are parsed: --help is instant.
-
-NO_REGION_VALUE = 255
-
-
-def regions_to_pixels(regions, patch_size: int, height: int, width: int):
-    """Patch-grid regions [gh, gw] -> uint8 pixel map [height, width] (255 = no region)."""
-    import numpy as np
-
-    pixels = regions.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-    pixels = pixels[:height, :width].cpu().numpy()
-    return np.where(pixels < 0, NO_REGION_VALUE, pixels).astype(np.uint8)
-
-
-def output_folder(dicts: list[dict], name: str, split: str) -> Path:
-    image_root = os.path.dirname(dicts[0]["file_name"])
-    label_root = os.path.dirname(dicts[0]["sem_seg_file_name"])
-    return Path(os.path.commonpath([image_root, label_root])) / "object_maps" / name / split
-
-
-def precompute_split(model, dicts: list[dict], folder: Path, batch_size: int) -> float:
-    """Write the object map of every image of ``dicts`` into ``folder``; returns images/s."""
-    import numpy as np
-    import torch
-    from detectron2.data.detection_utils import read_image
-    from PIL import Image
-    from tqdm import tqdm
-
-    from ocz_d2.utils.errors import DataError, unreadable_file_message
-
-    folder.mkdir(parents=True, exist_ok=True)
-    patch = model.backbone.patch_size
-    start = time.perf_counter()
-    # Same-size images are batched; the order follows the dataset.
-    with tqdm(total=len(dicts), desc=f"object maps -> {folder}", unit="img") as bar:
-        for i in range(0, len(dicts), batch_size):
-            chunk = dicts[i : i + batch_size]
-            images = []
-            for d in chunk:
-                try:
-                    array = read_image(d["file_name"], format="RGB")
-                except OSError as e:
-                    path = d["file_name"]
-                    raise DataError(
-                        unreadable_file_message(f"cannot read the image {path}", path, e)
-                    ) from e
-                images.append(torch.as_tensor(np.ascontiguousarray(array.transpose(2, 0, 1))))
-            by_size: dict[tuple, list[int]] = {}
-            for j, img in enumerate(images):
-                by_size.setdefault(tuple(img.shape[-2:]), []).append(j)
-            for (h, w), members in by_size.items():
-                regions = model.online_regions([images[j] for j in members])
-                for j, reg in zip(members, regions):
-                    stem = os.path.splitext(os.path.basename(chunk[j]["sem_seg_file_name"]))[0]
-                    out = regions_to_pixels(reg, patch, h, w)
-                    Image.fromarray(out).save(folder / f"{stem}.png", compress_level=1)
-            bar.update(len(chunk))
-    return len(dicts) / max(time.perf_counter() - start, 1e-9)
+# The work is ocz_d2.data.object_maps.precompute_object_maps.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,55 +52,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    import torch
-    from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
-
     from ocz_d2.config import load_config
-    from ocz_d2.data.object_maps import guide_record, write_object_map_split_file, write_record
-    from ocz_d2.data.split_file import load_split_file, register_split_file, resolve_split_file
+    from ocz_d2.data.object_maps import precompute_object_maps
     from ocz_d2.engine.cli import check_overrides
 
     check_overrides(args.opts, "precompute_object_maps.py")
     cfg = load_config(args.config_file, args.opts)
-    if cfg.MODEL.OCZ.OBJECTS.NUM <= 0 or not cfg.MODEL.OCZ.OBJECTS.PROMPTS:
-        print(
-            "config error: object maps need object prompts: set MODEL.OCZ.OBJECTS.NUM > 0 and "
-            "MODEL.OCZ.OBJECTS.PROMPTS True",
-            file=sys.stderr,
-        )
-        return 2
-    if cfg.MODEL.OCZ.GUIDE.SOURCE == "oracle":
-        print("config error: the oracle guide has no online regions to store", file=sys.stderr)
-        return 2
-    split_file = resolve_split_file(args.split_file)
-    data = load_split_file(split_file)
-    splits = args.splits or list(data["splits"])
-    unknown = [s for s in splits if s not in data["splits"]]
-    if unknown:
-        print(f"--splits {unknown} are not in {split_file} ({list(data['splits'])})")
-        return 2
-    # A private name: the file may already be registered (e.g. a builtin split of the same data).
-    names = register_split_file(split_file, dataset=f"{data['dataset']}_{args.name}_maps_source")
-    # Datasets are built from the config (DATASETS.*) but only the guide is used here.
-    cfg.DATASETS.TRAIN = ()
-    cfg.DATASETS.TEST = ()
-    cfg.DATASETS.VAL = ()
-    cfg.MODEL.DEVICE = cfg.MODEL.DEVICE if torch.cuda.is_available() else "cpu"
-    model = build_model(cfg).eval()
-    record = guide_record(cfg)
-    folders = {}
-    for split, dataset_name in zip(data["splits"], names):
-        if split not in splits:
-            continue
-        dicts = DatasetCatalog.get(dataset_name)
-        folder = output_folder(dicts, args.name, split)
-        rate = precompute_split(model, dicts, folder, args.batch_size)
-        write_record(folder, record)
-        folders[split] = str(folder)
-        print(f"{dataset_name}: {len(dicts)} object maps in {folder} ({rate:.1f} images/s)")
-    out = Path(split_file).with_name(f"{Path(split_file).stem}_objects_{args.name}.yaml")
-    write_object_map_split_file(split_file, out, f"{data['dataset']}_objects_{args.name}", folders)
+
+    def report(dataset_name: str, count: int, folder: Path, rate: float) -> None:
+        print(f"{dataset_name}: {count} object maps in {folder} ({rate:.1f} images/s)")
+
+    out = precompute_object_maps(
+        cfg,
+        args.split_file,
+        args.name,
+        splits=args.splits,
+        batch_size=args.batch_size,
+        on_split=report,
+    )
     print(f"split file: {out} (put it in DATASETS.SPLIT_FILES)")
     return 0
 

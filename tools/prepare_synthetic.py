@@ -16,7 +16,6 @@ with their split files split_objects_{oracle,clip,randvit}.yaml.
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -119,31 +118,32 @@ def main(argv=None) -> int:
     return 0
 
 
-# Guide name -> the config whose guide makes those maps (tools/precompute_object_maps.py).
+# Guide name -> the config whose guide makes those maps (as tools/precompute_object_maps.py).
 _GUIDE_CONFIGS = {"clip": "ocz_tiny_objects.yaml", "randvit": "ocz_tiny_oczss_randvit.yaml"}
 
 
 def write_object_maps(root: Path, with_clip: bool) -> int:
     """Oracle maps, then the online guides' maps of the miniature's ladder configs."""
+    from ocz_d2.config import load_config
+    from ocz_d2.data.object_maps import precompute_object_maps
     from ocz_d2.data.synthetic import write_oracle_object_maps
-    from ocz_d2.utils.io import DATASETS_ENV
 
     print(f"Oracle object maps: {write_oracle_object_maps(root)}", flush=True)
     if not with_clip:
         print("--no-clip: skipping the CLIP-guided maps (they need the tiny CLIP).")
         return 0
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, DATASETS_ENV: str(root.parent)}
+
+    def report(dataset_name: str, count: int, folder: Path, rate: float) -> None:
+        print(f"{dataset_name}: {count} object maps in {folder} ({rate:.1f} images/s)")
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
     for name, config in _GUIDE_CONFIGS.items():
-        cmd = [
-            sys.executable, str(repo / "tools" / "precompute_object_maps.py"),
-            "--config-file", str(repo / "configs" / "synthetic" / config),
-            "--split-file", str(root / "split.yaml"), "--name", name,
-            "MODEL.OCZ.CLIP.WEIGHTS", str(root / "tiny_clip.pt"),
-        ]  # fmt: skip
-        if subprocess.run(cmd, env=env).returncode:
-            print(f"error: object maps {name} failed: {' '.join(cmd)}")
-            return 1
+        cfg = load_config(configs / config, ["MODEL.OCZ.CLIP.WEIGHTS", str(root / "tiny_clip.pt")])
+        # The split file's paths are relative to the benchmark's datasets folder.
+        out = precompute_object_maps(
+            cfg, root / "split.yaml", name, root=root.parent, on_split=report
+        )
+        print(f"split file: {out}", flush=True)
     return 0
 
 

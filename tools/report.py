@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import ocz_d2
-    from ocz_d2.engine.report import ReportRow, format_markdown, pin_clip_weights, run_report
+    from ocz_d2.evaluation.report import ReportRow, format_markdown, pin_clip_weights, run_report
     from ocz_d2.utils.checkout import check_same_checkout
 
     check_same_checkout(__file__, ocz_d2.__file__)
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_prepare:
         from ocz_d2.data.synthetic import ensure_synthetic_benchmark
         from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
-        from ocz_d2.engine.protocol import chance_metrics
+        from ocz_d2.evaluation.protocol import chance_metrics
 
         weights, _ = ensure_synthetic_clip(ensure_synthetic_benchmark())
         rows = [pin_clip_weights(row, weights) for row in rows]

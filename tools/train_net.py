@@ -22,12 +22,7 @@ import os
 import sys
 
 # Heavy imports (torch, Detectron2) happen after the arguments are parsed: --help is instant.
-
-
-def _default_port() -> int:
-    # Detectron2's per-user default, so that two users of one machine do not collide.
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return 2**15 + 2**14 + hash(uid) % 2**14
+# The run itself is ocz_d2.engine.launch's.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dist-url",
-        default=f"tcp://127.0.0.1:{_default_port()}",
+        default=None,
         help="URL where the processes meet (default: a per-user local port)",
     )
     parser.add_argument(
@@ -83,113 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_run_config(args):
-    """The run's config: file + overrides, device fallback, split files registered; checked
-    before any model is built (datasets, weights). Raises user errors."""
-    import torch
-
-    from ocz_d2.config import load_config
-    from ocz_d2.data import register_split_files_from_config
-    from ocz_d2.engine.cli import check_overrides, check_run_inputs
-    from ocz_d2.utils.errors import ArgumentError
-
-    check_overrides(args.opts, "train_net.py")
-    if not args.config_file:
-        raise ArgumentError("--config-file is required (e.g. configs/synthetic/ocz_tiny.yaml)")
-    cfg = load_config(args.config_file, args.opts)
-    register_split_files_from_config(cfg)
-    check_run_inputs(
-        cfg,
-        train=not args.eval_only,
-        eval_only=args.eval_only,
-        resume=args.resume,
-        allow_untrained=args.allow_untrained,
-    )
-    if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
-        import logging
-
-        logging.getLogger("ocz_d2").warning("no CUDA device: running on CPU (MODEL.DEVICE cpu)")
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
-
-
-def setup(args):
-    """The checked config, with Detectron2's setup (logs, config.yaml, seeds) done."""
-    from detectron2.engine import default_setup
-    from detectron2.utils import comm
-
-    from ocz_d2.engine.cli import setup_run_logging
-
-    cfg = load_run_config(args)
-    setup_run_logging(cfg.OUTPUT_DIR, comm.get_rank())
-    default_setup(cfg, args)
-    return cfg
-
-
-def run(args):
-    from detectron2.evaluation import verify_results
-    from detectron2.utils import comm
-
-    from ocz_d2.engine import AtomicCheckpointer, ZeroShotTrainer
-
-    cfg = setup(args)
-    if args.eval_only:
-        model = ZeroShotTrainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        res = ZeroShotTrainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-    trainer = ZeroShotTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
-
-def main_worker(args):
-    """One process of the run (Detectron2's ``launch`` calls it in each)."""
-    import torch
-    from detectron2.utils import comm
-
-    from ocz_d2.engine.cli import run_tool
-
-    if comm.get_world_size() == 1:
-        return run(args)
-    status = run_tool(run, args, debug=args.debug)
-    if status:
-        sys.exit(status)  # the parent reports the status; the others are stopped
-    # Leave together and close the group: a process exiting while gloo's threads still run
-    # can abort ("terminate called without an active exception").
-    comm.synchronize()
-    torch.distributed.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.debug:
         os.environ["OCZ_D2_DEBUG"] = "1"  # for the worker processes and the log filter too
     import ocz_d2  # first: it keeps fvcore's and Detectron2's import-time warnings quiet
     from ocz_d2.engine.cli import run_tool
+    from ocz_d2.engine.launch import launch_run
     from ocz_d2.utils.checkout import check_same_checkout
 
     check_same_checkout(__file__, ocz_d2.__file__)
-
-    def launch_all():
-        from detectron2.engine import launch
-
-        launch(
-            main_worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-        return 0
-
-    return run_tool(launch_all, debug=args.debug)
+    return run_tool(launch_run, args, debug=args.debug)
 
 
 def __getattr__(name: str):

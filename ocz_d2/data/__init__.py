@@ -7,6 +7,7 @@ Importing this package registers the builtin splits (``ocz_synthetic_{train,val,
 ``ocz_{voc,context59}_all_val``) lazily, with roots under ``$DETECTRON2_DATASETS``.
 """
 
+from ..constants import EVALUATOR_TYPE, IGNORE_LABEL, ZERO_SHOT_SETTINGS
 from . import builtin as _builtin
 from .augmentations import (
     PhotometricDistortionTransform,
@@ -20,10 +21,8 @@ from .builtin import (
     register_all_benchmarks,
     register_all_synthetic,
 )
-from .dataset_mapper import ZERO_SHOT_SETTINGS, ZeroShotSemSegDatasetMapper, read_label_map
+from .dataset_mapper import ZeroShotSemSegDatasetMapper, read_label_map
 from .register_zero_shot import (
-    EVALUATOR_TYPE,
-    IGNORE_LABEL,
     check_datasets,
     datasets_root,
     ignore_label_of,

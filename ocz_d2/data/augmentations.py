@@ -17,7 +17,8 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 from PIL import Image
 
-from .register_zero_shot import IGNORE_LABEL, ignore_label_of
+from ..constants import IGNORE_LABEL
+from .register_zero_shot import ignore_label_of
 
 __all__ = [
     "PhotometricDistortionTransform",

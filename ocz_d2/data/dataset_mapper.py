@@ -16,6 +16,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 from PIL import Image, UnidentifiedImageError
 
+from ..constants import PADDING_MASK_KEY, UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
 from ..utils.errors import DataError, unreadable_file_message
 from .augmentations import build_zero_shot_augmentations
 from .register_zero_shot import ignore_label_of
@@ -29,19 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Values of ``cfg.INPUT.ZERO_SHOT_SETTING``. In both, training labels of unseen classes become
-#: ignore. Inductive: nothing else is known about those pixels. Transductive (ZegCLIP/OTSeg): the
-#: mapper also says which pixels belong to *some* unseen class (:data:`UNSEEN_MASK_KEY`), without
-#: saying which one; self-training labels exactly those pixels.
-ZERO_SHOT_SETTINGS = ("inductive", "transductive")
-#: Training-sample key: bool [H, W], True on the padding the mapper added (not image). Padding is
-#: never an "unannotated" pixel: the model excludes it from pseudo-masks, self-training, the
-#: guide's regions and ORA's attention.
-PADDING_MASK_KEY = "padding_mask"
-#: Training-sample key (transductive setting only): bool [H, W], True where the ground truth is an
-#: unseen class (whose label is ignore in "sem_seg").
-UNSEEN_MASK_KEY = "unseen_mask"
 
 # Dataset-dict keys ending in this suffix that are not extra label maps.
 _FILE_SUFFIX = "_file_name"

@@ -32,6 +32,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..constants import EVALUATOR_TYPE, IGNORE_LABEL
 from ..utils.errors import DataError, MissingFileError, unreadable_file_message
 from ..utils.io import DATASETS_ENV, datasets_root
 
@@ -48,15 +49,12 @@ __all__ = [
     "register_zero_shot_split",
     "unregister_zero_shot_split",
     "is_zero_shot_split",
+    "registered_file_extensions",
     "unknown_dataset_message",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Label value of pixels that no loss or metric counts.
-IGNORE_LABEL = 255
-#: ``evaluator_type`` written into the metadata of every zero-shot split.
-EVALUATOR_TYPE = "ocz_zero_shot_sem_seg"
 #: Extensions recognised as images when ``image_ext`` is left to auto-detection.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -631,3 +629,11 @@ def check_datasets(names: Sequence[str], key: str = "DATASETS.TRAIN") -> None:
 def is_zero_shot_split(name: str) -> bool:
     """Return whether ``name`` was registered by :func:`register_zero_shot_split`."""
     return name in _REGISTERED
+
+
+def registered_file_extensions(name: str) -> tuple[str | None, str] | None:
+    """``(image_ext, label_ext)`` that the split ``name`` was registered with by
+    :func:`register_zero_shot_split` (``image_ext`` None: detected from the files), or None when
+    it registered no split of that name."""
+    spec = _REGISTERED.get(name)
+    return None if spec is None else (spec.image_ext, spec.label_ext)

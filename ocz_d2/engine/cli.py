@@ -20,7 +20,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..config import ConfigError
+from ..data.register_zero_shot import check_datasets
 from ..utils.errors import ArgumentError, MissingFileError, UserError
+from ..utils.io import resolve_weights_path
+from .checkpoint import check_checkpoint_file
 
 __all__ = [
     "DEBUG_ENV",
@@ -139,13 +142,9 @@ def check_run_inputs(
     Raises:
         UserError: the first problem found, with its fix.
     """
-    from ..data import check_datasets
-
     if train:
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
-    from .checkpoint import check_checkpoint_file
-
     tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
     resumes = resume and os.path.isfile(tag)
     weights = cfg.MODEL.WEIGHTS
@@ -174,8 +173,6 @@ def check_run_inputs(
         )
     ocz = cfg.MODEL.OCZ
     if cfg.MODEL.BACKBONE.NAME == "CLIPPromptBackbone" and ocz.CLIP.WEIGHTS:
-        from ..modeling.backbone.clip_prompt import resolve_weights_path
-
         try:
             resolve_weights_path(ocz.CLIP.WEIGHTS)
         except FileNotFoundError as e:

@@ -1,4 +1,10 @@
-"""Evaluation of zero-shot semantic segmentation (seen / unseen / harmonic mIoU)."""
+"""Evaluation of zero-shot semantic segmentation (seen / unseen / harmonic mIoU).
+
+The evaluator is imported here. Two submodules build on the engine (which imports this package)
+and are imported by name: :mod:`ocz_d2.evaluation.protocol` (test-time choices tuned on
+validation data, numbers on test) and :mod:`ocz_d2.evaluation.report` (multi-seed reports with
+paired differences).
+"""
 
 from .zero_shot_evaluation import (
     CONFUSION_FILE_NAME,

@@ -28,7 +28,7 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image
 from tabulate import tabulate
 
-from ..data.register_zero_shot import EVALUATOR_TYPE, IGNORE_LABEL
+from ..constants import EVALUATOR_TYPE, IGNORE_LABEL
 
 __all__ = [
     "CONFUSION_FILE_NAME",

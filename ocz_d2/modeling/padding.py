@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..constants import PADDING_MASK_KEY
+
 __all__ = ["PATCH_VALID_KEY", "batch_image_mask", "image_patches"]
 
 #: Key of the backbone feature dict under which the meta-architecture passes the bool
@@ -37,7 +39,7 @@ def batch_image_mask(
     mask = torch.zeros((len(samples), *padded_hw), dtype=torch.bool, device=device)
     for i, x in enumerate(samples):
         h, w = x["image"].shape[-2:]
-        padding = x.get("padding_mask")
+        padding = x.get(PADDING_MASK_KEY)
         if padding is None:
             mask[i, :h, :w] = True
         else:

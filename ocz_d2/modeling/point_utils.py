@@ -18,7 +18,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["point_sample", "sample_uncertain_points", "sample_valid_points"]
+__all__ = [
+    "point_sample",
+    "sample_uncertain_points",
+    "sample_valid_points",
+    "valid_pixel_centres",
+]
 
 
 def point_sample(features: torch.Tensor, coords: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -46,8 +51,10 @@ def point_sample(features: torch.Tensor, coords: torch.Tensor, **kwargs) -> torc
     return F.grid_sample(features, grid, **kwargs).squeeze(3)
 
 
-def _valid_pixel_centres(valid: torch.Tensor) -> torch.Tensor:
-    """[n, 2] normalised ``(x, y)`` centres of the True pixels of ``valid`` [H, W]."""
+def valid_pixel_centres(valid: torch.Tensor) -> torch.Tensor:
+    """[n, 2] normalised ``(x, y)`` centres of the True pixels of ``valid`` [H, W], each once in
+    row-major order: the points :func:`sample_valid_points` draws from (all of them make exact,
+    dense costs and losses)."""
     height, width = valid.shape
     rows, cols = torch.nonzero(valid, as_tuple=True)
     xs = (cols.to(torch.float32) + 0.5) / width
@@ -71,7 +78,7 @@ def sample_valid_points(
     """
     if valid.dim() != 2:
         raise ValueError(f"valid must be a [H, W] mask, got shape {tuple(valid.shape)}.")
-    centres = _valid_pixel_centres(valid.bool())
+    centres = valid_pixel_centres(valid.bool())
     if centres.shape[0] == 0 or num_points <= 0:
         return centres.new_zeros((0, 2))
     # With replacement: an unbiased uniform estimate whatever the number of valid pixels, and
@@ -124,7 +131,7 @@ def sample_uncertain_points(
     num_candidates = max(math.ceil(num_points * oversample_ratio), num_uncertain)
 
     with torch.no_grad():
-        centres = _valid_pixel_centres(valid.bool())
+        centres = valid_pixel_centres(valid.bool())
         if centres.shape[0] == 0 or num_masks == 0 or num_points <= 0:
             return centres.new_zeros((num_masks, 0, 2))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .backbone.ssl_guide import NO_REGION, SEEDINGS, voronoi_cluster
+from .clustering import NO_REGION, SEEDINGS, voronoi_cluster
 
 __all__ = ["PseudoMaskGenerator", "pixel_class_probabilities", "pseudo_label"]
 

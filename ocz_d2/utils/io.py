@@ -7,7 +7,8 @@
   them, so a run can delete what a killed write left behind).
 - :func:`file_sha256`: hex SHA-256 of a file.
 - :func:`datasets_root` (``$DETECTRON2_DATASETS``, default ``datasets``) and
-  :func:`resolve_data_path` ("as given, else under the datasets root").
+  :func:`resolve_data_path` ("as given, else under the datasets root"); its use for
+  ``MODEL.OCZ.CLIP.WEIGHTS``, :func:`resolve_weights_path`.
 
 Standard library only: ``tools/install_detectron2.py`` loads this file by path, before
 Detectron2 (which importing the ``ocz_d2`` package needs) exists.
@@ -34,6 +35,7 @@ __all__ = [
     "file_sha256",
     "is_temporary_name",
     "resolve_data_path",
+    "resolve_weights_path",
 ]
 
 #: Environment variable naming the folder that relative dataset paths resolve against.
@@ -155,3 +157,27 @@ def resolve_data_path(
             return candidate
     looked = [os.path.abspath(c) for c in candidates]
     raise error(f"{what} does not exist (looked for {looked}): {fix}")
+
+
+def resolve_weights_path(weights: str) -> str:
+    """The existing file that ``MODEL.OCZ.CLIP.WEIGHTS`` names.
+
+    A relative path is tried in the working directory, then under ``$DETECTRON2_DATASETS``
+    (default ``datasets``), where data-derived weights live (the synthetic benchmark's tiny CLIP
+    is ``ocz_synthetic/tiny_clip.pt``).
+
+    Raises:
+        FileNotFoundError: naming every place that was tried.
+    """
+    hint = (
+        " Run `python tools/prepare_synthetic.py` to pretrain it."
+        if weights.endswith("tiny_clip.pt")
+        else ""
+    )
+    found = resolve_data_path(
+        weights,
+        what=f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r}",
+        fix="fix MODEL.OCZ.CLIP.WEIGHTS (a local open_clip state-dict file) or set it to '' to "
+        "use MODEL.OCZ.CLIP.PRETRAINED instead." + hint,
+    )
+    return os.path.abspath(found)

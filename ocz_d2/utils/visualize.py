@@ -9,7 +9,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.register_zero_shot import IGNORE_LABEL
+from ..constants import IGNORE_LABEL
 
 IGNORE_COLOR = (0, 0, 0)
 # Height in pixels of one legend row.

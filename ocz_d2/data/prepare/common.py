@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ...constants import IGNORE_LABEL
 from ...utils.io import atomic_write, atomic_write_json, is_temporary_name
-from ..register_zero_shot import IGNORE_LABEL
 from ..split_file import load_split_file
 
 __all__ = [

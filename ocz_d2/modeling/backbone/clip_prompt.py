@@ -32,7 +32,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from ...utils.io import resolve_data_path
+from ...utils.io import resolve_weights_path
 from .object_prompts import ObjectPrompts
 
 __all__ = [
@@ -122,30 +122,6 @@ def create_clip_model(model_name: str, pretrained: str = "", weights: str = "") 
         model_name,
     )
     return open_clip.create_model(model_name, pretrained=None)
-
-
-def resolve_weights_path(weights: str) -> str:
-    """The existing file that ``MODEL.OCZ.CLIP.WEIGHTS`` names.
-
-    A relative path is tried in the working directory, then under ``$DETECTRON2_DATASETS``
-    (default ``datasets``), where data-derived weights live (the synthetic benchmark's tiny CLIP
-    is ``ocz_synthetic/tiny_clip.pt``).
-
-    Raises:
-        FileNotFoundError: naming every place that was tried.
-    """
-    hint = (
-        " Run `python tools/prepare_synthetic.py` to pretrain it."
-        if weights.endswith("tiny_clip.pt")
-        else ""
-    )
-    found = resolve_data_path(
-        weights,
-        what=f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r}",
-        fix="fix MODEL.OCZ.CLIP.WEIGHTS (a local open_clip state-dict file) or set it to '' to "
-        "use MODEL.OCZ.CLIP.PRETRAINED instead." + hint,
-    )
-    return os.path.abspath(found)
 
 
 def _check_model_name(model_name: str) -> None:

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .ssl_guide import NO_REGION
+from ..clustering import NO_REGION
 
 __all__ = ["ObjectPrompts"]
 

@@ -16,16 +16,11 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
-from ...data.dataset_mapper import UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
-from ...data.object_maps import OBJECT_MAP_KEY, check_object_map_records
+from ...constants import OBJECT_MAP_KEY, UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
+from ...data.object_maps import check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
-from ..backbone.ssl_guide import (
-    NO_REGION,
-    SSLGuide,
-    cells_with_image,
-    cluster_feature_map,
-    label_map_to_grid,
-)
+from ..backbone.ssl_guide import SSLGuide
+from ..clustering import NO_REGION, cells_with_image, cluster_feature_map, label_map_to_grid
 from ..criterion import SetCriterion, SplitCriterion, build_criterion
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches

@@ -19,11 +19,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.evaluation import inference_context, inference_on_dataset
 from detectron2.modeling import build_model
 
-from ..data import ZeroShotSemSegDatasetMapper
-from ..evaluation import ZeroShotSemSegEvaluator, build_zero_shot_evaluator
+from ..data.dataset_mapper import ZeroShotSemSegDatasetMapper
+from ..engine.checkpoint import AtomicCheckpointer
 from ..modeling.meta_arch.zero_shot_segmentor import calibrate
 from ..utils.io import atomic_write_json
-from .checkpoint import AtomicCheckpointer
+from .zero_shot_evaluation import ZeroShotSemSegEvaluator, build_zero_shot_evaluator
 
 __all__ = [
     "TUNED_RESULTS_FILE",

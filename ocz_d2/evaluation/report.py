@@ -4,10 +4,11 @@ paired differences to a reference row.
 Transfer to unseen classes varies a lot between runs, so one run proves nothing. A report row is
 a config file plus config overrides; each row runs once per seed:
 
-1. ``tools/train_net.py --resume`` in ``<output>/<row>/seed<k>/`` (an interrupted run resumes
-   from its last checkpoint);
-2. :func:`~ocz_d2.engine.protocol.tuned_test`: calibration chosen on ``DATASETS.VAL``, metrics on
-   ``DATASETS.TEST``;
+1. training, as ``tools/train_net.py --resume`` does it, in a new process
+   (:func:`~ocz_d2.engine.launch.run_in_new_process`) in ``<output>/<row>/seed<k>/`` (an
+   interrupted run resumes from its last checkpoint);
+2. :func:`~ocz_d2.evaluation.protocol.tuned_test`: calibration chosen on ``DATASETS.VAL``,
+   metrics on ``DATASETS.TEST``;
 3. ``result.json``, written last (test metrics, per-class test IoU, gamma, seconds per
    iteration): a (row, seed) with a result that matches its command is reused (a result written
    before per-class IoU was recorded lacks ``per_class_iou``).
@@ -30,15 +31,20 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..config import load_config
+from ..data.split_file import register_split_files_from_config
+from ..engine.cli import USER_ERROR_STATUS
+from ..engine.launch import run_args, run_in_new_process
+from ..utils.errors import UserError
 from ..utils.io import atomic_write_json
+from .protocol import tuned_test
 
 __all__ = [
     "ReportRow",
@@ -54,6 +60,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RESULT = "result.json"
+#: The training tool's command line names each run (in result.json and command.json).
+_TRAIN_TOOL = "tools/train_net.py"
 _METRICS = ("mIoU-seen", "mIoU-unseen", "hIoU")
 _CONFIDENCE = 0.95
 _CLASS_IOU = "IoU-"  # the evaluator's per-class IoU keys: "IoU-<class name>"
@@ -84,17 +92,11 @@ def pin_clip_weights(row: ReportRow, weights: str | os.PathLike) -> ReportRow:
     the CLIP does, so a finished result is reused only with the same CLIP. Rows on a random CLIP
     (``WEIGHTS`` empty) are returned unchanged.
     """
-    from ..config import load_config
-
     if "MODEL.OCZ.CLIP.WEIGHTS" in row.opts[::2]:
         return row
     if not load_config(row.config_file, row.opts).MODEL.OCZ.CLIP.WEIGHTS:
         return row
     return ReportRow(row.name, row.config_file, ("MODEL.OCZ.CLIP.WEIGHTS", str(weights), *row.opts))
-
-
-def _train_net() -> Path:
-    return Path(__file__).resolve().parents[2] / "tools" / "train_net.py"
 
 
 def _seconds_per_iter(metrics_json: Path) -> float:
@@ -130,38 +132,33 @@ def run_seed(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Training runs without evaluation; the tuned protocol below evaluates.
     opts = [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir), "DATASETS.TEST", "()"]
-    command = [sys.executable, str(_train_net()), "--config-file", row.config_file, "--resume"]
+    args = run_args(row.config_file, opts, resume=True, num_gpus=num_gpus)
+    # The command line of the same training, which names the run: a result is reused, and a
+    # folder resumed, only for the same command.
+    command = [_TRAIN_TOOL, "--config-file", row.config_file, "--resume"]
     command += ["--num-gpus", str(num_gpus), *opts]
     result_path = out_dir / _RESULT
     if result_path.is_file():
         previous = json.loads(result_path.read_text())
-        if previous.get("command") == command[1:]:
+        if _same_command(previous.get("command"), command):
             logger.info("Reusing %s", result_path)
             return previous
-    _claim(out_dir, command[1:])
+    _claim(out_dir, command)
     logger.info("Training: %s", " ".join(command))
     log = out_dir / "train_stdout.log"
-    if console:
-        done = subprocess.run(command)
-    else:
-        with log.open("w") as f:
-            done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    status = run_in_new_process(args, None if console else log)
+    if status != 0:
         where = "the output above" if console else str(log)
-        if done.returncode == 2:  # train_net's status for a user error (config, data, weights)
-            from ..utils.errors import UserError
-
+        if status == USER_ERROR_STATUS:  # a user error (config, data, weights), printed
             raise UserError(f"training stopped on a config, data or weights error; see {where}.")
-        raise RuntimeError(f"Training failed (exit {done.returncode}); see {where}.")
-    from .protocol import tuned_test  # heavy imports only when a run is needed
-
+        raise RuntimeError(f"Training failed (exit {status}); see {where}.")
     cfg = _config(row, seed, out_dir)
     tuned = tuned_test(cfg, str(out_dir / "model_final.pth"), out_dir)
     (test_name,) = list(tuned["test"])[:1]
     result = {
         "row": row.name,
         "seed": seed,
-        "command": command[1:],
+        "command": command,
         "calibration": tuned["calibration"],
         "test_dataset": test_name,
         "test": {k: tuned["test"][test_name][k] for k in _METRICS},
@@ -186,12 +183,21 @@ def _per_class_iou(metrics: dict) -> dict[str, float]:
     return {k[len(_CLASS_IOU) :]: float(v) for k, v in metrics.items() if k.startswith(_CLASS_IOU)}
 
 
+def _same_command(recorded, command: list[str]) -> bool:
+    """Whether a recorded command is ``command``. Records written while the report started
+    ``tools/train_net.py`` itself name the tool by its absolute path: the same run."""
+    if not isinstance(recorded, list) or len(recorded) != len(command) or not recorded:
+        return False
+    tool = recorded[0] == command[0] or str(recorded[0]).endswith("/" + _TRAIN_TOOL)
+    return tool and recorded[1:] == command[1:]
+
+
 def _claim(out_dir: Path, command: list[str]) -> None:
     """Record the command that owns ``out_dir``; refuse a folder that holds another run, whose
     checkpoints ``--resume`` would otherwise continue from."""
     record = out_dir / "command.json"
     if record.is_file():
-        if json.loads(record.read_text()) != command:
+        if not _same_command(json.loads(record.read_text()), command):
             raise RuntimeError(
                 f"{out_dir} holds a run of another command (see {record}): delete the folder or "
                 "choose another output folder."
@@ -205,9 +211,6 @@ def _claim(out_dir: Path, command: list[str]) -> None:
 
 
 def _config(row: ReportRow, seed: int, out_dir: Path):
-    from ..config import load_config
-    from ..data import register_split_files_from_config
-
     cfg = load_config(row.config_file, [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)])
     cfg.MODEL.DEVICE = "cpu" if not _cuda() else cfg.MODEL.DEVICE
     cfg.freeze()
@@ -216,8 +219,6 @@ def _config(row: ReportRow, seed: int, out_dir: Path):
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -16,7 +16,7 @@ colour fields and mid-frequency texture plus mild noise, and 1 to 4 objects (ell
 polygons of random classes, later ones occluding earlier ones) whose pixels differ in colour from
 the background. Every file is a function of ``(seed, index)``.
 
-Used by the benchmark (:func:`ocz_d2.engine.benchmark._loader_throughput`) to time the train
+Used by the benchmark (:func:`ocz_d2.benchmark.throughput.loader_throughput`) to time the train
 loader at the paper recipe without the dataset; the numbers say nothing about accuracy.
 """
 
@@ -31,8 +31,9 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 from PIL import Image, ImageDraw
 
-from .object_maps import OBJECT_MAP_KEY, write_record
-from .register_zero_shot import _REGISTERED, IGNORE_LABEL, register_zero_shot_split
+from ..constants import IGNORE_LABEL, OBJECT_MAP_KEY
+from ..data.object_maps import write_record
+from ..data.register_zero_shot import register_zero_shot_split, registered_file_extensions
 
 __all__ = [
     "STAND_IN_SIZE",
@@ -73,9 +74,9 @@ class StandInSplit:
 def stand_in_format(dataset_name: str) -> tuple[str, str]:
     """(image extension, label extension) of a registered split: its own, or ``.jpg`` where it
     accepts any image extension (the real benchmarks' images are JPEGs)."""
-    spec = _REGISTERED.get(dataset_name)
-    image_ext = spec.image_ext if spec is not None and spec.image_ext else ".jpg"
-    label_ext = spec.label_ext if spec is not None else ".png"
+    registered = registered_file_extensions(dataset_name)
+    image_ext = registered[0] if registered is not None and registered[0] else ".jpg"
+    label_ext = registered[1] if registered is not None else ".png"
     return image_ext, label_ext
 
 

@@ -1,0 +1,179 @@
+"""Training and evaluation runs as ``tools/train_net.py`` starts them: the run's checked config,
+Detectron2's setup, one process per GPU (Detectron2's ``launch``).
+
+The tool parses its command line (``--help`` without importing torch) and calls
+:func:`launch_run` with the parsed arguments; :func:`run_in_new_process` starts the same run in a
+fresh interpreter (the multi-seed report trains each (row, seed) so, with its console output in a
+log file). The arguments are ``tools/train_net.py``'s: ``config_file``, ``opts``, ``resume``,
+``eval_only``, ``allow_untrained``, ``num_gpus``, ``num_machines``, ``machine_rank``,
+``dist_url`` (None: :func:`default_dist_url`) and ``debug`` (:func:`run_args` makes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+from detectron2.engine import default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ..config import load_config
+from ..data.split_file import register_split_files_from_config
+from ..utils.errors import ArgumentError
+from .checkpoint import AtomicCheckpointer
+from .cli import DEBUG_ENV, check_overrides, check_run_inputs, run_tool, setup_run_logging
+from .trainer import ZeroShotTrainer
+
+__all__ = [
+    "default_dist_url",
+    "launch_run",
+    "load_run_config",
+    "main_worker",
+    "run",
+    "run_args",
+    "run_in_new_process",
+    "setup",
+]
+
+
+def default_dist_url() -> str:
+    """Where the processes of a run meet: a local port per user (Detectron2's default), so that
+    two users of one machine do not collide."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return f"tcp://127.0.0.1:{2**15 + 2**14 + hash(uid) % 2**14}"
+
+
+def run_args(
+    config_file: str,
+    opts: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    eval_only: bool = False,
+    allow_untrained: bool = False,
+    num_gpus: int = 1,
+) -> argparse.Namespace:
+    """The arguments of a run on this machine, as ``tools/train_net.py`` parses them from
+    ``--config-file CONFIG_FILE [--resume] [--eval-only] [--allow-untrained] --num-gpus N
+    OPTS``."""
+    return argparse.Namespace(
+        config_file=str(config_file),
+        resume=resume,
+        eval_only=eval_only,
+        allow_untrained=allow_untrained,
+        num_gpus=num_gpus,
+        num_machines=1,
+        machine_rank=0,
+        dist_url=None,
+        debug=False,
+        opts=[str(o) for o in opts],
+    )
+
+
+def load_run_config(args):
+    """The run's config: file + overrides, device fallback, split files registered; checked
+    before any model is built (datasets, weights). Raises user errors."""
+    check_overrides(args.opts, "train_net.py")
+    if not args.config_file:
+        raise ArgumentError("--config-file is required (e.g. configs/synthetic/ocz_tiny.yaml)")
+    cfg = load_config(args.config_file, args.opts)
+    register_split_files_from_config(cfg)
+    check_run_inputs(
+        cfg,
+        train=not args.eval_only,
+        eval_only=args.eval_only,
+        resume=args.resume,
+        allow_untrained=args.allow_untrained,
+    )
+    if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
+        logging.getLogger("ocz_d2").warning("no CUDA device: running on CPU (MODEL.DEVICE cpu)")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """The checked config, with Detectron2's setup (logs, config.yaml, seeds) done."""
+    cfg = load_run_config(args)
+    setup_run_logging(cfg.OUTPUT_DIR, comm.get_rank())
+    default_setup(cfg, args)
+    return cfg
+
+
+def run(args):
+    """Train (or, with ``eval_only``, evaluate) in this process."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = ZeroShotTrainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = ZeroShotTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = ZeroShotTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def main_worker(args):
+    """One process of the run (Detectron2's ``launch`` calls it in each)."""
+    if comm.get_world_size() == 1:
+        return run(args)
+    status = run_tool(run, args, debug=args.debug)
+    if status:
+        sys.exit(status)  # the parent reports the status; the others are stopped
+    # Leave together and close the group: a process exiting while gloo's threads still run
+    # can abort ("terminate called without an active exception").
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
+
+
+def launch_run(args) -> int:
+    """The run on ``args.num_gpus`` processes of this machine (this one alone for 1)."""
+    launch(
+        main_worker,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url or default_dist_url(),
+        args=(args,),
+    )
+    return 0
+
+
+def run_in_new_process(args, log: str | os.PathLike | None = None) -> int:
+    """:func:`launch_run` in a fresh Python process, as ``tools/train_net.py`` runs it.
+
+    Args:
+        args: the run's arguments (:func:`run_args`).
+        log: file that takes the process's console output (stdout and stderr); None: this
+            process's console.
+
+    Returns:
+        Its exit status: 0, :data:`~ocz_d2.engine.cli.USER_ERROR_STATUS` after a config, data or
+        weights error (printed), another value when it failed otherwise.
+    """
+    process = multiprocessing.get_context("spawn").Process(
+        target=_new_process_main, args=(args, None if log is None else os.fspath(log))
+    )
+    process.start()
+    process.join()
+    return process.exitcode
+
+
+def _new_process_main(args, log: str | None) -> None:
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)  # the process's stdout and stderr, Python's and any library's alike
+        os.dup2(fd, 2)
+        os.close(fd)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    sys.exit(run_tool(launch_run, args, debug=args.debug))
