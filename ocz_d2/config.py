@@ -231,6 +231,11 @@ def _add_loss_config(ocz: CN) -> None:
     ocz.LOSS.MASK_WEIGHT = 5.0
     # Weight of the dice loss (and cost).
     ocz.LOSS.DICE_WEIGHT = 5.0
+    # The miniature's option: weight of an auxiliary per-pixel cross-entropy on the mask
+    # features' class logits (their projection to the text space against the vocabulary; the
+    # dense supervision DenseCLIP adds), over annotated pixels. 0: off, and no projection is
+    # built (every paper-scale config).
+    ocz.LOSS.PIXEL_WEIGHT = 0.0
     # Relative weight of the no-object class in the classification loss. Seen queries: class
     # weight in the weighted mean over their targets (Mask2Former). Candidate queries
     # (SPLIT.NUM_CANDIDATES > 0), whose class terms are all no-object: the weighted sum is divided

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from detectron2.config import get_cfg
 
 from ocz_d2 import add_ocz_config
-from ocz_d2.modeling.criterion import SetCriterion, dice_loss, sigmoid_ce_loss
+from ocz_d2.modeling.criterion import SetCriterion, dice_loss, pixel_text_loss, sigmoid_ce_loss
 from ocz_d2.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost
 from ocz_d2.modeling.point_utils import point_sample, sample_uncertain_points, sample_valid_points
 
@@ -538,3 +538,23 @@ def test_criterion_losses_under_two_ranks_equal_one_process(tmp_path, first_mask
         alone = criterion({k: v[r : r + 1] for k, v in outputs.items()}, targets[r : r + 1])
         torch.testing.assert_close(ranks[r]["loss_ce"], alone["loss_ce"])
     assert together["loss_mask"] > 0 and together["loss_dice"] > 0
+
+
+def test_pixel_text_loss_is_the_cross_entropy_of_annotated_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4)
+    masks = torch.zeros(2, 4, 4)
+    masks[0, :2] = 1  # top half: class 2
+    masks[1, 2:, :2] = 1  # bottom-left: class 0
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[0, 0] = False  # an ignore pixel inside the first mask
+    target = {"labels": torch.tensor([2, 0]), "masks": masks, "valid": valid}
+    # Same size: no resampling; hand-built reference over the 7 + 4 annotated pixels.
+    picked = [logits[0, :, y, x].log_softmax(0)[2] for y in range(2) for x in range(4)][1:]
+    picked += [logits[0, :, y, x].log_softmax(0)[0] for y in (2, 3) for x in (0, 1)]
+    expected = -torch.stack(picked).mean()
+    torch.testing.assert_close(pixel_text_loss(logits, [target]), expected)
+    # A label outside the vocabulary (e.g. a candidate's) and unannotated pixels take no part.
+    none = {"labels": torch.tensor([5]), "masks": masks[:1], "valid": valid}
+    zero = pixel_text_loss(logits.requires_grad_(True), [none])
+    assert zero.item() == 0.0 and zero.requires_grad

@@ -19,6 +19,7 @@ __all__ = [
     "build_criterion",
     "dice_loss",
     "expand_weight_dict",
+    "pixel_text_loss",
     "sigmoid_ce_loss",
 ]
 
@@ -550,3 +551,34 @@ def build_criterion(cfg) -> SetCriterion | SplitCriterion:
         no_object_on_ignore=True,
     )
     return SplitCriterion(seen, candidate, num_queries - num_candidates)
+
+
+def pixel_text_loss(pixel_logits: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+    """Auxiliary per-pixel cross-entropy (``MODEL.OCZ.LOSS.PIXEL_WEIGHT``).
+
+    Args:
+        pixel_logits: [B, K, h, w] class logits of the mask features over the training
+            vocabulary (no no-object column).
+        targets: B dicts with "labels" int64 [T] (vocabulary indices), "masks" [T, H, W] and
+            "valid" bool [H, W]; a pixel's target is the label of the mask that covers it, and
+            pixels outside every mask of a label below K, or not valid, take no part.
+
+    Returns:
+        Scalar: the mean cross-entropy over the pixels that take part (the logits upsampled
+        bilinearly to H x W); zero, in the graph, when none does.
+    """
+    num_classes = pixel_logits.shape[1]
+    height, width = targets[0]["valid"].shape
+    label_map = torch.full(
+        (len(targets), height, width), -100, dtype=torch.long, device=pixel_logits.device
+    )
+    for b, target in enumerate(targets):
+        for label, mask in zip(target["labels"].tolist(), target["masks"]):
+            if 0 <= label < num_classes:
+                label_map[b][(mask > 0.5) & target["valid"]] = label
+    if not (label_map >= 0).any():
+        return pixel_logits.sum() * 0.0
+    logits = F.interpolate(
+        pixel_logits.float(), size=(height, width), mode="bilinear", align_corners=False
+    )
+    return F.cross_entropy(logits, label_map, ignore_index=-100)

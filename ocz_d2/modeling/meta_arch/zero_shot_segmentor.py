@@ -21,7 +21,7 @@ from ...data.object_maps import check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
 from ..backbone.ssl_guide import SSLGuide
 from ..clustering import NO_REGION, cells_with_image, cluster_feature_map, label_map_to_grid
-from ..criterion import SetCriterion, SplitCriterion, build_criterion
+from ..criterion import SetCriterion, SplitCriterion, build_criterion, pixel_text_loss
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
 from ..pixel_decoder.image_path import IMAGE_KEY
@@ -129,6 +129,7 @@ class OCZeroShotSegmentor(nn.Module):
         split_targets: str = "prompted",
         self_training: dict | None = None,
         segment_classifier: SegmentCLIPClassifier | None = None,
+        pixel_weight: float = 0.0,
     ):
         """
         Args:
@@ -158,6 +159,8 @@ class OCZeroShotSegmentor(nn.Module):
                 ``MODEL.OCZ.SELF_TRAINING``); used only in the transductive setting.
             segment_classifier: test-time CLIP classification of the segments, ensembled with
                 the decoder's classes (``MODEL.OCZ.SEGMENT_CLIP``); None: off.
+            pixel_weight: weight of the auxiliary pixel-text loss on the decoder's
+                "pixel_logits" (``MODEL.OCZ.LOSS.PIXEL_WEIGHT``; the decoder must output them).
         """
         super().__init__()
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
@@ -170,6 +173,8 @@ class OCZeroShotSegmentor(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.criterion = criterion
+        # The auxiliary pixel-text loss's weight; the decoder outputs "pixel_logits" when > 0.
+        self.pixel_weight = pixel_weight
         self.text_embedder = text_embedder
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -250,6 +255,7 @@ class OCZeroShotSegmentor(nn.Module):
             "pixel_decoder": pixel_decoder,
             "transformer_decoder": transformer_decoder,
             "criterion": criterion,
+            "pixel_weight": cfg.MODEL.OCZ.LOSS.PIXEL_WEIGHT,
             "text_embedder": text_embedder,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -508,7 +514,12 @@ class OCZeroShotSegmentor(nn.Module):
             self._add_candidates(targets, features, images.tensor)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
-        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+        losses = {k: v * weights[k] for k, v in losses.items() if k in weights}
+        if "pixel_logits" in outputs:
+            losses["loss_pixel"] = self.pixel_weight * pixel_text_loss(
+                outputs["pixel_logits"], targets
+            )
+        return losses
 
     def _prepare_targets(
         self, batched_inputs, image_mask: torch.Tensor, class_ids: torch.Tensor, ignore_label: int

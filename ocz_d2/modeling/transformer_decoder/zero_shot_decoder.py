@@ -205,6 +205,7 @@ class ZeroShotMaskDecoder(nn.Module):
         logit_scale_init: float = 50.0,
         num_feature_levels: int = 3,
         mask_pooling: bool = False,
+        pixel_logits: bool = False,
     ):
         """
         Args:
@@ -222,6 +223,9 @@ class ZeroShotMaskDecoder(nn.Module):
             logit_scale_init: initial class-logit scale, in (0, 100].
             num_feature_levels: number of multi-scale feature maps given to ``forward``.
             mask_pooling: add the mask-pooled mask features (projected) to the class embedding.
+            pixel_logits: also output "pixel_logits", per-pixel class logits of the mask
+                features (a 1x1 projection to the text space; s * cos to each class), for the
+                auxiliary pixel-text loss (``MODEL.OCZ.LOSS.PIXEL_WEIGHT``).
         """
         super().__init__()
         if hidden_dim % nheads or hidden_dim % 2:
@@ -270,6 +274,7 @@ class ZeroShotMaskDecoder(nn.Module):
         # Drawn without moving the RNG: the other layers start the same with or without it.
         with torch.random.fork_rng(devices=[]):
             self.mask_pool_proj = nn.Linear(mask_dim, text_dim) if mask_pooling else None
+            self.pixel_proj = Conv2d(mask_dim, text_dim, kernel_size=1) if pixel_logits else None
         # An Embedding so that Detectron2's optimiser treats it as one (WEIGHT_DECAY_EMBED).
         self.no_object_embed = nn.Embedding(1, text_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
@@ -292,6 +297,7 @@ class ZeroShotMaskDecoder(nn.Module):
             "logit_scale_init": dec.LOGIT_SCALE,
             "num_feature_levels": len(cfg.MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES),
             "mask_pooling": dec.MASK_POOLING,
+            "pixel_logits": cfg.MODEL.OCZ.LOSS.PIXEL_WEIGHT > 0,
         }
 
     def forward(
@@ -312,7 +318,8 @@ class ZeroShotMaskDecoder(nn.Module):
             dict with "pred_logits" [B, Q, K+1] (no-object last), "pred_masks" [B, Q, h, w]
             (logits), "pred_embeds" [B, Q, text_dim] (L2-normalised class embeddings) and
             "aux_outputs": ``dec_layers`` dicts with the same three keys, from the initial
-            queries and from every layer but the last.
+            queries and from every layer but the last; with ``pixel_logits``, also
+            "pixel_logits" [B, K, h, w].
         """
         self._check_inputs(multi_scale_features, mask_features, text_embeds)
         memories, memory_pos, sizes = self._prepare_memory(multi_scale_features)
@@ -333,6 +340,11 @@ class ZeroShotMaskDecoder(nn.Module):
             predictions.append(pred)
         output = dict(predictions[-1])
         output["aux_outputs"] = predictions[:-1]
+        if self.pixel_proj is not None:
+            pixel_embeds = F.normalize(self.pixel_proj(mask_features), dim=1)
+            scale = self.logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
+            text = class_targets[:-1].to(pixel_embeds)
+            output["pixel_logits"] = scale * torch.einsum("bdhw,kd->bkhw", pixel_embeds, text)
         return output
 
     def _check_inputs(
