@@ -158,6 +158,12 @@ def run(args) -> int:
     write_picture(cfg, str(out / "model_final.pth"), dataset, picture)
     print_results(log, dataset, result, chance)
     log(f"picture: {picture}")
+    stages = result.get("seconds")
+    if stages:  # a reused run reports the times of the run that wrote it
+        log(
+            f"training {stages['training']:.0f} s, tuning on val and testing "
+            f"{stages['tuning_and_testing']:.0f} s"
+        )
     log(f"total time {time.time() - start:.0f} s (training, tuning and testing {train_s:.0f} s)")
     ratio = result["test"]["mIoU-unseen"] / max(chance["mIoU-unseen"], 1e-9)
     if ratio < args.min_unseen_ratio:

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +127,9 @@ def run_seed(
 
     Returns:
         ``{"row", "seed", "command", "calibration", "test_dataset", "test": metrics,
-        "per_class_iou": {class name: IoU %}, "sec_per_iter"}`` (a reused result written before
-        per-class IoU was recorded has no ``per_class_iou``).
+        "per_class_iou": {class name: IoU %}, "sec_per_iter", "seconds": {"training",
+        "tuning_and_testing"}}`` (wall-clock seconds of this call's two stages; a reused result
+        written by older code may lack ``per_class_iou`` and ``seconds``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     # Training runs without evaluation; the tuned protocol below evaluates.
@@ -146,14 +148,18 @@ def run_seed(
     _claim(out_dir, command)
     logger.info("Training: %s", " ".join(command))
     log = out_dir / "train_stdout.log"
+    start = time.perf_counter()
     status = run_in_new_process(args, None if console else log)
+    train_seconds = time.perf_counter() - start
     if status != 0:
         where = "the output above" if console else str(log)
         if status == USER_ERROR_STATUS:  # a user error (config, data, weights), printed
             raise UserError(f"training stopped on a config, data or weights error; see {where}.")
         raise RuntimeError(f"Training failed (exit {status}); see {where}.")
     cfg = _config(row, seed, out_dir)
+    start = time.perf_counter()
     tuned = tuned_test(cfg, str(out_dir / "model_final.pth"), out_dir)
+    protocol_seconds = time.perf_counter() - start
     (test_name,) = list(tuned["test"])[:1]
     result = {
         "row": row.name,
@@ -164,6 +170,7 @@ def run_seed(
         "test": {k: tuned["test"][test_name][k] for k in _METRICS},
         "per_class_iou": _per_class_iou(tuned["test"][test_name]),
         "sec_per_iter": _seconds_per_iter(out_dir / "metrics.json"),
+        "seconds": {"training": train_seconds, "tuning_and_testing": protocol_seconds},
     }
     atomic_write_json(result_path, result, indent=2)
     return result
