@@ -122,6 +122,16 @@ def test_protocol_configs_follow_the_recipe(config):
     assert cfg.SOLVER.BACKBONE_MULTIPLIER == 10.0 and cfg.SOLVER.HEAD_MULTIPLIER == 10.0
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.startswith("synthetic/")])
+def test_paper_scale_configs_keep_the_miniature_options_off(config):
+    """The miniature's dense-path options (image path, mask pooling, pixel-text loss) are in no
+    reproduced method: no paper-scale config turns them on."""
+    cfg = load_config(REPO / "configs" / config)
+    assert list(cfg.MODEL.OCZ.PIXEL_DECODER.IMAGE_PATH.WIDTHS) == []
+    assert cfg.MODEL.OCZ.DECODER.MASK_POOLING is False
+    assert cfg.MODEL.OCZ.LOSS.PIXEL_WEIGHT == 0.0
+
+
 def test_voc_protocol_config_equals_the_ladder_top():
     """configs/voc/oczss_vitb16_bs16_20k.yaml (on Base-OCZSS.yaml) is the same model and recipe as
     the last row of the VOC ladder (configs/voc/ocz_oczss.yaml)."""
