@@ -19,13 +19,12 @@ from torch import nn
 from ...constants import OBJECT_MAP_KEY, UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
 from ...data.object_maps import check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
-from ..backbone.ssl_guide import SSLGuide
-from ..clustering import NO_REGION, cells_with_image, cluster_feature_map, label_map_to_grid
 from ..criterion import SetCriterion, SplitCriterion, build_criterion
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
 from ..pixel_decoder.image_path import IMAGE_KEY
 from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
+from ..region_guide import RegionGuide
 from ..segment_classifier import ENSEMBLE_SEEN_KEY, SegmentCLIPClassifier
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
@@ -33,7 +32,6 @@ from ..transformer_decoder import build_transformer_decoder
 logger = logging.getLogger(__name__)
 
 TEST_MODES = ("whole", "slide")
-GUIDE_SOURCES = ("ssl", "clip", "oracle")
 SPLIT_TARGETS = ("prompted", "plain")
 
 
@@ -124,7 +122,7 @@ class OCZeroShotSegmentor(nn.Module):
         window_size: tuple[int, int] = (512, 512),
         window_stride: tuple[int, int] = (426, 426),
         slide_batch: int = 0,
-        guide: dict | None = None,
+        guide: RegionGuide | None = None,
         pseudo_masker: PseudoMaskGenerator | None = None,
         split_targets: str = "prompted",
         self_training: dict | None = None,
@@ -145,11 +143,9 @@ class OCZeroShotSegmentor(nn.Module):
             test_mode: "whole" or "slide".
             window_size, window_stride: sliding-window geometry (h, w) in input pixels.
             slide_batch: windows of an image per forward pass in slide mode; 0 = all at once.
-            guide: where the object prompts' regions come from when a sample has no
-                ``"object_map"``: {"source": "ssl" | "clip" | "oracle", "seeding", "kmeans_iters",
-                "seed", and for "ssl" "ssl_kwargs" (arguments of :class:`SSLGuide`)}. None when
-                the backbone has no object prompts. The SSL model is built on first use, so
-                training on object maps never builds (or downloads) it.
+            guide: the object prompts' regions, from a sample's ``"object_map"`` or, without
+                one, online (:class:`RegionGuide`: SSL ViT or CLIP features, clustered); None
+                when the backbone has no object prompts (ignored then).
             pseudo_masker: pseudo-masks of the ignore pixels for the candidate queries; required
                 by (and only with) a :class:`SplitCriterion` with candidate queries.
             split_targets: features of the pseudo-masks and region embeddings: "prompted" (this
@@ -185,11 +181,13 @@ class OCZeroShotSegmentor(nn.Module):
         self.num_objects = int(getattr(backbone, "num_objects", 0))
         if self.num_objects and guide is None:
             raise ValueError("the backbone has object prompts: a guide is required")
-        if guide is not None and guide["source"] not in GUIDE_SOURCES:
-            raise ValueError(f"MODEL.OCZ.GUIDE.SOURCE={guide['source']!r}: use {GUIDE_SOURCES}")
+        if self.num_objects and guide.num_regions != self.num_objects:
+            raise ValueError(
+                f"the guide makes {guide.num_regions} regions but the backbone has "
+                f"{self.num_objects} object prompts"
+            )
+        # No parameters or buffers: the state dict is the same with or without it.
         self.guide = guide if self.num_objects else None
-        # Built lazily, kept out of the state dict (frozen, and possibly large).
-        self._ssl_guide: list[SSLGuide] = []
         has_candidates = isinstance(criterion, SplitCriterion)
         if has_candidates != (pseudo_masker is not None):
             raise ValueError("split matching needs both a SplitCriterion and a pseudo_masker")
@@ -240,6 +238,10 @@ class OCZeroShotSegmentor(nn.Module):
         _check_pixel_stats(cfg, backbone)
         if getattr(backbone, "num_objects", 0):
             check_object_map_records(cfg, datasets + list(cfg.DATASETS.VAL))
+        guide = None
+        if getattr(backbone, "num_objects", 0):
+            with component_seed(cfg.SEED, "guide"):  # draws nothing today; the SSL model: lazily
+                guide = RegionGuide(cfg)
         divisibility = max(
             cfg.INPUT.SIZE_DIVISIBILITY,
             max(ocz.PIXEL_DECODER.DECODER_STRIDES),
@@ -260,7 +262,7 @@ class OCZeroShotSegmentor(nn.Module):
             "window_size": ocz.TEST.WINDOW_SIZE,
             "window_stride": ocz.TEST.WINDOW_STRIDE,
             "slide_batch": ocz.TEST.SLIDE_BATCH,
-            "guide": _guide_from_config(cfg) if getattr(backbone, "num_objects", 0) else None,
+            "guide": guide,
             "pseudo_masker": pseudo_masker,
             "split_targets": ocz.SPLIT.TARGET_FEATURES,
             "self_training": {
@@ -392,63 +394,11 @@ class OCZeroShotSegmentor(nn.Module):
         none_value: int,
         image_mask: torch.Tensor,
     ) -> torch.Tensor | None:
-        """Regions [B, gh, gw] of a padded batch for the object prompts (None without them).
-
-        Patches that hold no image (:func:`image_patches`) get NO_REGION on both paths, so an
-        object map and the online guide agree on padded crops.
-
-        Args:
-            images: [B, 3, H, W] normalised, padded batch (H, W multiples of the patch size).
-            raw: the raw images [3, h_i, w_i] (0..255; in training the mapper's padded crops),
-                for an online SSL guide.
-            object_maps: per image its object map [h_i, w_i] (pixel region indices, ``none_value``
-                where none), or None; all or none of the images must have one.
-            none_value: the maps' "no region" value (the dataset's ignore label).
-            image_mask: bool [B, H, W], True on image pixels (:func:`batch_image_mask`).
-        """
+        """Regions [B, gh, gw] of a padded batch for the object prompts (None without them);
+        see :meth:`RegionGuide.forward`."""
         if not self.num_objects:
             return None
-        p = self.backbone.patch_size
-        grid_hw = (images.shape[-2] // p, images.shape[-1] // p)
-        in_image = image_patches(image_mask, p)
-        given = [m is not None for m in object_maps]
-        if all(given):
-            maps = ImageList.from_tensors(
-                [m.to(self.device) for m in object_maps], p, pad_value=float(none_value)
-            ).tensor
-            maps = F.pad(
-                maps,
-                (0, images.shape[-1] - maps.shape[-1], 0, images.shape[-2] - maps.shape[-2]),
-                value=none_value,
-            )
-            regions = label_map_to_grid(maps, p, self.num_objects, none_value)
-            return regions.masked_fill(~in_image, NO_REGION)
-        if any(given):
-            raise ValueError(
-                "a batch mixes images with and without object maps: give every image of a "
-                "dataset an object map (tools/precompute_object_maps.py), or none"
-            )
-        source = self.guide["source"]
-        if source == "oracle":
-            raise ValueError(
-                "MODEL.OCZ.GUIDE.SOURCE is 'oracle' but the images have no object map: register "
-                "the dataset with extra_label_roots {object_map: ...} (see "
-                "tools/precompute_object_maps.py), or choose the 'ssl' or 'clip' guide"
-            )
-        with torch.no_grad():
-            if source == "clip":
-                feats, stride = self.backbone.plain_forward(images)["patch"], (p, p)
-            else:
-                padded = torch.zeros_like(images)
-                for i, r in enumerate(raw):
-                    padded[i, :, : r.shape[-2], : r.shape[-1]] = r.to(self.device)
-                feats, stride = self.ssl_guide().features(padded)
-        regions = cluster_feature_map(
-            feats, self.num_objects, grid_hw, stride, p, seeding=self.guide["seeding"],
-            iters=self.guide["kmeans_iters"], seed=self.guide["seed"],
-            valid=cells_with_image(image_mask, feats.shape[-2:], stride),
-        )  # fmt: skip
-        return regions.masked_fill(~in_image, NO_REGION)
+        return self.guide(self.backbone, images, raw, object_maps, none_value, image_mask)
 
     @torch.no_grad()
     def online_regions(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -465,15 +415,6 @@ class OCZeroShotSegmentor(nn.Module):
             [{"image": x} for x in images], batch.tensor.shape[-2:], self.device
         )
         return self._regions(batch.tensor, images, [None] * len(images), 0, mask)
-
-    def ssl_guide(self) -> SSLGuide:
-        """The SSL guide model, built (and moved to this model's device) on first use."""
-        if not self._ssl_guide:
-            self._ssl_guide.append(SSLGuide(**self.guide["ssl_kwargs"]))
-        guide = self._ssl_guide[0]
-        if guide.pixel_mean.device != self.device:
-            guide.to(self.device)
-        return guide
 
     def _forward_train(self, batched_inputs: list[dict]) -> dict:
         names = {x.get("dataset_name") for x in batched_inputs}
@@ -724,28 +665,6 @@ class OCZeroShotSegmentor(nn.Module):
                 scores[:, y : y + wh, x : x + ww] += window
                 counts[:, y : y + wh, x : x + ww] += 1
         return scores / counts
-
-
-def _guide_from_config(cfg) -> dict:
-    guide = cfg.MODEL.OCZ.GUIDE
-    if guide.SOURCE not in GUIDE_SOURCES:
-        raise ValueError(f"MODEL.OCZ.GUIDE.SOURCE={guide.SOURCE!r}: use one of {GUIDE_SOURCES}.")
-    return {
-        "source": guide.SOURCE,
-        "seeding": guide.SEEDING,
-        "kmeans_iters": guide.KMEANS_ITERS,
-        "seed": guide.SEED,
-        "ssl_kwargs": {
-            "model_name": guide.SSL_MODEL,
-            "pretrained": guide.PRETRAINED,
-            "weights": guide.WEIGHTS,
-            "num_regions": cfg.MODEL.OCZ.OBJECTS.NUM,
-            "seeding": guide.SEEDING,
-            "kmeans_iters": guide.KMEANS_ITERS,
-            "seed": guide.SEED,
-            "input_size": guide.INPUT_SIZE,
-        },
-    }
 
 
 def _put_scalar(name: str, value: float) -> None:
