@@ -23,16 +23,16 @@ from ..criterion import SetCriterion, SplitCriterion, build_criterion
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
 from ..pixel_decoder.image_path import IMAGE_KEY
-from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
+from ..pseudo_masks import PseudoMaskGenerator
 from ..region_guide import RegionGuide
 from ..segment_classifier import ENSEMBLE_SEEN_KEY, SegmentCLIPClassifier
+from ..targets import SPLIT_TARGETS, add_candidates, add_pseudo_labels, prepare_targets
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
 
 logger = logging.getLogger(__name__)
 
 TEST_MODES = ("whole", "slide")
-SPLIT_TARGETS = ("prompted", "plain")
 
 
 def semantic_inference(
@@ -436,7 +436,7 @@ class OCZeroShotSegmentor(nn.Module):
             image_mask,
         )
         outputs, features = self._predict(images.tensor, text, image_mask, regions)
-        targets = self._prepare_targets(batched_inputs, image_mask, class_ids, ignore)
+        targets = prepare_targets(batched_inputs, image_mask, class_ids, ignore, self.device)
         if self.self_training_active():
             if any(x.get(UNSEEN_MASK_KEY) is None for x in batched_inputs):
                 raise ValueError(
@@ -444,138 +444,20 @@ class OCZeroShotSegmentor(nn.Module):
                     "samples have no 'unseen_mask': use the ocz_d2 mapper with "
                     "INPUT.ZERO_SHOT_SETTING 'transductive' (it writes one)"
                 )
-            self._add_pseudo_labels(targets, outputs, seen_vocab)
+            threshold = self.self_training["threshold"]
+            add_pseudo_labels(targets, outputs, seen_vocab, threshold)
         if self.pseudo_masker is not None:
-            self._add_candidates(targets, features, images.tensor)
+            add_candidates(
+                targets,
+                features,
+                images.tensor,
+                self.backbone,
+                self.pseudo_masker,
+                self.split_targets,
+            )
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
-
-    def _prepare_targets(
-        self, batched_inputs, image_mask: torch.Tensor, class_ids: torch.Tensor, ignore_label: int
-    ) -> list[dict]:
-        """Per image: vocabulary labels, binary masks and the valid (non-ignore) region, padded.
-
-        Args:
-            batched_inputs: training samples with "instances" and "sem_seg" (and, transductive,
-                "unseen_mask").
-            image_mask: bool [B, H, W] image pixels of the padded batch (:func:`batch_image_mask`).
-            class_ids: int64 [K'] dataset class indices of the training vocabulary.
-            ignore_label: the "sem_seg" value of pixels outside every target (dataset metadata).
-
-        Returns:
-            One dict per image: "labels" int64 [T] vocabulary indices, "masks" float [T, H, W],
-            "valid" bool [H, W] (annotated pixels), "unlabeled" bool [H, W] (ignore pixels of the
-            image; never padding), "unseen" bool [H, W] (transductive: pixels of some unseen
-            class, all False otherwise) and "area" (the image's pixel count, padding excluded).
-        """
-        num_classes = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
-        to_vocab = torch.full((max(num_classes, 1),), -1, dtype=torch.long, device=self.device)
-        to_vocab[class_ids] = torch.arange(len(class_ids), device=self.device)
-        h_pad, w_pad = image_mask.shape[-2:]
-        targets = []
-        for x, in_image in zip(batched_inputs, image_mask):
-            inst = x["instances"].to(self.device)
-            gt_classes = inst.gt_classes
-            masks = inst.gt_masks
-            masks = masks.tensor if hasattr(masks, "tensor") else masks
-            if gt_classes.numel() and (
-                gt_classes.max() >= len(to_vocab) or (to_vocab[gt_classes] < 0).any()
-            ):
-                raise ValueError(
-                    f"{x.get('file_name', 'a sample')}: target classes {gt_classes.tolist()} "
-                    f"are not all in the training vocabulary {class_ids.tolist()}; unseen "
-                    f"classes must be ignore ({ignore_label}) in inductive training"
-                )
-            sem_seg = x["sem_seg"].to(self.device)
-            h, w = sem_seg.shape
-            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad), dtype=torch.float32)
-            padded[:, :h, :w] = masks.float()
-            valid = torch.zeros((h_pad, w_pad), dtype=torch.bool, device=self.device)
-            valid[:h, :w] = sem_seg != ignore_label
-            unlabeled = torch.zeros_like(valid)
-            unlabeled[:h, :w] = sem_seg == ignore_label
-            unlabeled &= in_image
-            unseen = torch.zeros_like(valid)
-            if x.get(UNSEEN_MASK_KEY) is not None:
-                unseen[:h, :w] = x[UNSEEN_MASK_KEY].to(self.device)
-                unseen &= in_image
-            labels = to_vocab[gt_classes] if gt_classes.numel() else gt_classes
-            targets.append(
-                {"labels": labels, "masks": padded, "valid": valid, "unlabeled": unlabeled,
-                 "unseen": unseen, "area": in_image.sum()}
-            )  # fmt: skip
-        return targets
-
-    @torch.no_grad()
-    def _add_pseudo_labels(
-        self, targets: list[dict], outputs: dict, seen_vocab: torch.Tensor
-    ) -> None:
-        """Self-training (ZegCLIP/OTSeg): pixels whose ground truth is an unseen class (the
-        mapper's "unseen_mask": where, not which) get the unseen class of highest probability in
-        this step's prediction, if it reaches the threshold (:func:`pixel_class_probabilities`,
-        :func:`pseudo_label`); they become one target mask per unseen class present, join "valid"
-        and leave "unlabeled". Background, boundaries and padding stay ignored."""
-        num_classes = outputs["pred_logits"].shape[-1] - 1
-        is_seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
-        is_seen[seen_vocab.to(self.device)] = True
-        unseen = torch.nonzero(~is_seen).squeeze(1)
-        size = targets[0]["valid"].shape
-        masks = F.interpolate(
-            outputs["pred_masks"].detach().float(), size=size, mode="bilinear", align_corners=False
-        )
-        logits = outputs["pred_logits"].detach().float()
-        labelled = candidates = 0  # pixel counts, kept on the device until the one log below
-        for target, lg, mk in zip(targets, logits, masks):
-            candidates = candidates + target["unseen"].sum()
-            labels = pseudo_label(
-                pixel_class_probabilities(lg, mk), target["unseen"], unseen,
-                self.self_training["threshold"],
-            )  # fmt: skip
-            present = torch.unique(labels)
-            present = present[present >= 0]
-            new = (labels[None] == present[:, None, None]).float()
-            target["labels"] = torch.cat([target["labels"], present])
-            target["masks"] = torch.cat([target["masks"], new])
-            target["valid"] = target["valid"] | (labels >= 0)
-            target["unlabeled"] = target["unlabeled"] & (labels < 0)
-            labelled = labelled + (labels >= 0).sum()
-        fraction = float(labelled) / max(float(candidates), 1.0)
-        _put_scalar("self_training/pseudo_labelled_fraction", fraction)
-
-    @torch.no_grad()
-    def _add_candidates(self, targets: list[dict], features: dict, images: torch.Tensor) -> None:
-        """Split matching: each target gets "candidates", the pseudo-masks of its unlabeled
-        pixels with their region embeddings, defined on the annotated and pseudo-masked pixels.
-
-        The features they come from are the prompted pass's (``features``), which move as the
-        prompts train, or a frozen prompt-free pass over ``images`` (fixed targets), as
-        ``split_targets`` says.
-        """
-        prompted = self.split_targets == "prompted"
-        source = features if prompted else self.backbone.plain_forward(images)
-        unlabeled = torch.stack([t["unlabeled"] for t in targets])
-        areas = torch.stack([torch.as_tensor(t["area"], device=self.device) for t in targets])
-        masks, patch_masks = self.pseudo_masker(source["dense"].detach(), unlabeled, areas)
-        most = max(len(m) for m in masks)
-        dim = source["cls"].shape[-1]
-        embeds = source["cls"].new_zeros((len(targets), most, dim))
-        if most:
-            grid = patch_masks[0].shape[-2:]
-            padded = torch.zeros((len(targets), most, *grid), dtype=torch.bool, device=self.device)
-            for b, p in enumerate(patch_masks):
-                padded[b, : len(p)] = p
-            embeds = self.backbone.region_embeddings(
-                source["last_input"].detach(), padded, prompted=prompted
-            )
-        _put_scalar("split/pseudo_masks_per_image", sum(len(m) for m in masks) / len(masks))
-        for b, (target, m) in enumerate(zip(targets, masks)):
-            covered = m.any(0) if len(m) else torch.zeros_like(target["valid"])
-            target["candidates"] = {
-                "masks": m.float(),
-                "embeds": embeds[b, : len(m)].float(),
-                "valid": target["valid"] | covered,
-            }
 
     # ------------------------------------------------------------------ inference
     def _inference_one(self, sample: dict) -> dict:
@@ -665,14 +547,6 @@ class OCZeroShotSegmentor(nn.Module):
                 scores[:, y : y + wh, x : x + ww] += window
                 counts[:, y : y + wh, x : x + ww] += 1
         return scores / counts
-
-
-def _put_scalar(name: str, value: float) -> None:
-    """Log a training scalar to Detectron2's event storage, if there is one."""
-    try:
-        get_event_storage().put_scalar(name, value)
-    except AssertionError:  # no storage: called outside a trainer
-        pass
 
 
 def _check_region_embedding_width(backbone: nn.Module, text_dim: int) -> None:
