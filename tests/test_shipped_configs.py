@@ -167,6 +167,35 @@ def test_ablation_rows_are_their_protocol_config_with_parts_switched(config):
     assert changed and all(k.startswith(ABLATED) for k in changed), changed
 
 
+def test_no_base_config_is_a_row():
+    """A Base-*.yaml is a base that configs inherit, never a row that is run. The rule: a model or
+    recipe base (Base-OCZ.yaml, Base-OCZSS.yaml) has no DATASETS.TRAIN, so there is nothing to
+    train; a dataset base (voc/Base-VOC.yaml, ...) has, so nothing lists it as a row: no command
+    in a document, tool, module or the Makefile runs it (``--config-file``, ``--config``,
+    ``--row NAME``; no command runs a model base either), no Markdown table lists it, and no
+    test but this file's names it."""
+    bases = [c for c in CONFIGS if Path(c).name.startswith("Base-")]
+    with_data = {c for c in bases if load_config(REPO / "configs" / c).DATASETS.TRAIN}
+    assert {"Base-OCZ.yaml", "Base-OCZSS.yaml"} <= set(bases) - with_data
+    assert "voc/Base-VOC.yaml" in with_data
+    command = re.compile(r"(?:--config-file|--config|--row\s+\S+)\s+(?:configs/)?(\S+\.yaml)")
+    sources = [*REPO.glob("*.md"), *(REPO / "docs").rglob("*.md"), REPO / "Makefile"]
+    sources += [*(REPO / "tools").glob("*.py"), *(REPO / "ocz_d2").rglob("*.py")]
+    rows = []
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        rows += [(m.group(1), source.name) for m in command.finditer(text)]
+        if source.suffix == ".md":
+            table = [line for line in text.splitlines() if line.lstrip().startswith("|")]
+            rows += [(c, source.name) for c in with_data for line in table if Path(c).name in line]
+    for test in (REPO / "tests").glob("*.py"):
+        if test.name != Path(__file__).name:
+            text = test.read_text(encoding="utf-8")
+            rows += [(c, test.name) for c in with_data if Path(c).name in text]
+    named = [(c, where) for c, where in rows if Path(c).name.startswith("Base-")]
+    assert not named, f"Base configs run or listed as rows (config, where): {named}"
+
+
 def test_cross_domain_targets_are_registered_with_their_full_label_set():
     from detectron2.data import MetadataCatalog
 
