@@ -232,7 +232,10 @@ def test_stand_in_files_are_in_the_dataset_formats(tmp_path):
 
 @pytest.mark.parametrize(
     "config, num_objects",
-    [("configs/voc/Base-VOC-ZeroShot.yaml", 0), ("configs/voc/ocz_oczss.yaml", 6)],
+    [
+        ("configs/voc/ablation/baseline_vitb16_bs16_20k.yaml", 0),
+        ("configs/voc/oczss_vitb16_bs16_20k.yaml", 6),
+    ],
 )
 def test_loader_stand_in_on_a_voc_config(config, num_objects, tmp_path, monkeypatch):
     """The VOC split registered over an empty folder: its files are missing, so the loader runs

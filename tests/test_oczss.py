@@ -414,7 +414,7 @@ def test_training_with_object_maps_never_runs_the_ssl_model(synthetic_benchmark,
     # Without object maps the guide runs online (built on first use) ...
     with EventStorage():
         losses = model(batch)
-    assert calls and model._ssl_guide
+    assert calls and model.guide._ssl_model
     sum(losses.values()).backward()
     assert model.backbone.object_prompts.embeddings.grad.abs().sum() > 0
     # ... with object maps it never runs, and is never even built.
@@ -425,7 +425,7 @@ def test_training_with_object_maps_never_runs_the_ssl_model(synthetic_benchmark,
         x["object_map"] = torch.randint(0, 3, x["sem_seg"].shape)
     with EventStorage():
         model(batch)
-    assert not calls and not model._ssl_guide
+    assert not calls and not model.guide._ssl_model
     # Inference on an image without an object map computes its regions online.
     model.eval()
     sample = ZeroShotSemSegDatasetMapper(cfg, False)(DatasetCatalog.get(data.val_name)[0])
@@ -537,12 +537,12 @@ def test_oracle_maps_are_the_true_instances(synthetic_benchmark_factory):
 
 
 VOC_LADDER = [
-    "Base-VOC-ZeroShot.yaml",
-    "ocz_ora.yaml",
-    "ocz_objects.yaml",
-    "ocz_oczss.yaml",
-    "ocz_oczss_split.yaml",
-    "ocz_oczss_split_transductive.yaml",
+    "ablation/baseline_vitb16_bs16_20k.yaml",
+    "ablation/ora_vitb16_bs16_20k.yaml",
+    "ablation/objects_vitb16_bs16_20k.yaml",
+    "oczss_vitb16_bs16_20k.yaml",
+    "ablation/oczss_split_vitb16_bs16_20k.yaml",
+    "ablation/oczss_split_vitb16_bs16_20k_transductive.yaml",
 ]
 
 
@@ -579,7 +579,7 @@ def test_paper_scale_voc_ladder_builds_and_trains_a_step(config, synthetic_bench
         assert ora.num_rounds == 4 and ora.num_heads == 8
         assert ora.dim == 256 and ora.channels == model.backbone.width
         assert ora.granular == (config not in VOC_LADDER[1:3])
-    split = config.startswith("ocz_oczss_split")
+    split = config.startswith("ablation/oczss_split")
     assert (model.pseudo_masker is not None) == split
     assert (model.pixel_decoder.mfe is not None) == split
     assert model.num_objects == (6 if config in VOC_LADDER[2:] else 0)

@@ -141,14 +141,14 @@ def test_online_and_precomputed_guides_agree_on_padded_crops(synthetic_benchmark
         images = model._normalize(batch).tensor
         mask = batch_image_mask(batch, images.shape[-2:], model.device)
         raw = [x["image"] for x in batch]
-        online = model._regions(images, raw, [None, None], 255, mask)
+        online = model.guide(model.backbone, images, raw, [None, None], 255, mask)
         # An object map as the precompute tool writes it (a region for every image pixel),
         # padded by the mapper with the ignore value.
         maps = []
         for x in batch:
             m = torch.randint(0, 3, x["sem_seg"].shape, generator=torch.Generator().manual_seed(0))
             maps.append(m.masked_fill(x["padding_mask"], 255))
-        stored = model._regions(images, raw, maps, 255, mask)
+        stored = model.guide(model.backbone, images, raw, maps, 255, mask)
         expected = ~image_patches(mask, 16)
         assert expected.any()
         assert torch.equal(online == NO_REGION, expected)

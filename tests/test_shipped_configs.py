@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from detectron2.modeling import build_model
 
 import ocz_d2.data  # noqa: F401  (registers the builtin splits)
@@ -29,17 +30,21 @@ TINY = [
     "MODEL.OCZ.GUIDE.PRETRAINED", "False",
     "MODEL.OCZ.DECODER.DEC_LAYERS", "1",
 ]  # fmt: skip
-# Protocol configs: file name pattern -> (dataset of TRAIN, setting, iterations, calibration).
-PROTOCOL = re.compile(r"oczss_vitb16_bs(\d+)_(\d+)k")
+# A name that encodes the model, the total batch and the schedule: <model>_vitb16_bs<B>_<N>k...
+# (the protocol configs and the ablation rows).
+SCHEDULE = re.compile(r"_vitb16_bs(\d+)_(\d+)k")
+# Protocol configs: <dataset>/oczss_vitb16_bs<B>_<N>k[...].yaml; ablation rows are in ablation/.
+PROTOCOL = re.compile(r"^[\w-]+/oczss_vitb16_bs(\d+)_(\d+)k[\w-]*\.yaml$")
+ABLATION = [c for c in CONFIGS if "/ablation/" in c]
 
 
-# A config path in prose or code: ``configs/<path>.yaml``, or ``<subfolder>/<name>.yaml`` for a
-# subfolder of configs/ (the protocol tables name them so).
+# A config path in prose or code: ``configs/<path>.yaml``, or ``<subfolder>/<path>.yaml`` for a
+# subfolder of configs/ (the protocol tables name them so); paths may go deeper (voc/ablation/).
 _SUBFOLDERS = sorted(p.name for p in (REPO / "configs").iterdir() if p.is_dir())
 _NAMED = re.compile(
-    r"(?<![\w./-])(?:configs/([\w.-]+\.yaml)|(?:configs/)?((?:"
+    r"(?<![\w./-])(?:configs/((?:[\w.-]+/)*[\w.-]+\.yaml)|((?:"
     + "|".join(map(re.escape, _SUBFOLDERS))
-    + r")/[\w.-]+\.yaml))"
+    + r")/(?:[\w.-]+/)*[\w.-]+\.yaml))"
 )
 
 
@@ -73,7 +78,7 @@ def test_shipped_config_builds_a_model(config, request):
     torch.manual_seed(0)
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
-    m = PROTOCOL.search(config)
+    m = SCHEDULE.search(config)
     if m:  # the name encodes the model, the total batch and the schedule
         assert cfg.SOLVER.IMS_PER_BATCH == int(m.group(1))
         assert cfg.SOLVER.MAX_ITER == int(m.group(2)) * 1000
@@ -81,7 +86,20 @@ def test_shipped_config_builds_a_model(config, request):
         assert "Total batch" in text and "BASE_LR" in text
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if PROTOCOL.search(c)])
+def test_protocol_and_ablation_configs_are_where_they_should_be():
+    protocol = [c for c in CONFIGS if PROTOCOL.match(c)]
+    assert len(protocol) == 11 and not set(protocol) & set(ABLATION)
+    assert all(SCHEDULE.search(c) for c in ABLATION)
+    assert {Path(c).name for c in ABLATION} == {
+        "baseline_vitb16_bs16_20k.yaml",
+        "ora_vitb16_bs16_20k.yaml",
+        "objects_vitb16_bs16_20k.yaml",
+        "oczss_split_vitb16_bs16_20k.yaml",
+        "oczss_split_vitb16_bs16_20k_transductive.yaml",
+    }
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if PROTOCOL.match(c)])
 def test_protocol_configs_follow_the_recipe(config):
     cfg = load_config(REPO / "configs" / config)
     assert cfg.MODEL.OCZ.CLIP.MODEL_NAME == "ViT-B-16" and cfg.MODEL.OCZ.CLIP.PRETRAINED == "openai"
@@ -132,13 +150,60 @@ def test_paper_scale_configs_keep_the_miniature_options_off(config):
     assert cfg.MODEL.OCZ.LOSS.PIXEL_WEIGHT == 0.0
 
 
-def test_voc_protocol_config_equals_the_ladder_top():
-    """configs/voc/oczss_vitb16_bs16_20k.yaml (on Base-OCZSS.yaml) is the same model and recipe as
-    the last row of the VOC ladder (configs/voc/ocz_oczss.yaml)."""
-    a = load_config(REPO / "configs" / "voc" / "oczss_vitb16_bs16_20k.yaml")
-    b = load_config(REPO / "configs" / "voc" / "ocz_oczss.yaml")
-    a.OUTPUT_DIR = b.OUTPUT_DIR = ""
-    assert a.dump() == b.dump()
+# What an ablation row may change in its protocol config: the parts it switches, the setting.
+ABLATED = ("MODEL.OCZ.OBJECTS.", "MODEL.OCZ.GUIDE.", "MODEL.OCZ.ORA.", "MODEL.OCZ.SPLIT.",
+           "MODEL.OCZ.MFE.", "MODEL.OCZ.SELF_TRAINING.", "MODEL.OCZ.TEST.CALIBRATION",
+           "INPUT.ZERO_SHOT_SETTING", "OUTPUT_DIR")  # fmt: skip
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("config", ABLATION)
+def test_ablation_rows_are_their_protocol_config_with_parts_switched(config):
+    """An ablation row <dataset>/ablation/<model>_vitb16_bs16_<N>k[_setting].yaml is the protocol
+    config <dataset>/oczss_vitb16_bs16_<N>k.yaml (the top rung: the full OC-ZSS model) with model
+    parts switched off or added, and possibly the setting: same data, recipe and schedule."""
+    m = SCHEDULE.search(config)
+    protocol = f"{config.split('/')[0]}/oczss{config[m.start() : m.end()]}.yaml"
+    assert protocol in CONFIGS
+    row = _flat(yaml.safe_load(load_config(REPO / "configs" / config).dump()))
+    top = _flat(yaml.safe_load(load_config(REPO / "configs" / protocol).dump()))
+    changed = sorted(k for k in row.keys() | top.keys() if row.get(k) != top.get(k))
+    assert changed and all(k.startswith(ABLATED) for k in changed), changed
+
+
+def test_no_base_config_is_a_row():
+    """A Base-*.yaml is a base that configs inherit, never a row that is run. The rule: a model or
+    recipe base (Base-OCZ.yaml, Base-OCZSS.yaml) has no DATASETS.TRAIN, so there is nothing to
+    train; a dataset base (voc/Base-VOC.yaml, ...) has, so nothing lists it as a row: no command
+    in a document, tool, module or the Makefile runs it (``--config-file``, ``--config``,
+    ``--row NAME``; no command runs a model base either), no Markdown table lists it, and no
+    test but this file's names it."""
+    bases = [c for c in CONFIGS if Path(c).name.startswith("Base-")]
+    with_data = {c for c in bases if load_config(REPO / "configs" / c).DATASETS.TRAIN}
+    assert {"Base-OCZ.yaml", "Base-OCZSS.yaml"} <= set(bases) - with_data
+    assert "voc/Base-VOC.yaml" in with_data
+    command = re.compile(r"(?:--config-file|--config|--row\s+\S+)\s+(?:configs/)?(\S+\.yaml)")
+    sources = [*REPO.glob("*.md"), *(REPO / "docs").rglob("*.md"), REPO / "Makefile"]
+    sources += [*(REPO / "tools").glob("*.py"), *(REPO / "ocz_d2").rglob("*.py")]
+    rows = []
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        rows += [(m.group(1), source.name) for m in command.finditer(text)]
+        if source.suffix == ".md":
+            table = [line for line in text.splitlines() if line.lstrip().startswith("|")]
+            rows += [(c, source.name) for c in with_data for line in table if Path(c).name in line]
+    for test in (REPO / "tests").glob("*.py"):
+        if test.name != Path(__file__).name:
+            text = test.read_text(encoding="utf-8")
+            rows += [(c, test.name) for c in with_data if Path(c).name in text]
+    named = [(c, where) for c, where in rows if Path(c).name.startswith("Base-")]
+    assert not named, f"Base configs run or listed as rows (config, where): {named}"
 
 
 def test_cross_domain_targets_are_registered_with_their_full_label_set():

@@ -6,15 +6,16 @@ evaluator throughput, and every number's ratio to the first config (ocz_d2/bench
     python tools/benchmark.py --config configs/synthetic/ocz_tiny.yaml \\
         --config configs/synthetic/ocz_tiny_oczss.yaml --size 128 --batch 8 --device cpu \\
         --repeats 10 --warmup 3 --output output/benchmark/tiny.json
-    python tools/benchmark.py --row base configs/voc/Base-VOC-ZeroShot.yaml \\
-        --row oczss configs/voc/ocz_oczss.yaml MODEL.OCZ.ORA.NUM_ROUNDS 2 \\
+    python tools/benchmark.py --row base configs/voc/ablation/baseline_vitb16_bs16_20k.yaml \\
+        --row oczss configs/voc/oczss_vitb16_bs16_20k.yaml MODEL.OCZ.ORA.NUM_ROUNDS 2 \\
         --opts MODEL.OCZ.CLIP.PRETRAINED "" MODEL.OCZ.GUIDE.PRETRAINED False --size 512 --batch 1
 
 Without the dataset's files the loader is "not available"; --loader-stand-in N times it on N
 stand-in image/label pairs (and object maps for configs with object prompts) written in the
 dataset's formats at --loader-stand-in-size (VOC's 500x375), with the config's input recipe:
 
-    python tools/benchmark.py --config configs/voc/ocz_oczss.yaml --loader-stand-in 64 ...
+    python tools/benchmark.py --config configs/voc/oczss_vitb16_bs16_20k.yaml \\
+        --loader-stand-in 64 ...
 
 Rows are measured in the order given; --config PATH is a row named after the file. --opts applies
 to every row, before the row's own overrides. Models are built with the configs' weights; on a

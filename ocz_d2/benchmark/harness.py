@@ -77,7 +77,7 @@ def _online_guide_skip_reason(model: nn.Module) -> str | None:
     """Why the model cannot run inference without object maps, or None if it can."""
     if not getattr(model, "num_objects", 0):
         return "no object prompts"
-    if model.guide["source"] == "oracle":
+    if model.guide.source == "oracle":
         return "oracle guide: object maps only"
     return None
 
@@ -185,11 +185,13 @@ def _parameters(model: nn.Module) -> dict[str, int | None]:
     """Total and trainable parameters of the model, and the (frozen) online SSL guide's, which
     is not a registered submodule (None without one)."""
     guide = getattr(model, "guide", None)
-    ssl = guide is not None and guide["source"] == "ssl"
+    ssl = guide is not None and guide.source == "ssl"
     return {
         "total": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "ssl_guide": sum(p.numel() for p in model.ssl_guide().parameters()) if ssl else None,
+        "ssl_guide": sum(p.numel() for p in guide.ssl_model(model.device).parameters())
+        if ssl
+        else None,
     }
 
 

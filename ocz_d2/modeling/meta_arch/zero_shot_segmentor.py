@@ -19,22 +19,20 @@ from torch import nn
 from ...constants import OBJECT_MAP_KEY, UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
 from ...data.object_maps import check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
-from ..backbone.ssl_guide import SSLGuide
-from ..clustering import NO_REGION, cells_with_image, cluster_feature_map, label_map_to_grid
 from ..criterion import SetCriterion, SplitCriterion, build_criterion, pixel_text_loss
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
 from ..pixel_decoder.image_path import IMAGE_KEY
-from ..pseudo_masks import PseudoMaskGenerator, pixel_class_probabilities, pseudo_label
+from ..pseudo_masks import PseudoMaskGenerator
+from ..region_guide import RegionGuide
 from ..segment_classifier import ENSEMBLE_SEEN_KEY, SegmentCLIPClassifier
+from ..targets import SPLIT_TARGETS, add_candidates, add_pseudo_labels, prepare_targets
 from ..text import TextEmbedder
 from ..transformer_decoder import build_transformer_decoder
 
 logger = logging.getLogger(__name__)
 
 TEST_MODES = ("whole", "slide")
-GUIDE_SOURCES = ("ssl", "clip", "oracle")
-SPLIT_TARGETS = ("prompted", "plain")
 
 
 def semantic_inference(
@@ -124,7 +122,7 @@ class OCZeroShotSegmentor(nn.Module):
         window_size: tuple[int, int] = (512, 512),
         window_stride: tuple[int, int] = (426, 426),
         slide_batch: int = 0,
-        guide: dict | None = None,
+        guide: RegionGuide | None = None,
         pseudo_masker: PseudoMaskGenerator | None = None,
         split_targets: str = "prompted",
         self_training: dict | None = None,
@@ -146,11 +144,9 @@ class OCZeroShotSegmentor(nn.Module):
             test_mode: "whole" or "slide".
             window_size, window_stride: sliding-window geometry (h, w) in input pixels.
             slide_batch: windows of an image per forward pass in slide mode; 0 = all at once.
-            guide: where the object prompts' regions come from when a sample has no
-                ``"object_map"``: {"source": "ssl" | "clip" | "oracle", "seeding", "kmeans_iters",
-                "seed", and for "ssl" "ssl_kwargs" (arguments of :class:`SSLGuide`)}. None when
-                the backbone has no object prompts. The SSL model is built on first use, so
-                training on object maps never builds (or downloads) it.
+            guide: the object prompts' regions, from a sample's ``"object_map"`` or, without
+                one, online (:class:`RegionGuide`: SSL ViT or CLIP features, clustered); None
+                when the backbone has no object prompts (ignored then).
             pseudo_masker: pseudo-masks of the ignore pixels for the candidate queries; required
                 by (and only with) a :class:`SplitCriterion` with candidate queries.
             split_targets: features of the pseudo-masks and region embeddings: "prompted" (this
@@ -190,11 +186,13 @@ class OCZeroShotSegmentor(nn.Module):
         self.num_objects = int(getattr(backbone, "num_objects", 0))
         if self.num_objects and guide is None:
             raise ValueError("the backbone has object prompts: a guide is required")
-        if guide is not None and guide["source"] not in GUIDE_SOURCES:
-            raise ValueError(f"MODEL.OCZ.GUIDE.SOURCE={guide['source']!r}: use {GUIDE_SOURCES}")
+        if self.num_objects and guide.num_regions != self.num_objects:
+            raise ValueError(
+                f"the guide makes {guide.num_regions} regions but the backbone has "
+                f"{self.num_objects} object prompts"
+            )
+        # No parameters or buffers: the state dict is the same with or without it.
         self.guide = guide if self.num_objects else None
-        # Built lazily, kept out of the state dict (frozen, and possibly large).
-        self._ssl_guide: list[SSLGuide] = []
         has_candidates = isinstance(criterion, SplitCriterion)
         if has_candidates != (pseudo_masker is not None):
             raise ValueError("split matching needs both a SplitCriterion and a pseudo_masker")
@@ -245,6 +243,10 @@ class OCZeroShotSegmentor(nn.Module):
         _check_pixel_stats(cfg, backbone)
         if getattr(backbone, "num_objects", 0):
             check_object_map_records(cfg, datasets + list(cfg.DATASETS.VAL))
+        guide = None
+        if getattr(backbone, "num_objects", 0):
+            with component_seed(cfg.SEED, "guide"):  # draws nothing today; the SSL model: lazily
+                guide = RegionGuide(cfg)
         divisibility = max(
             cfg.INPUT.SIZE_DIVISIBILITY,
             max(ocz.PIXEL_DECODER.DECODER_STRIDES),
@@ -266,7 +268,7 @@ class OCZeroShotSegmentor(nn.Module):
             "window_size": ocz.TEST.WINDOW_SIZE,
             "window_stride": ocz.TEST.WINDOW_STRIDE,
             "slide_batch": ocz.TEST.SLIDE_BATCH,
-            "guide": _guide_from_config(cfg) if getattr(backbone, "num_objects", 0) else None,
+            "guide": guide,
             "pseudo_masker": pseudo_masker,
             "split_targets": ocz.SPLIT.TARGET_FEATURES,
             "self_training": {
@@ -398,63 +400,11 @@ class OCZeroShotSegmentor(nn.Module):
         none_value: int,
         image_mask: torch.Tensor,
     ) -> torch.Tensor | None:
-        """Regions [B, gh, gw] of a padded batch for the object prompts (None without them).
-
-        Patches that hold no image (:func:`image_patches`) get NO_REGION on both paths, so an
-        object map and the online guide agree on padded crops.
-
-        Args:
-            images: [B, 3, H, W] normalised, padded batch (H, W multiples of the patch size).
-            raw: the raw images [3, h_i, w_i] (0..255; in training the mapper's padded crops),
-                for an online SSL guide.
-            object_maps: per image its object map [h_i, w_i] (pixel region indices, ``none_value``
-                where none), or None; all or none of the images must have one.
-            none_value: the maps' "no region" value (the dataset's ignore label).
-            image_mask: bool [B, H, W], True on image pixels (:func:`batch_image_mask`).
-        """
+        """Regions [B, gh, gw] of a padded batch for the object prompts (None without them);
+        see :meth:`RegionGuide.forward`."""
         if not self.num_objects:
             return None
-        p = self.backbone.patch_size
-        grid_hw = (images.shape[-2] // p, images.shape[-1] // p)
-        in_image = image_patches(image_mask, p)
-        given = [m is not None for m in object_maps]
-        if all(given):
-            maps = ImageList.from_tensors(
-                [m.to(self.device) for m in object_maps], p, pad_value=float(none_value)
-            ).tensor
-            maps = F.pad(
-                maps,
-                (0, images.shape[-1] - maps.shape[-1], 0, images.shape[-2] - maps.shape[-2]),
-                value=none_value,
-            )
-            regions = label_map_to_grid(maps, p, self.num_objects, none_value)
-            return regions.masked_fill(~in_image, NO_REGION)
-        if any(given):
-            raise ValueError(
-                "a batch mixes images with and without object maps: give every image of a "
-                "dataset an object map (tools/precompute_object_maps.py), or none"
-            )
-        source = self.guide["source"]
-        if source == "oracle":
-            raise ValueError(
-                "MODEL.OCZ.GUIDE.SOURCE is 'oracle' but the images have no object map: register "
-                "the dataset with extra_label_roots {object_map: ...} (see "
-                "tools/precompute_object_maps.py), or choose the 'ssl' or 'clip' guide"
-            )
-        with torch.no_grad():
-            if source == "clip":
-                feats, stride = self.backbone.plain_forward(images)["patch"], (p, p)
-            else:
-                padded = torch.zeros_like(images)
-                for i, r in enumerate(raw):
-                    padded[i, :, : r.shape[-2], : r.shape[-1]] = r.to(self.device)
-                feats, stride = self.ssl_guide().features(padded)
-        regions = cluster_feature_map(
-            feats, self.num_objects, grid_hw, stride, p, seeding=self.guide["seeding"],
-            iters=self.guide["kmeans_iters"], seed=self.guide["seed"],
-            valid=cells_with_image(image_mask, feats.shape[-2:], stride),
-        )  # fmt: skip
-        return regions.masked_fill(~in_image, NO_REGION)
+        return self.guide(self.backbone, images, raw, object_maps, none_value, image_mask)
 
     @torch.no_grad()
     def online_regions(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -471,15 +421,6 @@ class OCZeroShotSegmentor(nn.Module):
             [{"image": x} for x in images], batch.tensor.shape[-2:], self.device
         )
         return self._regions(batch.tensor, images, [None] * len(images), 0, mask)
-
-    def ssl_guide(self) -> SSLGuide:
-        """The SSL guide model, built (and moved to this model's device) on first use."""
-        if not self._ssl_guide:
-            self._ssl_guide.append(SSLGuide(**self.guide["ssl_kwargs"]))
-        guide = self._ssl_guide[0]
-        if guide.pixel_mean.device != self.device:
-            guide.to(self.device)
-        return guide
 
     def _forward_train(self, batched_inputs: list[dict]) -> dict:
         names = {x.get("dataset_name") for x in batched_inputs}
@@ -501,7 +442,7 @@ class OCZeroShotSegmentor(nn.Module):
             image_mask,
         )
         outputs, features = self._predict(images.tensor, text, image_mask, regions)
-        targets = self._prepare_targets(batched_inputs, image_mask, class_ids, ignore)
+        targets = prepare_targets(batched_inputs, image_mask, class_ids, ignore, self.device)
         if self.self_training_active():
             if any(x.get(UNSEEN_MASK_KEY) is None for x in batched_inputs):
                 raise ValueError(
@@ -509,9 +450,17 @@ class OCZeroShotSegmentor(nn.Module):
                     "samples have no 'unseen_mask': use the ocz_d2 mapper with "
                     "INPUT.ZERO_SHOT_SETTING 'transductive' (it writes one)"
                 )
-            self._add_pseudo_labels(targets, outputs, seen_vocab)
+            threshold = self.self_training["threshold"]
+            add_pseudo_labels(targets, outputs, seen_vocab, threshold)
         if self.pseudo_masker is not None:
-            self._add_candidates(targets, features, images.tensor)
+            add_candidates(
+                targets,
+                features,
+                images.tensor,
+                self.backbone,
+                self.pseudo_masker,
+                self.split_targets,
+            )
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         losses = {k: v * weights[k] for k, v in losses.items() if k in weights}
@@ -520,132 +469,6 @@ class OCZeroShotSegmentor(nn.Module):
                 outputs["pixel_logits"], targets
             )
         return losses
-
-    def _prepare_targets(
-        self, batched_inputs, image_mask: torch.Tensor, class_ids: torch.Tensor, ignore_label: int
-    ) -> list[dict]:
-        """Per image: vocabulary labels, binary masks and the valid (non-ignore) region, padded.
-
-        Args:
-            batched_inputs: training samples with "instances" and "sem_seg" (and, transductive,
-                "unseen_mask").
-            image_mask: bool [B, H, W] image pixels of the padded batch (:func:`batch_image_mask`).
-            class_ids: int64 [K'] dataset class indices of the training vocabulary.
-            ignore_label: the "sem_seg" value of pixels outside every target (dataset metadata).
-
-        Returns:
-            One dict per image: "labels" int64 [T] vocabulary indices, "masks" float [T, H, W],
-            "valid" bool [H, W] (annotated pixels), "unlabeled" bool [H, W] (ignore pixels of the
-            image; never padding), "unseen" bool [H, W] (transductive: pixels of some unseen
-            class, all False otherwise) and "area" (the image's pixel count, padding excluded).
-        """
-        num_classes = int(class_ids.max().item()) + 1 if class_ids.numel() else 0
-        to_vocab = torch.full((max(num_classes, 1),), -1, dtype=torch.long, device=self.device)
-        to_vocab[class_ids] = torch.arange(len(class_ids), device=self.device)
-        h_pad, w_pad = image_mask.shape[-2:]
-        targets = []
-        for x, in_image in zip(batched_inputs, image_mask):
-            inst = x["instances"].to(self.device)
-            gt_classes = inst.gt_classes
-            masks = inst.gt_masks
-            masks = masks.tensor if hasattr(masks, "tensor") else masks
-            if gt_classes.numel() and (
-                gt_classes.max() >= len(to_vocab) or (to_vocab[gt_classes] < 0).any()
-            ):
-                raise ValueError(
-                    f"{x.get('file_name', 'a sample')}: target classes {gt_classes.tolist()} "
-                    f"are not all in the training vocabulary {class_ids.tolist()}; unseen "
-                    f"classes must be ignore ({ignore_label}) in inductive training"
-                )
-            sem_seg = x["sem_seg"].to(self.device)
-            h, w = sem_seg.shape
-            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad), dtype=torch.float32)
-            padded[:, :h, :w] = masks.float()
-            valid = torch.zeros((h_pad, w_pad), dtype=torch.bool, device=self.device)
-            valid[:h, :w] = sem_seg != ignore_label
-            unlabeled = torch.zeros_like(valid)
-            unlabeled[:h, :w] = sem_seg == ignore_label
-            unlabeled &= in_image
-            unseen = torch.zeros_like(valid)
-            if x.get(UNSEEN_MASK_KEY) is not None:
-                unseen[:h, :w] = x[UNSEEN_MASK_KEY].to(self.device)
-                unseen &= in_image
-            labels = to_vocab[gt_classes] if gt_classes.numel() else gt_classes
-            targets.append(
-                {"labels": labels, "masks": padded, "valid": valid, "unlabeled": unlabeled,
-                 "unseen": unseen, "area": in_image.sum()}
-            )  # fmt: skip
-        return targets
-
-    @torch.no_grad()
-    def _add_pseudo_labels(
-        self, targets: list[dict], outputs: dict, seen_vocab: torch.Tensor
-    ) -> None:
-        """Self-training (ZegCLIP/OTSeg): pixels whose ground truth is an unseen class (the
-        mapper's "unseen_mask": where, not which) get the unseen class of highest probability in
-        this step's prediction, if it reaches the threshold (:func:`pixel_class_probabilities`,
-        :func:`pseudo_label`); they become one target mask per unseen class present, join "valid"
-        and leave "unlabeled". Background, boundaries and padding stay ignored."""
-        num_classes = outputs["pred_logits"].shape[-1] - 1
-        is_seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
-        is_seen[seen_vocab.to(self.device)] = True
-        unseen = torch.nonzero(~is_seen).squeeze(1)
-        size = targets[0]["valid"].shape
-        masks = F.interpolate(
-            outputs["pred_masks"].detach().float(), size=size, mode="bilinear", align_corners=False
-        )
-        logits = outputs["pred_logits"].detach().float()
-        labelled = candidates = 0  # pixel counts, kept on the device until the one log below
-        for target, lg, mk in zip(targets, logits, masks):
-            candidates = candidates + target["unseen"].sum()
-            labels = pseudo_label(
-                pixel_class_probabilities(lg, mk), target["unseen"], unseen,
-                self.self_training["threshold"],
-            )  # fmt: skip
-            present = torch.unique(labels)
-            present = present[present >= 0]
-            new = (labels[None] == present[:, None, None]).float()
-            target["labels"] = torch.cat([target["labels"], present])
-            target["masks"] = torch.cat([target["masks"], new])
-            target["valid"] = target["valid"] | (labels >= 0)
-            target["unlabeled"] = target["unlabeled"] & (labels < 0)
-            labelled = labelled + (labels >= 0).sum()
-        fraction = float(labelled) / max(float(candidates), 1.0)
-        _put_scalar("self_training/pseudo_labelled_fraction", fraction)
-
-    @torch.no_grad()
-    def _add_candidates(self, targets: list[dict], features: dict, images: torch.Tensor) -> None:
-        """Split matching: each target gets "candidates", the pseudo-masks of its unlabeled
-        pixels with their region embeddings, defined on the annotated and pseudo-masked pixels.
-
-        The features they come from are the prompted pass's (``features``), which move as the
-        prompts train, or a frozen prompt-free pass over ``images`` (fixed targets), as
-        ``split_targets`` says.
-        """
-        prompted = self.split_targets == "prompted"
-        source = features if prompted else self.backbone.plain_forward(images)
-        unlabeled = torch.stack([t["unlabeled"] for t in targets])
-        areas = torch.stack([torch.as_tensor(t["area"], device=self.device) for t in targets])
-        masks, patch_masks = self.pseudo_masker(source["dense"].detach(), unlabeled, areas)
-        most = max(len(m) for m in masks)
-        dim = source["cls"].shape[-1]
-        embeds = source["cls"].new_zeros((len(targets), most, dim))
-        if most:
-            grid = patch_masks[0].shape[-2:]
-            padded = torch.zeros((len(targets), most, *grid), dtype=torch.bool, device=self.device)
-            for b, p in enumerate(patch_masks):
-                padded[b, : len(p)] = p
-            embeds = self.backbone.region_embeddings(
-                source["last_input"].detach(), padded, prompted=prompted
-            )
-        _put_scalar("split/pseudo_masks_per_image", sum(len(m) for m in masks) / len(masks))
-        for b, (target, m) in enumerate(zip(targets, masks)):
-            covered = m.any(0) if len(m) else torch.zeros_like(target["valid"])
-            target["candidates"] = {
-                "masks": m.float(),
-                "embeds": embeds[b, : len(m)].float(),
-                "valid": target["valid"] | covered,
-            }
 
     # ------------------------------------------------------------------ inference
     def _inference_one(self, sample: dict) -> dict:
@@ -735,36 +558,6 @@ class OCZeroShotSegmentor(nn.Module):
                 scores[:, y : y + wh, x : x + ww] += window
                 counts[:, y : y + wh, x : x + ww] += 1
         return scores / counts
-
-
-def _guide_from_config(cfg) -> dict:
-    guide = cfg.MODEL.OCZ.GUIDE
-    if guide.SOURCE not in GUIDE_SOURCES:
-        raise ValueError(f"MODEL.OCZ.GUIDE.SOURCE={guide.SOURCE!r}: use one of {GUIDE_SOURCES}.")
-    return {
-        "source": guide.SOURCE,
-        "seeding": guide.SEEDING,
-        "kmeans_iters": guide.KMEANS_ITERS,
-        "seed": guide.SEED,
-        "ssl_kwargs": {
-            "model_name": guide.SSL_MODEL,
-            "pretrained": guide.PRETRAINED,
-            "weights": guide.WEIGHTS,
-            "num_regions": cfg.MODEL.OCZ.OBJECTS.NUM,
-            "seeding": guide.SEEDING,
-            "kmeans_iters": guide.KMEANS_ITERS,
-            "seed": guide.SEED,
-            "input_size": guide.INPUT_SIZE,
-        },
-    }
-
-
-def _put_scalar(name: str, value: float) -> None:
-    """Log a training scalar to Detectron2's event storage, if there is one."""
-    try:
-        get_event_storage().put_scalar(name, value)
-    except AssertionError:  # no storage: called outside a trainer
-        pass
 
 
 def _check_region_embedding_width(backbone: nn.Module, text_dim: int) -> None:
