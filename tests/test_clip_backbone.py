@@ -16,7 +16,7 @@ from ocz_d2.modeling.backbone import (
 )
 
 TINY = "OCZ-Tiny-ViT"
-WIDTH, EMBED_DIM, LAYERS = 192, 64, 4
+WIDTH, EMBED_DIM, LAYERS = 128, 64, 4
 
 
 def make_backbone(seed=0, **kwargs):

@@ -147,10 +147,11 @@ def test_object_prompts_see_only_their_region_and_hide_when_unassigned():
     with torch.no_grad():
         ref = plain(x)
         out = with_objects(x, none)
-    # No patch in any region: the prompts are invisible, everything else is the plain output.
+    # No patch in any region: the prompts are invisible, everything else is the plain output
+    # (up to float rounding: the attention runs over more, fully masked, tokens).
     for key in ("res1", "res3", "patch", "dense", "cls"):
-        assert torch.equal(out[key], ref[key]), key
-    assert out["objects"].shape == (2, 3, 192)
+        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=1e-5, msg=key)
+    assert out["objects"].shape == (2, 3, 128)
     # Prompt 2 owns no patch: it sees only itself, so its output ignores the image.
     regions = torch.zeros(2, 4, 4, dtype=torch.long)
     regions[:, 2:] = 1
