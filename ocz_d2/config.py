@@ -188,9 +188,8 @@ def _add_pixel_decoder_config(cfg: CN) -> None:
     ocz.PIXEL_DECODER.MASK_STRIDE = 4
     ocz.PIXEL_DECODER.IMAGE_PATH = CN()
     # The miniature's light high-resolution path from the image (pixel_decoder/image_path.py):
-    # stage widths, stage i at stride 2**i (stage 0 at full resolution); its outputs at pyramid
-    # strides are added to those levels. Empty: off (every paper-scale config; no reproduced
-    # method has it).
+    # stage widths, stage i at stride 2**(i+1); its outputs at pyramid strides are added to those
+    # levels. Empty: off (every paper-scale config; no reproduced method has it).
     ocz.PIXEL_DECODER.IMAGE_PATH.WIDTHS = []
 
 

@@ -148,10 +148,10 @@ def test_image_path_carries_sub_patch_detail():
     assert torch.equal(same[0], same[1])
     torch.manual_seed(0)
     with_path = SimplePyramidPixelDecoder(
-        shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM, image_path_widths=(32, 32, 32, 32)
+        shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM, image_path_widths=(32, 32, 32)
     )
-    assert with_path.image_path.out_strides == [4, 8]  # stage strides 1, 2, 4, 8; levels 32..4
-    assert len(with_path.image_path.stages) == 4
+    assert with_path.image_path.out_strides == [4, 8]  # stage strides 2, 4, 8; levels 32..4
+    assert len(with_path.image_path.stages) == 3
     (m1, levels1), (m2, levels2) = (with_path({**features, "image": x}) for x in (image, other))
     assert (m1 - m2).abs().amax() > 1e-3
     # Stride 32 and 16 levels have no image-path input: they do not see the detail.
@@ -160,7 +160,7 @@ def test_image_path_carries_sub_patch_detail():
     # The path adds to the same layers: with its projections zeroed it is the plain decoder.
     torch.manual_seed(0)
     twin = SimplePyramidPixelDecoder(
-        shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM, image_path_widths=(32, 32, 32, 32)
+        shapes, conv_dim=CONV_DIM, mask_dim=MASK_DIM, image_path_widths=(32, 32, 32)
     )
     for proj in twin.image_path.out_proj.values():
         torch.nn.init.zeros_(proj.weight)
@@ -172,9 +172,9 @@ def test_image_path_carries_sub_patch_detail():
     with pytest.raises(ValueError, match="stride-4 map is"):
         with_path({**features, "image": torch.randn(2, 3, 60, 96)})
     with pytest.raises(ValueError, match="multiple of 32"):
-        SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(24, 24, 24))
+        SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(24, 24))
     with pytest.raises(ValueError, match="none of which is a pyramid level"):
-        SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(32, 32))
+        SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(32,))
 
 
 # ---------------------------------------------------------------- transformer decoder

@@ -43,11 +43,9 @@ def _conv(in_ch: int, out_ch: int, stride: int, norm: str) -> Conv2d:
 
 
 class ImageDetailPath(nn.Module):
-    """Stage i (of ``len(widths)``) is two 3x3 convs, each with norm and ReLU, to ``widths[i]``
-    channels; its output has stride ``2 ** i``: stage 0 keeps the full resolution (detail finer
-    than 2 px, e.g. a 3-px checker cell, is not aliased away by a strided first conv), every
-    later stage starts with a stride-2 conv. The outputs at ``out_strides`` are projected by a
-    1x1 conv to ``out_dim`` channels.
+    """Stage i (of ``len(widths)``) halves the resolution: a stride-2 3x3 conv then a 3x3 conv,
+    each with norm and ReLU, to ``widths[i]`` channels; its output has stride ``2 ** (i + 1)``.
+    The outputs at ``out_strides`` are projected by a 1x1 conv to ``out_dim`` channels.
 
     Maps [B, 3, H, W] -> {stride: [B, out_dim, ceil(H / stride), ceil(W / stride)]}.
     """
@@ -63,7 +61,7 @@ class ImageDetailPath(nn.Module):
         super().__init__()
         if not widths:
             raise ValueError("ImageDetailPath: widths is empty (the path is off: do not build it)")
-        stage_strides = [2**i for i in range(len(widths))]
+        stage_strides = [2 ** (i + 1) for i in range(len(widths))]
         wanted = sorted(set(int(s) for s in out_strides) & set(stage_strides))
         if not wanted:
             raise ValueError(
@@ -80,11 +78,9 @@ class ImageDetailPath(nn.Module):
             )
         self.stages = nn.ModuleList()
         prev = in_channels
-        for i, width in enumerate(widths[: stage_strides.index(wanted[-1]) + 1]):
+        for width in widths[: stage_strides.index(wanted[-1]) + 1]:
             self.stages.append(
-                nn.Sequential(
-                    _conv(prev, width, 1 if i == 0 else 2, norm), _conv(width, width, 1, norm)
-                )
+                nn.Sequential(_conv(prev, width, 2, norm), _conv(width, width, 1, norm))
             )
             prev = width
         self.out_proj = nn.ModuleDict()
@@ -99,7 +95,7 @@ class ImageDetailPath(nn.Module):
         x = image
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            stride = 2**i
+            stride = 2 ** (i + 1)
             if stride in self.out_strides:
                 outputs[stride] = self.out_proj[str(stride)](x)
         return outputs

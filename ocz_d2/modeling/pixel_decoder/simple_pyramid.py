@@ -131,7 +131,7 @@ class SimplePyramidPixelDecoder(nn.Module):
                 (ORA); ``valid`` is ``features["patch_valid"]``, the patches that hold image.
                 None: no refinement.
             mfe_rates: dilation rates of MFE on every output level; None: no MFE.
-            image_path_widths: stage widths of the image path (stage i at stride 2**i);
+            image_path_widths: stage widths of the image path (stage i at stride 2**(i+1));
                 empty: no image path.
         """
         super().__init__()
