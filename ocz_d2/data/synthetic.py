@@ -51,7 +51,9 @@ import yaml
 from PIL import Image
 
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, datasets_root
+from .object_maps import write_object_map_split_file, write_record
 from .register_zero_shot import IGNORE_LABEL
+from .split_file import load_split_file
 
 __all__ = [
     "HUES",
@@ -650,8 +652,6 @@ def write_oracle_object_maps(
         The split file ``<split file stem>_objects_oracle.yaml`` beside it (datasets
         ``ocz_<its dataset>_objects_oracle_{train,val,test}``).
     """
-    from .object_maps import write_object_map_split_file, write_record
-    from .split_file import load_split_file
 
     root = Path(root).absolute()
     marker = root / _MARKER
