@@ -179,6 +179,8 @@ class SimplePyramidPixelDecoder(nn.Module):
                 if mfe_rates
                 else None
             )
+
+        with torch.random.fork_rng(devices=[]):  # its own fork: the same with or without MFE
             self.image_path = (
                 ImageDetailPath(image_path_widths, self.level_strides, conv_dim, norm)
                 if image_path_widths

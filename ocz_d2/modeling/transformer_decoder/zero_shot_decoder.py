@@ -274,6 +274,7 @@ class ZeroShotMaskDecoder(nn.Module):
         # Drawn without moving the RNG: the other layers start the same with or without it.
         with torch.random.fork_rng(devices=[]):
             self.mask_pool_proj = nn.Linear(mask_dim, text_dim) if mask_pooling else None
+        with torch.random.fork_rng(devices=[]):  # each optional part in its own fork
             self.pixel_proj = Conv2d(mask_dim, text_dim, kernel_size=1) if pixel_logits else None
         # An Embedding so that Detectron2's optimiser treats it as one (WEIGHT_DECAY_EMBED).
         self.no_object_embed = nn.Embedding(1, text_dim)
