@@ -4,7 +4,7 @@ Data fixtures (session-scoped: generated once per test session, in a temporary f
 process-wide ``DETECTRON2_DATASETS`` is not changed):
 
 ``synthetic_benchmark``
-    A tiny synthetic benchmark (:func:`ocz_d2.data.generate_synthetic_benchmark`: 8 train,
+    A tiny synthetic benchmark (:func:`ocz_d2.miniature.generate_synthetic_benchmark`: 8 train,
     4 val and 4 test images of 64x64 px, 16 image-caption pairs, seed 0, 16 classes, 4 unseen)
     registered with its class-embedding file (split file ``split_embeddings.yaml``) as
     ``ocz_test_synthetic_attr_{train,val,test}``. Returns a :class:`SyntheticData` with ``root``,
@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 
 import tools
-from ocz_d2.data import generate_synthetic_benchmark, register_split_file
+from ocz_d2.data import register_split_file
+from ocz_d2.miniature import generate_synthetic_benchmark
 
 # The tests import the tools from this checkout's tools/, not Detectron2's package of that name.
 assert Path(tools.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "tools", (

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ocz_d2.engine.clip_pretrain import (
+from ocz_d2.miniature.clip_pretrain import (
     ClipPretrainConfig,
     contrastive_loss,
     ensure_pretrained_clip,

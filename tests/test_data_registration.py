@@ -16,15 +16,14 @@ from ocz_d2.config import add_ocz_config
 from ocz_d2.data import (
     SYNTHETIC_ATTR_SPLIT_FILE,
     SYNTHETIC_SPLIT_FILE,
-    generate_synthetic_benchmark,
     is_zero_shot_split,
     load_split_file,
     register_split_file,
     register_split_files_from_config,
     register_zero_shot_split,
-    synthetic_split_config,
     unregister_zero_shot_split,
 )
+from ocz_d2.miniature import generate_synthetic_benchmark, synthetic_split_config
 
 CLASSES = ["cat", "dog", "car", "tree"]
 _counter = itertools.count()

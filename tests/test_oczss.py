@@ -21,7 +21,7 @@ from ocz_d2.data.object_maps import (
     guide_record,
     write_record,
 )
-from ocz_d2.data.synthetic import write_oracle_object_maps
+from ocz_d2.miniature.synthetic import write_oracle_object_maps
 from ocz_d2.modeling.backbone import CLIPPromptBackbone
 from ocz_d2.modeling.backbone.object_prompts import ObjectPrompts
 from ocz_d2.modeling.backbone.ssl_guide import SSLGuide

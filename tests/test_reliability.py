@@ -558,7 +558,7 @@ def test_every_argument_has_help(monkeypatch):
 def test_pretrain_clip_help_defaults_are_the_config_defaults():
     from dataclasses import asdict
 
-    from ocz_d2.engine.clip_pretrain import ClipPretrainConfig
+    from ocz_d2.miniature.clip_pretrain import ClipPretrainConfig
 
     tool = _tool("pretrain_clip")
     assert tool.DEFAULTS == asdict(ClipPretrainConfig())

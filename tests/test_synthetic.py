@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ocz_d2.data import (
+from ocz_d2.data import load_class_embeddings
+from ocz_d2.miniature.synthetic import (
+    HUES,
     SYNTHETIC_CLASSES,
     SYNTHETIC_UNSEEN,
-    generate_synthetic_benchmark,
-    load_class_embeddings,
-)
-from ocz_d2.data.synthetic import (
-    HUES,
     TEXTURES,
     UNSEEN_CELLS,
     default_synthetic_root,
     ensure_synthetic_benchmark,
+    generate_synthetic_benchmark,
     render_synthetic_sample,
     synthetic_caption,
     synthetic_class_embeddings,

@@ -61,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(log) -> str:
     """The benchmark and its pretrained tiny CLIP; returns the CLIP weights file."""
-    from ocz_d2.data.synthetic import ensure_synthetic_benchmark
-    from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
+    from ocz_d2.miniature.clip_pretrain import ensure_synthetic_clip
+    from ocz_d2.miniature.synthetic import ensure_synthetic_benchmark
 
     start = time.time()
     benchmark = ensure_synthetic_benchmark()

@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     import ocz_d2  # noqa: F401  (first: it keeps fvcore's and Detectron2's import warnings quiet)
     from ocz_d2.data.register_zero_shot import load_class_embeddings
     from ocz_d2.data.split_file import register_split_file
-    from ocz_d2.data.synthetic import generate_synthetic_benchmark
-    from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
+    from ocz_d2.miniature.clip_pretrain import ensure_synthetic_clip
+    from ocz_d2.miniature.synthetic import generate_synthetic_benchmark
     from ocz_d2.utils.io import datasets_root
 
     if args.root is None:
@@ -126,7 +126,7 @@ def write_object_maps(root: Path, with_clip: bool) -> int:
     """Oracle maps, then the online guides' maps of the miniature's ladder configs."""
     from ocz_d2.config import load_config
     from ocz_d2.data.object_maps import precompute_object_maps
-    from ocz_d2.data.synthetic import write_oracle_object_maps
+    from ocz_d2.miniature.synthetic import write_oracle_object_maps
 
     print(f"Oracle object maps: {write_oracle_object_maps(root)}", flush=True)
     if not with_clip:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 # torch, open_clip and ocz_d2 are imported after the arguments are parsed: --help is instant.
 
-#: The defaults of ``ocz_d2.engine.clip_pretrain.ClipPretrainConfig`` (a test keeps them equal),
+#: The defaults of ``ocz_d2.miniature.clip_pretrain.ClipPretrainConfig`` (a test keeps them equal),
 #: written out so that --help needs no heavy import.
 DEFAULTS = {
     "model_name": "OCZ-Tiny-ViT",
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import open_clip
     import torch
 
-    from ocz_d2.engine.clip_pretrain import (
+    from ocz_d2.miniature.clip_pretrain import (
         ClipPretrainConfig,
         load_image_caption_csv,
         load_labelled_images,

@@ -87,9 +87,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     chance = None
     if not args.no_prepare:
-        from ocz_d2.data.synthetic import ensure_synthetic_benchmark
-        from ocz_d2.engine.clip_pretrain import ensure_synthetic_clip
         from ocz_d2.evaluation.protocol import chance_metrics
+        from ocz_d2.miniature.clip_pretrain import ensure_synthetic_clip
+        from ocz_d2.miniature.synthetic import ensure_synthetic_benchmark
 
         weights, _ = ensure_synthetic_clip(ensure_synthetic_benchmark())
         rows = [pin_clip_weights(row, weights) for row in rows]

@@ -1,5 +1,5 @@
 """Zero-shot data: split registration, split files, the dataset mapper, the resumable training
-loader, the synthetic benchmark.
+loader, object maps. (The synthetic benchmark's generator is :mod:`ocz_d2.miniature`.)
 
 Importing this package registers the builtin splits (``ocz_synthetic_{train,val,test}`` and
 ``ocz_synthetic_attr_{train,val,test}``) and the real benchmarks (``ocz_voc_*``,
@@ -33,16 +33,6 @@ from .register_zero_shot import (
     unregister_zero_shot_split,
 )
 from .split_file import load_split_file, register_split_file, register_split_files_from_config
-from .synthetic import (
-    SYNTHETIC_CLASSES,
-    SYNTHETIC_UNSEEN,
-    SyntheticBenchmark,
-    default_synthetic_root,
-    ensure_synthetic_benchmark,
-    generate_synthetic_benchmark,
-    synthetic_class_embeddings,
-    synthetic_split_config,
-)
 from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 
 _builtin.register_all_synthetic()
@@ -56,19 +46,13 @@ __all__ = [
     "RandomPhotometricDistortion",
     "RandomResizeScale",
     "SYNTHETIC_ATTR_SPLIT_FILE",
-    "SYNTHETIC_CLASSES",
     "SYNTHETIC_SPLIT_FILE",
-    "SYNTHETIC_UNSEEN",
-    "SyntheticBenchmark",
     "ZERO_SHOT_SETTINGS",
     "ZeroShotSemSegDatasetMapper",
     "build_resumable_train_loader",
     "build_zero_shot_augmentations",
     "check_datasets",
     "datasets_root",
-    "default_synthetic_root",
-    "ensure_synthetic_benchmark",
-    "generate_synthetic_benchmark",
     "ignore_label_of",
     "is_zero_shot_split",
     "load_class_embeddings",
@@ -80,7 +64,5 @@ __all__ = [
     "register_split_files_from_config",
     "register_zero_shot_split",
     "resolve_unseen",
-    "synthetic_class_embeddings",
-    "synthetic_split_config",
     "unregister_zero_shot_split",
 ]

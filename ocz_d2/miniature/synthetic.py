@@ -50,10 +50,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ..constants import IGNORE_LABEL
+from ..data.object_maps import write_object_map_split_file, write_record
+from ..data.split_file import load_split_file
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, datasets_root
-from .object_maps import write_object_map_split_file, write_record
-from .register_zero_shot import IGNORE_LABEL
-from .split_file import load_split_file
 
 __all__ = [
     "HUES",
@@ -416,6 +416,8 @@ def _split_yaml(dataset: str, folder: str, with_embeddings: bool) -> str:
         if with_embeddings
         else "class names through CLIP's text tower"
     )
+    # The module path below is the generator's old home (ocz_d2.data.synthetic), kept on purpose:
+    # the generated files stay byte-identical to those of earlier versions.
     header = (
         "# Synthetic compositional zero-shot benchmark, written by "
         "ocz_d2.data.synthetic.generate_synthetic_benchmark;\n"

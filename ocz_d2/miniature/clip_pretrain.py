@@ -45,10 +45,15 @@ from ..modeling.text.templates import get_templates
 from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json, file_sha256
 
 __all__ = [
+    "SYNTHETIC_CLIP_FILE",
+    "SYNTHETIC_CLIP_PRETRAIN",
     "ClipPretrainConfig",
     "ImageCaptionData",
+    "cache_key",
     "contrastive_loss",
+    "default_cache_dir",
     "ensure_pretrained_clip",
+    "ensure_synthetic_clip",
     "load_image_caption_csv",
     "load_labelled_images",
     "pretrain_clip",
@@ -535,7 +540,7 @@ def ensure_synthetic_clip(
     names).
 
     Args:
-        benchmark: a :class:`~ocz_d2.data.synthetic.SyntheticBenchmark`.
+        benchmark: a :class:`~ocz_d2.miniature.synthetic.SyntheticBenchmark`.
         cfg: pretraining settings.
         cache_dir: cache root (default :func:`default_cache_dir` ``/ "tiny_clip"``).
         progress: show progress bars.
