@@ -207,6 +207,25 @@ def _decoder_inputs(batch=2, num_classes=5):
     return levels, mask_features, text
 
 
+def test_mask_pooling_adds_the_projected_mask_average_to_the_class_embedding():
+    """By hand: embedding = normalize(class_embed(q) + W_pool . mean of the mask features
+    weighted by the sigmoid of the query's mask)."""
+    torch.manual_seed(0)
+    decoder = _decoder(mask_pooling=True, dec_layers=0).eval()
+    levels, mask_features, text = _decoder_inputs()
+    with torch.no_grad():
+        out = decoder(levels, mask_features, text)
+        q = decoder.decoder_norm(decoder.query_feat.weight)  # the initial queries
+        masks = torch.einsum("qc,bchw->bqhw", decoder.mask_embed(q), mask_features)
+        w = masks.sigmoid()
+        b, i = 1, 4  # one query of one image, summed explicitly
+        pooled = (w[b, i, None] * mask_features[b]).sum((-2, -1)) / w[b, i].sum().clamp(min=1)
+        expected = F.normalize(
+            decoder.class_embed(q[i]) + decoder.mask_pool_proj(pooled), dim=-1
+        )
+    torch.testing.assert_close(out["pred_embeds"][b, i], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_decoder_output_shapes_and_logits():
     decoder = _decoder()
     levels, mask_features, text = _decoder_inputs(num_classes=5)
