@@ -220,9 +220,7 @@ def test_mask_pooling_adds_the_projected_mask_average_to_the_class_embedding():
         w = masks.sigmoid()
         b, i = 1, 4  # one query of one image, summed explicitly
         pooled = (w[b, i, None] * mask_features[b]).sum((-2, -1)) / w[b, i].sum().clamp(min=1)
-        expected = F.normalize(
-            decoder.class_embed(q[i]) + decoder.mask_pool_proj(pooled), dim=-1
-        )
+        expected = F.normalize(decoder.class_embed(q[i]) + decoder.mask_pool_proj(pooled), dim=-1)
     torch.testing.assert_close(out["pred_embeds"][b, i], expected, rtol=1e-4, atol=1e-5)
 
 
