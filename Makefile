@@ -7,6 +7,9 @@ PY := $(CURDIR)/.venv/bin/python
 # ruff is a standalone binary: the shared one (python -m ruff looks for it beside .venv's python).
 RUFF := $(OCZ_VENV)/bin/ruff
 export OCZ_VENV
+# pytest-xdist processes for `make test` (one per core: each test process runs torch on
+# one thread, see tests/conftest.py); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= auto
 
 .PHONY: setup test lint demo
 
@@ -15,7 +18,7 @@ setup:
 
 test: setup
 	$(RUFF) check ocz_d2 tools tests
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10 tests
 
 lint: setup
 	$(RUFF) check ocz_d2 tools tests

@@ -29,14 +29,24 @@ process-wide ``DETECTRON2_DATASETS`` is not changed):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import tools
 from ocz_d2.data import register_split_file
 from ocz_d2.miniature import generate_synthetic_benchmark
+
+# Under pytest-xdist (`make test` runs one test process per core), each process gets its share
+# of the cores: several processes each with one OpenMP thread per core would oversubscribe them.
+# The subprocesses that tests start (tools run as users run them) inherit the setting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 # The tests import the tools from this checkout's tools/, not Detectron2's package of that name.
 assert Path(tools.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "tools", (
