@@ -435,7 +435,19 @@ def test_exact_resume_after_kill(synthetic_benchmark, tmp_path):
     )
     try:
         deadline = time.time() + 180
-        while not (cut / "model_0000007.pth").exists():
+        # The tag, not the checkpoint file: the tag is written after the file, and a kill in
+        # between resumes from the first checkpoint (a loaded machine can land there).
+        tag_file = cut / "last_checkpoint"
+
+        def second_checkpoint_tagged() -> bool:
+            tag = (
+                re.fullmatch(r"model_(\d+)\.pth", tag_file.read_text().strip())
+                if tag_file.exists()
+                else None
+            )
+            return tag is not None and int(tag.group(1)) >= 7
+
+        while not second_checkpoint_tagged():
             assert proc.poll() is None, "the run ended before its second checkpoint"
             assert time.time() < deadline, "no checkpoint after 180 s"
             time.sleep(0.05)
