@@ -167,7 +167,8 @@ class ZeroShotPredictor:
             gamma: the calibration; None: ``MODEL.OCZ.TEST.CALIBRATION``.
             cache_size: vocabularies whose embeddings are kept; None:
                 ``MODEL.OCZ.TEST.VOCABULARY_CACHE_SIZE``.
-            batch_size: images per model call in :meth:`predict`.
+            batch_size: images per model call in :meth:`predict` (same-size images share
+                one forward).
 
         Raises:
             ValueError / FileNotFoundError: empty or missing weights, an unknown mode or
@@ -317,8 +318,10 @@ class ZeroShotPredictor:
 
         Args:
             images: paths, RGB uint8 arrays or PIL images, of any sizes. They go to the model
-                ``batch_size`` at a time (the model then runs them one by one at their own
-                sizes, as in evaluation: no padding to a common size changes a result).
+                ``batch_size`` at a time; the model runs the images of one size (after the
+                test resize) in one forward, each at its own size (no padding to a common size
+                changes a result): a result does not depend on the batch (up to float
+                rounding of the batched products).
             vocabulary: the K classes (see :data:`VocabularyLike`); None: the calibration
                 dataset's classes.
 
