@@ -332,6 +332,9 @@ def _add_test_config(ocz: CN) -> None:
     # ZeroShotPredictor (tools/segment.py): vocabularies whose text embeddings are kept, least
     # recently used dropped first (>= 0; 0 keeps none).
     ocz.TEST.VOCABULARY_CACHE_SIZE = 8
+    # ZeroShotPredictor (tools/segment.py, tools/web_demo.py): images of more pixels (height x
+    # width, before the test resize) are refused with an error (>= 0; 0: no limit).
+    ocz.TEST.MAX_IMAGE_PIXELS = 0
 
 
 def _add_segment_clip_config(ocz: CN) -> None:
