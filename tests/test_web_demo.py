@@ -70,7 +70,8 @@ def page(synthetic_benchmark, spread_checkpoint, tmp_path_factory):
     client_module = _module("gradio_client")
     data = synthetic_benchmark
     base = tmp_path_factory.mktemp("web")
-    os.environ["GRADIO_TEMP_DIR"] = str(base / "gradio")  # the page's files stay in the test
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GRADIO_TEMP_DIR", str(base / "gradio"))  # the page's files stay in the test
     files = sorted((Path(data.root) / "images" / "test").glob("*.png"))
     photo = base / "photo.png"
     shutil.copy(files[0], photo)
@@ -93,6 +94,7 @@ def page(synthetic_benchmark, spread_checkpoint, tmp_path_factory):
         predictor=predictor, data=data, photo=photo, large=large, opts=opts, base=base,
     )  # fmt: skip
     demo.close()
+    patch.undo()
 
 
 def _segment(page, path, classes, mode="whole", ensemble=False):
@@ -219,6 +221,7 @@ def test_requests_keep_a_bounded_number_of_folders(page, monkeypatch, tmp_path):
 
 
 def test_tool_defaults_and_errors(tmp_path, capsys):
+    _module("gradio")  # the tool checks it first
     args = web_demo.parse_args(["--config-file", str(CONFIG)])
     assert args.host == "127.0.0.1" and args.port == 7860  # this machine only, unless asked
     # empty weights: one message and status 2, before anything is served
