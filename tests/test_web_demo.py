@@ -78,15 +78,20 @@ def page(synthetic_benchmark, spread_checkpoint, tmp_path_factory):
     large = base / "large.png"
     Image.open(files[1]).resize((96, 96)).save(large)
     opts = data.predictor_overrides(**{"MODEL.WEIGHTS": spread_checkpoint[2]})
-    port = _free_port()
     args = web_demo.parse_args(
-        ["--config-file", str(CONFIG), "--port", str(port), "--max-image-pixels",
-         str(PIXEL_LIMIT), "--examples", str(files[2]), "--example-classes",
-         ", ".join(data.classes[:4]), *opts]
+        ["--config-file", str(CONFIG), "--max-image-pixels", str(PIXEL_LIMIT), "--examples",
+         str(files[2]), "--example-classes", ", ".join(data.classes[:4]), *opts]
     )  # fmt: skip
     segmenter, demo = web_demo.build(args)
-    _, url, _ = web_demo.launch(demo, args, block=False)
-    assert url.startswith(f"http://127.0.0.1:{port}")
+    for attempt in range(5):  # a free port can be taken by another process before the launch
+        args.port = _free_port()
+        try:
+            _, url, _ = web_demo.launch(demo, args, block=False)
+            break
+        except OSError:
+            if attempt == 4:
+                raise
+    assert url.startswith(f"http://127.0.0.1:{args.port}")
     client = client_module.Client(url, verbose=False, download_files=str(base / "downloads"))
     predictor = ZeroShotPredictor(load_config(CONFIG, opts))
     yield SimpleNamespace(
