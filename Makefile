@@ -11,12 +11,18 @@ export OCZ_VENV
 # one thread, see tests/conftest.py); TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= auto
 
-.PHONY: setup test lint demo
+.PHONY: setup setup-web test lint demo web
 
 setup:
 	@bash tools/setup_env.sh "$(OCZ_VENV)"
 
-test: setup
+# setup, plus the web demo's packages (requirements-web.txt) and, for its browser test, Debian's
+# chromium and chromedriver (apt-get, as root, once per machine).
+setup-web:
+	@OCZ_SETUP_WEB=1 bash tools/setup_env.sh "$(OCZ_VENV)"
+	@bash tools/install_browser.sh
+
+test: setup-web
 	$(RUFF) check ocz_d2 tools tests
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10 tests
 
@@ -26,3 +32,9 @@ lint: setup
 
 demo: setup
 	$(PY) tools/demo.py --output-dir output/demo
+
+# The web page on the model `make demo` trained (http://127.0.0.1:7860).
+web: setup
+	@OCZ_SETUP_WEB=1 bash tools/setup_env.sh "$(OCZ_VENV)"
+	$(PY) tools/web_demo.py --config-file configs/synthetic/ocz_tiny.yaml \
+		MODEL.WEIGHTS output/demo/model_final.pth

@@ -33,5 +33,9 @@ setup(
         "pyyaml>=6",
         "matplotlib>=3.7",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.5"]},
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5", "selenium>=4.20"],
+        # the web page (tools/web_demo.py); requirements-web.txt has the tested versions
+        "web": ["gradio>=6,<7", "gradio_client>=2"],
+    },
 )

@@ -26,6 +26,18 @@ def add_ocz_config(cfg: CN) -> None:
     _add_data_config(cfg)
     _add_model_config(cfg)
     _add_solver_config(cfg)
+    _add_test_vis_config(cfg)
+
+
+def _add_test_vis_config(cfg: CN) -> None:
+    """TEST extras: predictions in TensorBoard during training."""
+    # Every VIS_PERIOD-th evaluation in training (TEST.EVAL_PERIOD, and the final one) writes
+    # pictures (input | ground truth | prediction, unseen classes outlined) of the first
+    # VIS_NUM_IMAGES images of each DATASETS.TEST split to the event storage (TensorBoard,
+    # "predictions/<dataset>/<i>"). >= 0; 0: off.
+    cfg.TEST.VIS_PERIOD = 0
+    # Images per test split in those pictures (>= 1).
+    cfg.TEST.VIS_NUM_IMAGES = 3
 
 
 def _add_data_config(cfg: CN) -> None:
@@ -332,6 +344,9 @@ def _add_test_config(ocz: CN) -> None:
     # ZeroShotPredictor (tools/segment.py): vocabularies whose text embeddings are kept, least
     # recently used dropped first (>= 0; 0 keeps none).
     ocz.TEST.VOCABULARY_CACHE_SIZE = 8
+    # ZeroShotPredictor (tools/segment.py, tools/web_demo.py): images of more pixels (height x
+    # width, before the test resize) are refused with an error (>= 0; 0: no limit).
+    ocz.TEST.MAX_IMAGE_PIXELS = 0
 
 
 def _add_segment_clip_config(ocz: CN) -> None:

@@ -328,3 +328,10 @@ def test_microbench_tool_runs_and_checks_its_variants():
         )
     assert len(argmax) == 5 and argmax[0].startswith("| class_map |")
     assert len(matcher) == 5 and "Mpixel/s" in argmax[1] and matcher[2].startswith("| BCE cost")
+    with contextlib.redirect_stdout(io.StringIO()):
+        predict = microbench.main(
+            ["predict", "--images", "3", "--batch-sizes", "1", "3", *tiny, "--opts",
+             "MODEL.OCZ.CLIP.WEIGHTS", "", "MODEL.OCZ.DECODER.DEC_LAYERS", "1"]
+        )  # fmt: skip
+    assert [line.split()[:2] for line in predict] == [["batch", "1"], ["batch", "3"]]
+    assert predict[0].endswith(" 1.00x") and "images/s" in predict[1]

@@ -254,7 +254,7 @@ def test_batched_slide_windows_equal_one_window_at_a_time(model_and_data):
             _, text, _ = model.vocabulary(sample, training=False)
             for n in (1, 3, 0):
                 model.slide_batch = n
-                out[n] = model._slide_scores(image, text)
+                out[n] = model._slide_scores(image[None], text)[0]
     finally:
         model.window_size, model.window_stride, model.slide_batch = saved
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)

@@ -91,6 +91,23 @@ def test_voronoi_is_deterministic_and_respects_validity():
         voronoi_cluster(feats, 3, seeding="random")
 
 
+@pytest.mark.parametrize("seeding", ["farthest", "kmeans++"])
+def test_voronoi_per_image_draws_do_not_depend_on_the_batch(seeding):
+    """per_image: each image's regions are the ones it gets alone (the object guide); the shared
+    generator of the pseudo-masks draws row after row, so later rows depend on earlier ones."""
+    feats = torch.randn(4, 40, 8, generator=torch.Generator().manual_seed(2))
+    together = voronoi_cluster(feats, 5, seeding=seeding, iters=1, seed=3, per_image=True)
+    for i in range(4):
+        alone = voronoi_cluster(feats[i : i + 1], 5, seeding=seeding, iters=1, seed=3)
+        assert torch.equal(together[i], alone[0])
+    # the same image twice in a batch: per image, the same regions; shared draws differ
+    twice = feats[:1].expand(6, -1, -1)
+    same = voronoi_cluster(twice, 5, seeding=seeding, iters=1, seed=3, per_image=True)
+    assert (same == together[0]).all()
+    shared = voronoi_cluster(twice, 5, seeding=seeding, iters=1, seed=3)
+    assert any(not torch.equal(shared[0], row) for row in shared[1:])
+
+
 def test_label_map_to_grid_majority_vote_and_padding():
     m = torch.full((1, 4, 6), 255)
     m[0, :2, :2] = torch.tensor([[0, 1], [1, 1]])  # patch (0, 0): region 1 wins 3 to 1

@@ -180,17 +180,90 @@ def test_slide_covers_large_images(setup):
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
 
 
-def test_batches_match_single_images(setup):
-    data = setup[2]
+def _decoder_batches(predictor: ZeroShotPredictor) -> list[int]:
+    """A list that records the batch size of every decoder forward of ``predictor``'s model."""
+    calls: list[int] = []
+    predictor.model.transformer_decoder.register_forward_hook(
+        lambda module, args, out: calls.append(out["pred_logits"].shape[0])
+    )
+    return calls
+
+
+def _assert_same_result(batched, alone, exact: bool) -> None:
+    """Element by element: with a float64 model (``exact``) every field is identical; in float32
+    a batched matrix product rounds differently, so scores agree to 1e-4 of their largest value
+    and labels wherever that cannot decide a pixel."""
+    assert batched.labels.shape == alone.labels.shape
+    if exact:
+        assert np.array_equal(batched.scores, alone.scores)
+        assert np.array_equal(batched.labels, alone.labels)
+        assert np.array_equal(batched.areas, alone.areas)
+        assert np.array_equal(batched.class_scores, alone.class_scores, equal_nan=True)
+        return
+    scale = np.abs(alone.scores).max()
+    np.testing.assert_allclose(batched.scores, alone.scores, rtol=0, atol=1e-4 * scale)
+    top2 = np.sort(alone.scores, axis=0)[::-1][:2]
+    clear = (top2[0] - top2[1]) > 2e-4 * scale  # no score moved by 1e-4 can flip these
+    assert clear.mean() > 0.9
+    assert np.array_equal(batched.labels[clear], alone.labels[clear])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_batched_forward_equals_one_image_at_a_time(setup, mode, dtype):
+    """Five images, four of one size: one forward for the four (in slide mode: for all their
+    windows), one for the fifth; each result equals the image's prediction alone (identical in
+    float64, where no rounding differs between a batched and a single product)."""
+    cfg, model, data = setup
+    cfg = cfg.clone()
+    # 64 px images: windows of 48 at stride 32 -> 4 windows per image.
+    cfg.merge_from_list(["MODEL.OCZ.TEST.WINDOW_SIZE", "(48, 48)"])
+    cfg.merge_from_list(["MODEL.OCZ.TEST.WINDOW_STRIDE", "(32, 32)"])
     names = list(data.classes)
-    images = [bench_image(data, 0), bench_image(data, 1)[:40, :56], bench_image(data, 3)]
-    batched = _predictor(setup, batch_size=2).predict(images, names)
-    single = _predictor(setup, batch_size=1)
-    assert len(batched) == 3
-    for image, result in zip(images, batched):
+    images = [bench_image(data, i) for i in range(4)] + [bench_image(data, 1)[:40, :56]]
+    model = copy.deepcopy(model).to(dtype)
+    batched = ZeroShotPredictor(cfg, model=copy.deepcopy(model), mode=mode, batch_size=5)
+    calls = _decoder_batches(batched)
+    results = batched.predict(images, names)
+    # the fifth is resized to 64 x 90: windows at x in {0, 32, 42}, y = 0, 16
+    assert calls == ([4, 1] if mode == "whole" else [16, 6])
+    single = ZeroShotPredictor(cfg, model=copy.deepcopy(model), mode=mode, batch_size=1)
+    single_calls = _decoder_batches(single)
+    for image, result in zip(images, results):
         alone = single(image, names)
         assert result.labels.shape == image.shape[:2]
-        close(result.scores, alone.scores)
+        _assert_same_result(result, alone, exact=dtype == torch.float64)
+    assert single_calls == ([1] * 5 if mode == "whole" else [4] * 4 + [6])
+    assert len(results[0].present) >= 3  # a multi-class segmentation was compared
+
+
+def test_batched_forward_with_the_online_guide(synthetic_benchmark):
+    """Object prompts with the online guide (CLIP features clustered per image): an image's
+    regions, hence its prediction, do not depend on the other images of its batch."""
+    opts = synthetic_benchmark.predictor_overrides(
+        **{
+            "MODEL.OCZ.OBJECTS.NUM": 3, "MODEL.OCZ.OBJECTS.PROMPTS": True,
+            "MODEL.OCZ.GUIDE.SOURCE": "clip", "MODEL.OCZ.GUIDE.SEEDING": "kmeans++",
+            "MODEL.OCZ.GUIDE.KMEANS_ITERS": 2, "MODEL.OCZ.ORA.NUM_ROUNDS": 1,
+            "MODEL.OCZ.ORA.OBJECT_INIT": "prompts",
+        }
+    )  # fmt: skip
+    torch.manual_seed(0)
+    predictor = ZeroShotPredictor(load_config(CONFIG, opts), allow_untrained=True, batch_size=3)
+    predictor.model.double()  # identical results expected, not merely close
+    names = list(synthetic_benchmark.classes)
+    images = [bench_image(synthetic_benchmark, i) for i in (0, 1, 2)]
+    calls = _decoder_batches(predictor)
+    batched = predictor.predict(images, names)
+    assert calls == [3]
+    regions = predictor.model.online_regions(
+        [torch.as_tensor(x.transpose(2, 0, 1).copy()) for x in images]
+    )
+    for i, (image, result) in enumerate(zip(images, batched)):
+        alone = predictor.predict([image], names)[0]
+        _assert_same_result(result, alone, exact=True)
+        one = predictor.model.online_regions([torch.as_tensor(image.transpose(2, 0, 1).copy())])
+        assert torch.equal(regions[i], one[0])
 
 
 def test_cache_is_bounded_lru(setup):

@@ -4,13 +4,20 @@ the Hungarian matcher's parts, each variant timed interleaved in one process (me
 
     OMP_NUM_THREADS=1 python tools/microbench.py argmax --size 512 --classes 20
     OMP_NUM_THREADS=2 python tools/microbench.py matcher
+    OMP_NUM_THREADS=2 python tools/microbench.py predict --size 512 --batch-sizes 1 4 8
 
 ``argmax``: ``class_map`` against ``argmax(0)``, ``max(0)``, one ``amax(0)`` reduction and one
 comparison pass over the K planes (the two lower bounds of a reduction-based argmax).
 ``matcher``: ``HungarianMatcher.match_sets`` on one image (``--sets`` prediction sets x
 ``--queries`` queries, masks at 1/4 of ``--size``, ``--targets`` targets, ``--points``), its
 bilinear point sampling of the predicted masks, the BCE cost as shipped against the two-softplus
-form it replaced, and the dice cost. CPU figures: compare ratios, not absolute times.
+form it replaced, and the dice cost.
+``predict``: ``ZeroShotPredictor.predict`` on ``--images`` random images of ``--size`` pixels
+(the test resize set to that size) with the miniature's 16 class names, at each of
+``--batch-sizes`` (images of one size share one forward): images/s and the ratio to the first
+batch size. The model of ``--config`` (default: ``configs/synthetic/ocz_tiny.yaml``; ``--opts``
+overrides, e.g. ``MODEL.OCZ.CLIP.WEIGHTS ""`` for a random CLIP), untrained heads: only the time
+matters. CPU figures: compare ratios, not absolute times.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -116,6 +124,41 @@ def bench_matcher(args) -> list[str]:
     return [f"| {n} | {s * 1e3:.1f} ms |" for n, s in medians.items()]
 
 
+def bench_predict(args) -> list[str]:
+    import numpy as np
+
+    from ocz_d2.config import load_config
+    from ocz_d2.engine import ZeroShotPredictor
+    from ocz_d2.miniature.synthetic import SYNTHETIC_CLASSES
+
+    size = str(args.size)
+    opts = ["INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, *args.opts]
+    cfg = load_config(args.config, opts)
+    cfg.MODEL.DEVICE = args.device
+    predictor = ZeroShotPredictor(cfg, allow_untrained=True)
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)
+    ]
+    vocabulary = list(SYNTHETIC_CLASSES)
+    predictor.embeddings(vocabulary)  # cached: the text tower is not timed
+
+    def run(batch_size: int):
+        def call():
+            predictor.batch_size = batch_size
+            return predictor.predict(images, vocabulary)
+
+        return call
+
+    cases = {f"batch {b}": run(b) for b in args.batch_sizes}
+    seconds = interleaved(cases, args.repeats, args.warmup)
+    first = seconds[f"batch {args.batch_sizes[0]}"]
+    return [
+        f"  {name:10s} {args.images / t:8.2f} images/s  {first / t:5.2f}x"
+        for name, t in seconds.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -123,8 +166,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     )
     parser.add_argument(
         "what",
-        choices=("argmax", "matcher"),
-        help="argmax: the evaluator's per-pixel argmax; matcher: the Hungarian matcher's parts",
+        choices=("argmax", "matcher", "predict"),
+        help="argmax: the evaluator's per-pixel argmax; matcher: the Hungarian matcher's parts; "
+        "predict: batched prediction",
     )
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--classes", type=int, default=20, help="K (argmax)")
@@ -132,12 +176,26 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--queries", type=int, default=100, help="queries per set (matcher)")
     parser.add_argument("--targets", type=int, default=4, help="target masks (matcher)")
     parser.add_argument("--points", type=int, default=12544, help="points (matcher)")
+    parser.add_argument(
+        "--config",
+        default=str(Path(__file__).resolve().parents[1] / "configs/synthetic/ocz_tiny.yaml"),
+        help="the model's config (predict)",
+    )
+    parser.add_argument("--images", type=int, default=8, help="images per round (predict)")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (predict)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (predict)")
+    parser.add_argument(
+        "--opts", nargs="*", default=[], help="config overrides KEY VALUE (predict)"
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (the median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     args = parser.parse_args(argv)
     import torch
 
-    lines = bench_argmax(args) if args.what == "argmax" else bench_matcher(args)
+    bench = {"argmax": bench_argmax, "matcher": bench_matcher, "predict": bench_predict}
+    lines = bench[args.what](args)
     header = f"{args.what}, {torch.get_num_threads()} thread(s), median of {args.repeats} runs"
     print(header, *lines, sep="\n")
     return lines

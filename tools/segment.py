@@ -17,7 +17,8 @@ is the k-th class. For each image ``<name>`` it writes to ``--output``:
 
 No calibration unless ``--calibration DATASET``: then the classes named like a seen class of
 that registered dataset lose ``MODEL.OCZ.TEST.CALIBRATION`` from their scores, as in its
-evaluation. An unreadable image is reported and skipped; the others are still segmented and the
+evaluation. An unreadable image (or one over ``MODEL.OCZ.TEST.MAX_IMAGE_PIXELS``, when set) is
+reported and skipped; the others are still segmented and the
 exit status is 1. Errors in the arguments (empty vocabulary, a name given twice, missing or
 unreadable weights, a flag after the overrides) stop the tool with status 2 before any image,
 with one message (``--debug`` or ``OCZ_D2_DEBUG=1`` shows the traceback). ``--allow-untrained``
@@ -28,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import logging
-import math
 import os
 import re
 import sys
@@ -85,7 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="DATASET",
         help="calibrate the seen classes of this registered dataset (default: no calibration)",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="images per model call")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per model call; those of one size go through the model in one forward",
+    )
     parser.add_argument(
         "--allow-untrained",
         action="store_true",
@@ -199,60 +203,12 @@ def build_predictor(args):
         raise UsageError(str(e)) from None
 
 
-def summary(path: str, result, legend: list[int], files: dict, predictor) -> dict:
-    """The JSON summary of one image."""
-    total = int(result.labels.size)
-    classes = []
-    for k, synonyms in enumerate(result.vocabulary.classes):
-        score = float(result.class_scores[k])
-        classes.append(
-            {
-                "index": k,
-                "name": synonyms[0],
-                "synonyms": list(synonyms),
-                "pixels": int(result.areas[k]),
-                "fraction": int(result.areas[k]) / total,
-                "mean_score": None if math.isnan(score) else score,
-                "calibrated": bool(k in result.calibrated),
-            }
-        )
-    return {
-        "input": path,
-        "height": int(result.labels.shape[0]),
-        "width": int(result.labels.shape[1]),
-        "weights": predictor.weights,
-        "mode": predictor.mode,
-        "calibration": (
-            {"dataset": predictor.calibration, "gamma": predictor.gamma}
-            if predictor.calibration
-            else None
-        ),
-        "files": files,
-        "classes": classes,
-        "legend": [result.vocabulary.names[k] for k in legend],
-    }
-
-
-def write_outputs(out: Path, name: str, path: str, image, result, predictor) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from ocz_d2.utils.visualize import draw_segmentation
-
-    labels = result.labels
-    dtype = np.uint8 if len(result.vocabulary) <= 256 else np.uint16
-    files = {"labels": f"{name}_labels.png", "overlay": f"{name}_overlay.png"}
-    Image.fromarray(labels.astype(dtype)).save(out / files["labels"])
-    picture, legend = draw_segmentation(image, labels, list(result.vocabulary.names))
-    Image.fromarray(picture).save(out / files["overlay"])
-    with open(out / f"{name}.json", "w", encoding="utf-8") as f:
-        json.dump(summary(path, result, legend, files, predictor), f, indent=2)
-
-
 def run(args) -> int:
     from tqdm import tqdm
 
     from ocz_d2.engine import load_image
+    from ocz_d2.engine.outputs import write_segmentation
+    from ocz_d2.engine.predictor import check_image_pixels
 
     vocabulary = read_vocabulary(args)
     paths, errors = expand_inputs(args.input)
@@ -270,7 +226,9 @@ def run(args) -> int:
         batch = []
         for path, name in zip(paths[start : start + args.batch_size], names[start:]):
             try:
-                batch.append((path, name, load_image(path)))
+                image = load_image(path)
+                check_image_pixels(*image.shape[:2], predictor.max_image_pixels, f"image {path}")
+                batch.append((path, name, image))
             except ValueError as e:
                 tqdm.write(f"error: {e} (skipped)", file=sys.stderr)
                 failed += 1
@@ -279,7 +237,7 @@ def run(args) -> int:
             continue
         results = predictor.predict([image for _, _, image in batch], vocabulary)
         for (path, name, image), result in zip(batch, results):
-            write_outputs(out, name, path, image, result, predictor)
+            write_segmentation(out, name, path, image, result, predictor)
             bar.update(1)
     bar.close()
     done = len(paths) - (failed - len(errors))

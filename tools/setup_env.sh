@@ -3,6 +3,7 @@
 # changed takes seconds.
 #
 #   tools/setup_env.sh [VENV]      (default: $OCZ_VENV or ~/.cache/ocz_d2/venv)
+#   OCZ_SETUP_WEB=1 tools/setup_env.sh [VENV]   also the web demo's packages (requirements-web.txt)
 #
 # Two virtualenvs:
 # - VENV, shared by every checkout (clones, worktrees, CI), outside the repository: the heavy
@@ -55,6 +56,18 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   "$py" "$repo/tools/install_detectron2.py" 2>&1 | drop_index_warnings
   echo "$stamp" > "$stamp_file"
   log "environment ready in $(( $(date +%s) - start )) s"
+fi
+
+# The web demo's extra (make test, make web): its own stamp, so that adding or removing it never
+# rebuilds the heavy step above; requirements.txt as constraints, so that it changes no pin there.
+web_stamp_file="$venv/.ocz_d2_web_stamp"
+web_stamp="$( (cat "$repo/requirements-web.txt" "$repo/requirements.txt") | sha256sum | cut -d' ' -f1)"
+if [ "${OCZ_SETUP_WEB:-0}" = "1" ] && [ "$(cat "$web_stamp_file" 2>/dev/null)" != "$web_stamp" ]; then
+  start=$(date +%s)
+  log "installing the web demo's packages (requirements-web.txt)"
+  pip_install -q -r "$repo/requirements-web.txt" -c "$repo/requirements.txt"
+  echo "$web_stamp" > "$web_stamp_file"
+  log "web packages ready in $(( $(date +%s) - start )) s"
 fi
 
 # The checkout's own environment (seconds).

@@ -27,13 +27,20 @@ from torch import nn
 from ..data.augmentations import build_zero_shot_augmentations
 from ..data.split_file import register_split_files_from_config
 from ..modeling.meta_arch.zero_shot_segmentor import TEST_MODES, calibrate
-from ..modeling.segment_classifier import ENSEMBLE_SEEN_KEY
+from ..modeling.segment_classifier import ENSEMBLE_SEEN_KEY, SegmentCLIPClassifier
 from ..modeling.text.templates import clean_class_name
 from ..modeling.text.vocabulary import Vocabulary, embed_vocabulary, name_key
 from ..utils.errors import ArgumentError, DataError, MissingFileError, unreadable_file_message
 from .checkpoint import AtomicCheckpointer, check_checkpoint_file
 
-__all__ = ["ImageLike", "SegmentationResult", "VocabularyLike", "ZeroShotPredictor", "load_image"]
+__all__ = [
+    "ImageLike",
+    "SegmentationResult",
+    "VocabularyLike",
+    "ZeroShotPredictor",
+    "check_image_pixels",
+    "load_image",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,19 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         return utils.read_image(path, format="RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise DataError(unreadable_file_message(f"cannot read image {path}", path, e)) from e
+
+
+def check_image_pixels(height: int, width: int, limit: int, what: str = "the image") -> None:
+    """Refuse an image of more than ``limit`` pixels (0: no limit).
+
+    Raises:
+        DataError: naming the size, the limit and what to do.
+    """
+    if limit and height * width > limit:
+        raise DataError(
+            f"{what} is {width} x {height} = {height * width:,} pixels, more than the limit of "
+            f"{limit:,} (MODEL.OCZ.TEST.MAX_IMAGE_PIXELS): downscale it, or raise the limit"
+        )
 
 
 def _as_rgb(image: ImageLike) -> np.ndarray:
@@ -150,6 +170,7 @@ class ZeroShotPredictor:
         gamma: float | None = None,
         cache_size: int | None = None,
         batch_size: int = 1,
+        segment_clip: bool | None = None,
     ):
         """
         Args:
@@ -167,7 +188,12 @@ class ZeroShotPredictor:
             gamma: the calibration; None: ``MODEL.OCZ.TEST.CALIBRATION``.
             cache_size: vocabularies whose embeddings are kept; None:
                 ``MODEL.OCZ.TEST.VOCABULARY_CACHE_SIZE``.
-            batch_size: images per model call in :meth:`predict`.
+            batch_size: images per model call in :meth:`predict` (same-size images share
+                one forward).
+            segment_clip: ZegFormer's ensemble with CLIP's classification of the segments
+                (``MODEL.OCZ.SEGMENT_CLIP``, its settings from the cfg); None:
+                ``MODEL.OCZ.SEGMENT_CLIP.ENABLED``. The attribute can be switched between
+                calls (the classifier has no parameters).
 
         Raises:
             ValueError / FileNotFoundError: empty or missing weights, an unknown mode or
@@ -190,12 +216,18 @@ class ZeroShotPredictor:
         self.input_format = cfg.INPUT.FORMAT
         self.augmentations = T.AugmentationList(build_zero_shot_augmentations(cfg, False))
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.max_image_pixels = int(cfg.MODEL.OCZ.TEST.MAX_IMAGE_PIXELS)
         self.weights = cfg.MODEL.WEIGHTS if weights is None else weights
         if model is None:
             model = self._build(cfg, allow_untrained)
         elif device is not None:
             model.to(device)
         self.model = model.eval()
+        self.segment_clip = bool(
+            cfg.MODEL.OCZ.SEGMENT_CLIP.ENABLED if segment_clip is None else segment_clip
+        )
+        # The model's own classifier (cfg ENABLED), or one built when first switched on.
+        self._segment_classifier = getattr(model, "segment_classifier", None)
 
     @staticmethod
     def _check_settings(cfg, mode: str | None, cache_size: int | None, batch_size: int) -> None:
@@ -210,6 +242,11 @@ class ZeroShotPredictor:
         if size < 0 or batch_size < 1:
             raise ArgumentError(
                 f"cache_size must be >= 0 and batch_size >= 1, got {size}, {batch_size}"
+            )
+        if cfg.MODEL.OCZ.TEST.MAX_IMAGE_PIXELS < 0:
+            raise ArgumentError(
+                f"MODEL.OCZ.TEST.MAX_IMAGE_PIXELS must be >= 0 (0: no limit), got "
+                f"{cfg.MODEL.OCZ.TEST.MAX_IMAGE_PIXELS}"
             )
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ArgumentError(
@@ -297,6 +334,7 @@ class ZeroShotPredictor:
     def _sample(self, image: ImageLike) -> dict:
         rgb = _as_rgb(image)
         height, width = rgb.shape[:2]
+        check_image_pixels(height, width, self.max_image_pixels)
         array = rgb[..., ::-1] if self.input_format == "BGR" else rgb
         aug = T.AugInput(np.ascontiguousarray(array))
         self.augmentations(aug)
@@ -317,8 +355,10 @@ class ZeroShotPredictor:
 
         Args:
             images: paths, RGB uint8 arrays or PIL images, of any sizes. They go to the model
-                ``batch_size`` at a time (the model then runs them one by one at their own
-                sizes, as in evaluation: no padding to a common size changes a result).
+                ``batch_size`` at a time; the model runs the images of one size (after the
+                test resize) in one forward, each at its own size (no padding to a common size
+                changes a result): a result does not depend on the batch (up to float
+                rounding of the batched products).
             vocabulary: the K classes (see :data:`VocabularyLike`); None: the calibration
                 dataset's classes.
 
@@ -336,6 +376,28 @@ class ZeroShotPredictor:
         self.model.test_mode = self.mode
         self.model.window_size = tuple(self.cfg.MODEL.OCZ.TEST.WINDOW_SIZE)
         self.model.window_stride = tuple(self.cfg.MODEL.OCZ.TEST.WINDOW_STRIDE)
+        own_classifier = self.model.segment_classifier
+        self.model.segment_classifier = self._classifier() if self.segment_clip else None
+        try:
+            return self._predict_batches(images, vocab, text, calibrated)
+        finally:
+            self.model.segment_classifier = own_classifier
+
+    def _classifier(self) -> SegmentCLIPClassifier:
+        """The segment classifier: the model's, or one built from the cfg's settings."""
+        if self._segment_classifier is None:
+            classifier = SegmentCLIPClassifier(self.cfg).to(self.model.device)
+            classifier.check_backbone(self.model.backbone, self.model.text_embedder.dim)
+            self._segment_classifier = classifier
+        return self._segment_classifier
+
+    def _predict_batches(
+        self,
+        images: Sequence[ImageLike],
+        vocab: Vocabulary,
+        text: torch.Tensor,
+        calibrated: torch.Tensor,
+    ) -> list[SegmentationResult]:
         results = []
         for start in range(0, len(images), self.batch_size):
             samples = [self._sample(x) for x in images[start : start + self.batch_size]]

@@ -27,6 +27,7 @@ from ..data.train_loader import build_resumable_train_loader, derive_seed, seed_
 from ..evaluation import build_zero_shot_evaluator
 from .checkpoint import AtomicCheckpointer, remove_stale_temporaries
 from .optimizer import build_lr_scheduler, build_optimizer
+from .tensorboard import PredictionVisualizer
 
 __all__ = ["ZeroShotTrainer", "ZeroShotTrainerBase"]
 
@@ -205,7 +206,32 @@ class FinishingPeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
 class ZeroShotTrainer(ZeroShotTrainerBase):
     """The ocz_d2 data (resumable loader, :class:`ZeroShotSemSegDatasetMapper`), evaluator,
-    optimizer and schedule on :class:`ZeroShotTrainerBase`: what ``tools/train_net.py`` runs."""
+    optimizer and schedule on :class:`ZeroShotTrainerBase`: what ``tools/train_net.py`` runs.
+
+    With ``TEST.VIS_PERIOD`` > 0, every VIS_PERIOD-th evaluation also writes pictures of the
+    predictions to TensorBoard (:class:`~ocz_d2.engine.tensorboard.PredictionVisualizer`).
+    """
+
+    def build_hooks(self) -> list:
+        """The base's hooks; with ``TEST.VIS_PERIOD``, Detectron2's evaluation hook replaced
+        by one that also draws the predictions after every VIS_PERIOD-th evaluation."""
+        ret = super().build_hooks()
+        if not self.cfg.TEST.VIS_PERIOD:
+            return ret
+        self.prediction_visualizer = PredictionVisualizer(self.cfg)
+
+        def evaluate_and_draw():
+            # What DefaultTrainer's hook runs, then the pictures.
+            self._last_eval_results = self.test(self.cfg, self.model)
+            self.prediction_visualizer.after_evaluation(self.model)
+            return self._last_eval_results
+
+        return [
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, evaluate_and_draw)
+            if type(hook) is hooks.EvalHook
+            else hook
+            for hook in ret
+        ]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -51,6 +51,7 @@ def voronoi_cluster(
     seed: int = 0,
     valid: torch.Tensor | None = None,
     allow_fewer: bool = False,
+    per_image: bool = False,
 ) -> torch.Tensor:
     """Cluster each image's patch features into ``num_regions`` non-empty regions.
 
@@ -71,6 +72,10 @@ def voronoi_cluster(
         allow_fewer: an image with n < k valid patches (even none) gets n regions, 0..n-1, and
             regions n..k-1 stay empty, instead of an error (pseudo-masks of unannotated pixels
             use this: some images have few or none).
+        per_image: each image draws from its own generator seeded with ``seed``, so that its
+            regions do not depend on the other images of the batch (the object guide: an image
+            gets the same regions alone, in a batch, or precomputed); False: one generator for
+            the batch, rows drawn together (the pseudo-masks of training).
 
     Returns:
         int64 [B, N] region index per patch in [0, k), NO_REGION where invalid. Every region has
@@ -91,14 +96,19 @@ def voronoi_cluster(
             "Lower MODEL.OCZ.OBJECTS.NUM or use larger inputs."
         )
     x = F.normalize(features.float(), dim=-1)
-    gen = torch.Generator().manual_seed(int(seed))
+    if per_image:
+        gen: torch.Generator | list[torch.Generator] = [
+            torch.Generator().manual_seed(int(seed)) for _ in range(b)
+        ]
+    else:
+        gen = torch.Generator().manual_seed(int(seed))
     rows = torch.arange(b, device=device)
 
     # Seeds: distinct valid patches. `closest` is each patch's squared distance to its nearest
     # chosen seed; chosen and invalid patches are excluded from the next draw.
     # An image without any valid patch draws its (dead) first seed from all patches.
     draw = torch.where(valid.any(1, keepdim=True), valid, torch.ones_like(valid))
-    first = torch.multinomial(draw.float().cpu(), 1, generator=gen).squeeze(1).to(device)
+    first = _draw(draw.float(), gen).to(device)
     seeds = [first]
     alive = [valid[rows, first]]  # a seed is alive when it is a valid patch
     closest = _sq_dist(x, x[rows, first])
@@ -115,7 +125,7 @@ def voronoi_cluster(
             weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, available.float())
             # An image with nothing left draws a dead seed uniformly (masked out below).
             weight = torch.where(alive[-1][:, None], weight, torch.ones_like(weight))
-            nxt = torch.multinomial(weight.cpu(), 1, generator=gen).squeeze(1).to(device)
+            nxt = _draw(weight, gen).to(device)
         seeds.append(nxt)
         available[rows, nxt] = False
         closest = torch.minimum(closest, _sq_dist(x, x[rows, nxt]))
@@ -133,6 +143,15 @@ def voronoi_cluster(
         assign = _assign(x, centers, valid, alive)
         assign = _fill_empty(x, assign, centers, num_regions, valid, alive)
     return assign
+
+
+def _draw(weights: torch.Tensor, gen: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One index per row of ``weights`` [B, N], drawn in proportion to the weights on the CPU:
+    all rows from one generator, or row i from ``gen[i]``. Returns int64 [B] (CPU)."""
+    weights = weights.cpu()
+    if isinstance(gen, torch.Generator):
+        return torch.multinomial(weights, 1, generator=gen).squeeze(1)
+    return torch.cat([torch.multinomial(w[None], 1, generator=g)[0] for w, g in zip(weights, gen)])
 
 
 def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -308,6 +327,7 @@ def cluster_feature_map(
     iters: int,
     seed: int,
     valid: torch.Tensor | None = None,
+    per_image: bool = False,
 ) -> torch.Tensor:
     """Cluster a feature map into regions and move them to the CLIP patch grid.
 
@@ -319,7 +339,7 @@ def cluster_feature_map(
             (from :meth:`~ocz_d2.modeling.backbone.ssl_guide.SSLGuide.features`; CLIP's patch
             size for CLIP's own features).
         patch_size: CLIP's patch size in input pixels, (h, w) or one number.
-        seeding, iters, seed: see :func:`voronoi_cluster`.
+        seeding, iters, seed, per_image: see :func:`voronoi_cluster`.
         valid: optional bool [B, h, w], the cells that hold image (:func:`cells_with_image`);
             the others get NO_REGION.
 
@@ -329,7 +349,7 @@ def cluster_feature_map(
     b, c, h, w = feats.shape
     regions = voronoi_cluster(
         feats.flatten(2).transpose(1, 2), num_regions, seeding=seeding, iters=iters, seed=seed,
-        valid=None if valid is None else valid.reshape(b, h * w),
+        valid=None if valid is None else valid.reshape(b, h * w), per_image=per_image,
     )  # fmt: skip
     return resample_regions(
         regions.view(b, h, w), grid_hw, src_stride=stride, dst_stride=patch_size

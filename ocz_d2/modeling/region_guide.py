@@ -163,7 +163,7 @@ class RegionGuide(nn.Module):
         regions = cluster_feature_map(
             feats, self.num_regions, grid_hw, stride, p, seeding=self.seeding,
             iters=self.kmeans_iters, seed=self.seed,
-            valid=cells_with_image(image_mask, feats.shape[-2:], stride),
+            valid=cells_with_image(image_mask, feats.shape[-2:], stride), per_image=True,
         )  # fmt: skip
         return regions.masked_fill(~in_image, NO_REGION)
 

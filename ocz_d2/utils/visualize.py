@@ -203,5 +203,49 @@ def draw_segmentation(
     return vis.output.get_image(), present
 
 
+def draw_prediction_row(
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    class_names: list[str],
+    unseen: list[int],
+    *,
+    ignore_label: int = IGNORE_LABEL,
+    min_side: int = 256,
+) -> np.ndarray:
+    """Input | ground truth | prediction, side by side, for TensorBoard.
+
+    The two label maps are drawn over the image by Detectron2's ``Visualizer`` (colours of
+    :func:`class_palette`, names on the larger regions, unseen names with a "*"), and unseen
+    classes are outlined in white, as in :func:`prediction_panel`; ignore pixels are not drawn.
+
+    Args:
+        image: [H, W, 3] uint8 RGB. gt, pred: [H, W] class indices (``ignore_label``: none).
+        class_names: the K names; unseen: indices of the unseen classes.
+        ignore_label: the ground truth's unlabelled value.
+        min_side: small images are enlarged (nearest) so that the longer side has at least
+            this many pixels.
+
+    Returns:
+        uint8 RGB [H * s, 3 * W * s + 2 gaps, 3].
+    """
+    from detectron2.data import Metadata
+    from detectron2.utils.visualizer import Visualizer
+
+    height, width = gt.shape
+    s = max(1, math.ceil(min_side / max(height, width)))
+    image, gt, pred = (np.repeat(np.repeat(a, s, 0), s, 1) for a in (image, gt, pred))
+    names = [n + ("*" if k in unseen else "") for k, n in enumerate(class_names)]
+    palette = class_palette(len(class_names))
+    meta = Metadata(stuff_classes=names, stuff_colors=[tuple(int(v) for v in c) for c in palette])
+    cells = [image]
+    for label in (gt, pred):
+        label = np.where(label == ignore_label, len(names), label)  # len(names): not drawn
+        drawn = Visualizer(image, meta).draw_sem_seg(label, alpha=0.6).get_image()
+        cells.append(mark_unseen(drawn, label, unseen))
+    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([cells[0], gap, cells[1], gap, cells[2]], axis=1)
+
+
 def _pad(cell: np.ndarray, border: int = 2) -> np.ndarray:
     return np.pad(cell, ((border, border), (border, border), (0, 0)), constant_values=255)

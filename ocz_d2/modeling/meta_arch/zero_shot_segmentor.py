@@ -82,6 +82,30 @@ def sliding_windows(height: int, width: int, window: tuple[int, int], stride: tu
     ]
 
 
+def inference_groups(samples: list[dict]) -> dict[tuple, list[int]]:
+    """Indices of the samples that can share one inference forward, in order of first
+    appearance: same image size, same vocabulary (``"dataset_name"``, or ``"class_names"`` and
+    the very same ``"class_embeddings"`` tensor), same ensemble seen classes, and object maps
+    for all or none."""
+    groups: dict[tuple, list[int]] = {}
+    for i, sample in enumerate(samples):
+        if "class_names" in sample:
+            embeddings = sample.get("class_embeddings")
+            vocab: tuple = ("names", tuple(sample["class_names"]), id(embeddings))
+        else:
+            vocab = ("dataset", sample.get("dataset_name"))
+        seen = sample.get(ENSEMBLE_SEEN_KEY)
+        seen_key = None if seen is None else tuple(torch.as_tensor(seen).flatten().tolist())
+        key = (
+            tuple(sample["image"].shape),
+            vocab,
+            seen_key,
+            sample.get(OBJECT_MAP_KEY) is not None,
+        )
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 @META_ARCH_REGISTRY.register()
 class OCZeroShotSegmentor(nn.Module):
     """Zero-shot semantic segmentation by mask classification against text embeddings.
@@ -338,10 +362,19 @@ class OCZeroShotSegmentor(nn.Module):
                 "class_names" (optionally with "class_embeddings" [K, D]).
         Returns:
             training: dict of weighted losses; inference: list of {"sem_seg": [K, height, width]}.
+
+        At inference, the samples of one image size and one vocabulary go through the model
+        together (one forward for the group; in slide mode, the windows of all its images);
+        an image's output does not depend on the others of its batch.
         """
         if self.training:
             return self._forward_train(batched_inputs)
-        return [self._inference_one(x) for x in batched_inputs]
+        outputs: list[dict | None] = [None] * len(batched_inputs)
+        for indices in inference_groups(batched_inputs).values():
+            group = self._inference_group([batched_inputs[i] for i in indices])
+            for i, out in zip(indices, group):
+                outputs[i] = out
+        return outputs
 
     def _normalize(self, batched_inputs: list[dict]) -> ImageList:
         images = [
@@ -471,24 +504,36 @@ class OCZeroShotSegmentor(nn.Module):
         return losses
 
     # ------------------------------------------------------------------ inference
-    def _inference_one(self, sample: dict) -> dict:
-        class_ids, text, seen = self.vocabulary(sample, training=False)
-        image = (sample["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-        object_map = sample.get(OBJECT_MAP_KEY)
-        none_value = ignore_label_of(sample.get("dataset_name")) if object_map is not None else 0
+    def _inference_group(self, samples: list[dict]) -> list[dict]:
+        """Inference on samples of one image size and one vocabulary (:func:`inference_groups`):
+        one forward for all of them."""
+        first = samples[0]
+        class_ids, text, seen = self.vocabulary(first, training=False)
+        images = torch.stack([x["image"].to(self.device) for x in samples])
+        images = (images - self.pixel_mean) / self.pixel_std
+        object_maps = [x.get(OBJECT_MAP_KEY) for x in samples]
+        if all(m is None for m in object_maps):
+            none_value = 0
+        else:
+            none_value = ignore_label_of(first.get("dataset_name"))
         # The segment classifier's seen classes; a caller may name them for class_names.
-        ensemble_seen = sample.get(ENSEMBLE_SEEN_KEY, seen)
+        ensemble_seen = first.get(ENSEMBLE_SEEN_KEY, seen)
         ensemble_seen = torch.as_tensor(ensemble_seen, dtype=torch.long, device=self.device)
         if self.test_mode == "slide":
-            scores = self._slide_scores(image, text, object_map, none_value, ensemble_seen)
+            scores = self._slide_scores(images, text, object_maps, none_value, ensemble_seen)
         else:
-            scores = self._scores(image[None], text, object_map, none_value, ensemble_seen)[0]
-        if self.zero_shot_setting == "inductive":
-            scores = calibrate(scores, seen, self.calibration)
-        height = sample.get("height", image.shape[-2])
-        width = sample.get("width", image.shape[-1])
-        scores = retry_if_cuda_oom(sem_seg_postprocess)(scores, image.shape[-2:], height, width)
-        return {"sem_seg": scores}
+            scores = self._scores(images, text, object_maps, none_value, ensemble_seen)
+        outputs = []
+        for sample, image_scores in zip(samples, scores):
+            if self.zero_shot_setting == "inductive":
+                image_scores = calibrate(image_scores, seen, self.calibration)
+            height = sample.get("height", images.shape[-2])
+            width = sample.get("width", images.shape[-1])
+            image_scores = retry_if_cuda_oom(sem_seg_postprocess)(
+                image_scores, images.shape[-2:], height, width
+            )
+            outputs.append({"sem_seg": image_scores})
+        return outputs
 
     def _scores(
         self,
@@ -531,32 +576,38 @@ class OCZeroShotSegmentor(nn.Module):
 
     def _slide_scores(
         self,
-        image: torch.Tensor,
+        images: torch.Tensor,
         text: torch.Tensor,
-        object_map: torch.Tensor | None = None,
+        object_maps: list[torch.Tensor | None] | None = None,
         none_value: int = 255,
         seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Average of window scores over a sliding window; [3, H, W] -> [K, H, W].
+        """Average of window scores over a sliding window; [N, 3, H, W] -> [N, K, H, W].
 
-        Every window has the same size (clipped to the image), so the windows go through the
-        model stacked as one batch (at most ``slide_batch`` per forward when that is > 0).
+        Every window has the same size (clipped to the image), so the windows of all N images
+        go through the model stacked as one batch (at most ``slide_batch`` per forward when that
+        is > 0). ``object_maps``: per image its object map [H, W] or None (or None for all).
         """
-        height, width = image.shape[-2:]
-        scores = image.new_zeros((text.shape[0], height, width))
-        counts = image.new_zeros((1, height, width))
+        n, _, height, width = images.shape
+        if object_maps is None:
+            object_maps = [None] * n
+        scores = images.new_zeros((n, text.shape[0], height, width))
+        counts = images.new_zeros((1, 1, height, width))
         wh, ww = min(self.window_size[0], height), min(self.window_size[1], width)
         corners = sliding_windows(height, width, self.window_size, self.window_stride)
-        step = self.slide_batch or len(corners)
-        for start in range(0, len(corners), step):
-            chunk = corners[start : start + step]
-            crops = torch.stack([image[:, y : y + wh, x : x + ww] for y, x in chunk])
+        for y, x in corners:
+            counts[..., y : y + wh, x : x + ww] += 1
+        windows = [(i, y, x) for i in range(n) for y, x in corners]
+        step = self.slide_batch or len(windows)
+        for start in range(0, len(windows), step):
+            chunk = windows[start : start + step]
+            crops = torch.stack([images[i, :, y : y + wh, x : x + ww] for i, y, x in chunk])
             maps = None
-            if object_map is not None:
-                maps = [object_map[y : y + wh, x : x + ww] for y, x in chunk]
-            for (y, x), window in zip(chunk, self._scores(crops, text, maps, none_value, seen)):
-                scores[:, y : y + wh, x : x + ww] += window
-                counts[:, y : y + wh, x : x + ww] += 1
+            if any(m is not None for m in object_maps):
+                maps = [object_maps[i][y : y + wh, x : x + ww] for i, y, x in chunk]
+            window_scores = self._scores(crops, text, maps, none_value, seen)
+            for (i, y, x), window in zip(chunk, window_scores):
+                scores[i, :, y : y + wh, x : x + ww] += window
         return scores / counts
 
 
