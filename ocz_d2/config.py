@@ -84,6 +84,7 @@ def _add_model_config(cfg: CN) -> None:
     cfg.MODEL.OCZ = CN()
     ocz = cfg.MODEL.OCZ
     _add_clip_config(ocz)
+    _add_resnet_config(ocz)
     _add_objects_config(ocz)
     _add_guide_config(ocz)
     _add_ora_config(ocz)
@@ -113,6 +114,20 @@ def _add_clip_config(ocz: CN) -> None:
     ocz.CLIP.OUT_LAYERS = [3, 5, 7, 11]
     # Keep CLIP's own weights frozen (only prompts train): bool.
     ocz.CLIP.FROZEN = True
+
+
+def _add_resnet_config(ocz: CN) -> None:
+    """MODEL.OCZ.RESNET: a trainable Detectron2 ResNet backbone (MODEL.BACKBONE.NAME =
+    "build_resnet_backbone", shaped by MODEL.RESNETS.*; ZegFormer's), beside which the model
+    builds the frozen CLIP of MODEL.OCZ.CLIP for the class names and the segment route."""
+    ocz.RESNET = CN()
+    # Initial weights of that ResNet, loaded when the model is built: a local file in
+    # Detectron2's format (.pkl from its model zoo or convert-torchvision-to-d2, or a .pth state
+    # dict; a relative path is looked up in the working directory, then under
+    # $DETECTRON2_DATASETS; it must exist) or a URL (e.g.
+    # "detectron2://ImageNetPretrained/MSRA/R-101.pkl", downloaded once). "": random (from
+    # scratch). A trained checkpoint (MODEL.WEIGHTS) replaces them.
+    ocz.RESNET.WEIGHTS = ""
 
 
 def _add_objects_config(ocz: CN) -> None:
@@ -176,7 +191,8 @@ def _add_ora_config(ocz: CN) -> None:
 def _add_text_config(ocz: CN) -> None:
     """MODEL.OCZ.TEXT: the text side, class-name embeddings."""
     ocz.TEXT = CN()
-    # Prompt templates: "single" ("a photo of a {}.") or "imagenet" (the template ensemble).
+    # Prompt templates: "single" ("a photo of a {}."), "imagenet" (ocz_d2's template ensemble),
+    # "zegformer_single" ("A photo of a {} in the scene") or "imagenet_select" (ZegFormer's 8).
     ocz.TEXT.TEMPLATES = "single"
     # File of precomputed class embeddings (.npz with "classes" and "embeddings"); when set it
     # replaces the text encoder for every dataset. "" uses the dataset's own file, if its
@@ -203,12 +219,17 @@ def _add_pixel_decoder_config(cfg: CN) -> None:
     # stage widths, stage i at stride 2**(i+1); its outputs at pyramid strides are added to those
     # levels. Empty: off (every paper-scale config; no reproduced method has it).
     ocz.PIXEL_DECODER.IMAGE_PATH.WIDTHS = []
+    # MaskFormerPixelDecoder (ZegFormer's): the backbone feature the query decoder attends to
+    # (MaskFormer's TRANSFORMER_IN_FEATURE, "res5"); one of MODEL.SEM_SEG_HEAD.IN_FEATURES.
+    ocz.PIXEL_DECODER.TRANSFORMER_IN_FEATURE = "res5"
 
 
 def _add_decoder_config(ocz: CN) -> None:
     """MODEL.OCZ.DECODER: the transformer decoder."""
     ocz.DECODER = CN()
-    # Registered name in ocz_d2's TRANSFORMER_DECODER_REGISTRY.
+    # Registered name in ocz_d2's TRANSFORMER_DECODER_REGISTRY: "ZeroShotMaskDecoder" (ours,
+    # Mask2Former-style) or "ZegFormerDecoder" (ZegFormer's: a DETR decoder on one feature map,
+    # fixed logit scale, unnormalised background embedding).
     ocz.DECODER.NAME = "ZeroShotMaskDecoder"
     # The miniature's option: each query's class embedding also gets its mask-pooled mask
     # features (projected), a direct path from pixel features to the class. Off in every
@@ -224,13 +245,15 @@ def _add_decoder_config(ocz: CN) -> None:
     ocz.DECODER.DIM_FEEDFORWARD = 2048
     # Number of decoder layers (each yields a prediction for deep supervision).
     ocz.DECODER.DEC_LAYERS = 6
-    # Dropout in attention and feed-forward blocks.
+    # Dropout in attention and feed-forward blocks (ZegFormerDecoder: 0.1, DETR's).
     ocz.DECODER.DROPOUT = 0.0
     # Pre-norm (True) or post-norm (False) blocks.
     ocz.DECODER.PRE_NORM = False
-    # Mask each query's cross-attention to its predicted mask (Mask2Former): bool.
+    # Mask each query's cross-attention to its predicted mask (Mask2Former): bool
+    # (ZeroShotMaskDecoder only).
     ocz.DECODER.MASKED_ATTENTION = True
-    # Initial temperature of the class logits (logits = scale * cosine); learned in log space.
+    # Temperature of the class logits (logits = scale * cosine): ZeroShotMaskDecoder's initial
+    # value, learned in log space (at most 100); ZegFormerDecoder's fixed value (100).
     ocz.DECODER.LOGIT_SCALE = 50.0
 
 
@@ -239,8 +262,16 @@ def _add_loss_config(ocz: CN) -> None:
     ocz.LOSS = CN()
     # Weight of the classification loss (and of the class cost in matching).
     ocz.LOSS.CLASS_WEIGHT = 2.0
-    # Weight of the sigmoid binary cross-entropy mask loss (and cost).
+    # Weight of the mask loss (and cost) chosen by MASK_LOSS.
     ocz.LOSS.MASK_WEIGHT = 5.0
+    # Mask loss and cost on the sampled points: "bce" (sigmoid binary cross-entropy,
+    # Mask2Former) or "focal" (sigmoid focal loss, MaskFormer and ZegFormer; FOCAL_ALPHA/GAMMA).
+    ocz.LOSS.MASK_LOSS = "bce"
+    # Focal loss: weight of the positive points, in [0, 1] (the negatives take 1 - alpha);
+    # -1 weighs both alike.
+    ocz.LOSS.FOCAL_ALPHA = 0.25
+    # Focal loss: exponent of the modulating factor (1 - p_t) (>= 0; 0 gives alpha-weighted BCE).
+    ocz.LOSS.FOCAL_GAMMA = 2.0
     # Weight of the dice loss (and cost).
     ocz.LOSS.DICE_WEIGHT = 5.0
     # The miniature's option: weight of an auxiliary per-pixel cross-entropy on the mask
@@ -381,8 +412,9 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Exponent of the poly schedule (LR_SCHEDULER_NAME = "WarmupPolyLR").
     cfg.SOLVER.POLY_LR_POWER = 0.9
-    # LR multiplier of the trainable backbone parameters, i.e. the visual and object prompts
-    # (module prefix "backbone."); the paper-scale configs use 10 (OTSeg, ZegCLIP).
+    # LR multiplier of the trainable backbone parameters (module prefix "backbone."): the visual
+    # and object prompts of the CLIP backbone (OC-ZSS configs: 10, OTSeg's and ZegCLIP's), or a
+    # CNN backbone's weights (ZegFormer configs: 0.1).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
     # LR multiplier of the heads (pixel decoder, transformer decoder): ZegCLIP-style x10.
     cfg.SOLVER.HEAD_MULTIPLIER = 10.0

@@ -32,6 +32,7 @@ D2_MODULES = [
     "evaluation/testing.py",
     "modeling/meta_arch/build.py",
     "modeling/backbone/build.py",
+    "modeling/backbone/resnet.py",  # build_resnet_backbone (ZegFormer's configs)
 ]
 # Read there, but not as attributes: build_sem_seg_head lives in semantic_seg.py beside a head we
 # do not use; default_setup reads these through _try_get_key(cfg, "SEED", ...).

@@ -30,9 +30,20 @@ TINY = [
     "MODEL.OCZ.GUIDE.PRETRAINED", "False",
     "MODEL.OCZ.DECODER.DEC_LAYERS", "1",
 ]  # fmt: skip
+# The same for a config whose backbone is a CNN (ZegFormer's): its ResNet random, its CLIP tiny.
+TINY_CNN = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.OCZ.CLIP.MODEL_NAME", "OCZ-Tiny-ViT",
+    "MODEL.OCZ.CLIP.PRETRAINED", "",
+    "MODEL.OCZ.CLIP.WEIGHTS", "",
+    "MODEL.OCZ.RESNET.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", "50",
+    "MODEL.OCZ.DECODER.DEC_LAYERS", "1",
+]  # fmt: skip
 # A name that encodes the model, the total batch and the schedule: <model>_vitb16_bs<B>_<N>k...
-# (the protocol configs and the ablation rows).
-SCHEDULE = re.compile(r"_vitb16_bs(\d+)_(\d+)k")
+# (the protocol configs and the ablation rows), <model>_r101_bs<B>_<N>k (ZegFormer's).
+SCHEDULE = re.compile(r"_(?:vitb16|r101)_bs(\d+)_(\d+)k")
+ZEGFORMER = [c for c in CONFIGS if re.match(r"^[\w-]+/zegformer_r101_bs\d+_\d+k\.yaml$", c)]
 # Protocol configs: <dataset>/oczss_vitb16_bs<B>_<N>k[...].yaml; ablation rows are in ablation/.
 PROTOCOL = re.compile(r"^[\w-]+/oczss_vitb16_bs(\d+)_(\d+)k[\w-]*\.yaml$")
 ABLATION = [c for c in CONFIGS if "/ablation/" in c]
@@ -67,13 +78,14 @@ def test_configs_named_in_docs_and_code_exist():
 def test_shipped_config_builds_a_model(config, request):
     from detectron2.data import MetadataCatalog
 
-    cfg = load_config(REPO / "configs" / config, TINY)
+    tiny = TINY if _backbone(config) == "CLIPPromptBackbone" else TINY_CNN
+    cfg = load_config(REPO / "configs" / config, tiny)
     if any(MetadataCatalog.get(d).get("class_embeddings", None) for d in cfg.DATASETS.TRAIN):
         # A split with a class-embedding file (the synthetic attribute route): the test data's.
         data = request.getfixturevalue("synthetic_benchmark")
         cfg = load_config(
             REPO / "configs" / config,
-            [*TINY, "MODEL.OCZ.TEXT.EMBEDDINGS_FILE", str(data.class_embeddings)],
+            [*tiny, "MODEL.OCZ.TEXT.EMBEDDINGS_FILE", str(data.class_embeddings)],
         )
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -86,10 +98,18 @@ def test_shipped_config_builds_a_model(config, request):
         assert "Total batch" in text and "BASE_LR" in text
 
 
+def _backbone(config: str) -> str:
+    return load_config(REPO / "configs" / config).MODEL.BACKBONE.NAME
+
+
 def test_protocol_and_ablation_configs_are_where_they_should_be():
     protocol = [c for c in CONFIGS if PROTOCOL.match(c)]
     assert len(protocol) == 11 and not set(protocol) & set(ABLATION)
     assert all(SCHEDULE.search(c) for c in ABLATION)
+    assert ZEGFORMER == [
+        "coco_stuff/zegformer_r101_bs32_60k.yaml",
+        "voc/zegformer_r101_bs32_10k.yaml",
+    ]
     assert {Path(c).name for c in ABLATION} == {
         "baseline_vitb16_bs16_20k.yaml",
         "ora_vitb16_bs16_20k.yaml",
@@ -140,6 +160,37 @@ def test_protocol_configs_follow_the_recipe(config):
     assert cfg.SOLVER.BACKBONE_MULTIPLIER == 10.0 and cfg.SOLVER.HEAD_MULTIPLIER == 10.0
 
 
+@pytest.mark.parametrize("config", ZEGFORMER)
+def test_zegformer_configs_follow_zegformer(config):
+    """ZegFormer's configs, as its public configs set them: R-101 + frozen CLIP ViT-B/16, the
+    FPN and DETR decoders with 100 queries, its head and losses, its recipe and test."""
+    cfg = load_config(REPO / "configs" / config)
+    coco = config.startswith("coco_stuff/")
+    assert cfg.MODEL.BACKBONE.NAME == "build_resnet_backbone" and cfg.MODEL.RESNETS.DEPTH == 101
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.OCZ.RESNET.WEIGHTS == "R-101.pkl"
+    assert cfg.MODEL.OCZ.CLIP.MODEL_NAME == "ViT-B-16" and cfg.MODEL.OCZ.CLIP.PRETRAINED == "openai"
+    assert cfg.MODEL.SEM_SEG_HEAD.NAME == "MaskFormerPixelDecoder"
+    dec, loss = cfg.MODEL.OCZ.DECODER, cfg.MODEL.OCZ.LOSS
+    assert dec.NAME == "ZegFormerDecoder" and dec.NUM_QUERIES == 100 and dec.DEC_LAYERS == 6
+    assert dec.LOGIT_SCALE == 100.0 and dec.DROPOUT == 0.1
+    assert (loss.CLASS_WEIGHT, loss.MASK_WEIGHT, loss.DICE_WEIGHT) == (1.0, 20.0, 1.0)
+    assert loss.MASK_LOSS == "focal" and loss.NO_OBJECT_WEIGHT == 0.1
+    assert cfg.SOLVER.BASE_LR == 1e-4 and cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1 and cfg.SOLVER.HEAD_MULTIPLIER == 1.0
+    assert cfg.SOLVER.WARMUP_ITERS == 0 and cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 0.01
+    assert cfg.SOLVER.MAX_ITER == (60000 if coco else 10000)
+    assert tuple(cfg.INPUT.CROP.SIZE) == ((640, 640) if coco else (512, 512))
+    assert cfg.INPUT.MIN_SIZE_TEST == (640 if coco else 512)
+    assert cfg.MODEL.OCZ.TEXT.TEMPLATES == ("imagenet_select" if coco else "zegformer_single")
+    assert cfg.MODEL.OCZ.TEST.MODE == "whole" and cfg.MODEL.OCZ.TEST.CALIBRATION == 0.1
+    assert cfg.INPUT.ZERO_SHOT_SETTING == "inductive"
+    seg = cfg.MODEL.OCZ.SEGMENT_CLIP
+    assert not seg.ENABLED and seg.ROUTE == "crop" and seg.STYLE == "cropmask" and seg.SEEN_MEAN
+    train = cfg.DATASETS.TRAIN[0]
+    assert train == ("ocz_coco_stuff_train" if coco else "ocz_voc_train")
+    assert cfg.DATASETS.TEST[0] == train.replace("_train", "_val")
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if not c.startswith("synthetic/")])
 def test_paper_scale_configs_keep_the_miniature_options_off(config):
     """The miniature's dense-path options (image path, mask pooling, pixel-text loss) are in no
@@ -186,7 +237,7 @@ def test_no_base_config_is_a_row():
     test but this file's names it."""
     bases = [c for c in CONFIGS if Path(c).name.startswith("Base-")]
     with_data = {c for c in bases if load_config(REPO / "configs" / c).DATASETS.TRAIN}
-    assert {"Base-OCZ.yaml", "Base-OCZSS.yaml"} <= set(bases) - with_data
+    assert {"Base-OCZ.yaml", "Base-OCZSS.yaml", "Base-ZegFormer.yaml"} <= set(bases) - with_data
     assert "voc/Base-VOC.yaml" in with_data
     command = re.compile(r"(?:--config-file|--config|--row\s+\S+)\s+(?:configs/)?(\S+\.yaml)")
     sources = [*REPO.glob("*.md"), *(REPO / "docs").rglob("*.md"), REPO / "Makefile"]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from ..config import ConfigError
 from ..data.register_zero_shot import check_datasets
+from ..modeling.backbone.cnn import resolve_backbone_weights
 from ..utils.errors import ArgumentError, MissingFileError, UserError
 from ..utils.io import resolve_weights_path
 from .checkpoint import check_checkpoint_file
@@ -172,11 +173,14 @@ def check_run_inputs(
             "for smoke tests)"
         )
     ocz = cfg.MODEL.OCZ
-    if cfg.MODEL.BACKBONE.NAME == "CLIPPromptBackbone" and ocz.CLIP.WEIGHTS:
-        try:
+    # Every model holds a CLIP: the backbone, or the frozen one beside a CNN backbone.
+    try:
+        if ocz.CLIP.WEIGHTS:
             resolve_weights_path(ocz.CLIP.WEIGHTS)
-        except FileNotFoundError as e:
-            raise MissingFileError(str(e)) from None
+        if ocz.RESNET.WEIGHTS:
+            resolve_backbone_weights(ocz.RESNET.WEIGHTS)
+    except FileNotFoundError as e:
+        raise MissingFileError(str(e)) from None
     if ocz.TEXT.EMBEDDINGS_FILE and not os.path.isfile(ocz.TEXT.EMBEDDINGS_FILE):
         raise MissingFileError(
             f"MODEL.OCZ.TEXT.EMBEDDINGS_FILE {ocz.TEXT.EMBEDDINGS_FILE!r} does not exist: fix it, "

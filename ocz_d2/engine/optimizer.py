@@ -20,7 +20,8 @@ _NO_DECAY_NAMES = ("prompt", "query_feat", "query_embed", "level_embed", "no_obj
 def lr_multiplier(name: str, backbone_multiplier: float, head_multiplier: float) -> float:
     """LR multiplier of a parameter, matched by module prefix.
 
-    ``backbone.*`` (the visual and object prompts; CLIP itself is frozen) gets
+    ``backbone.*`` (the visual and object prompts, CLIP itself being frozen; or a CNN backbone's
+    weights) gets
     ``backbone_multiplier``, everything else (pixel decoder with ORA and granular attention,
     transformer decoder, text-side parameters) ``head_multiplier``.
 
@@ -59,7 +60,7 @@ def build_param_groups(
             counts["backbone" if name.startswith("backbone.") else "head"] += param.numel()
             groups.append({"params": [param], "lr": base_lr * mult, "weight_decay": decay})
     logger.info(
-        "trainable parameters: backbone (prompts) %.2fM x%g LR, heads %.2fM x%g LR",
+        "trainable parameters: backbone %.2fM x%g LR, heads %.2fM x%g LR",
         counts["backbone"] / 1e6,
         backbone_multiplier,
         counts["head"] / 1e6,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from .matcher import HungarianMatcher, embedding_class_cost
+from .matcher import HungarianMatcher, check_mask_loss, embedding_class_cost
 from .point_utils import point_sample, sample_uncertain_points
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "expand_weight_dict",
     "pixel_text_loss",
     "sigmoid_ce_loss",
+    "sigmoid_focal_loss",
 ]
 
 _LOSS_KEYS = {
@@ -43,6 +44,35 @@ def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     if logits.numel() == 0:
         return logits.sum() * 0.0
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.mean(1).sum()
+
+
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sum over masks of the mean-over-points sigmoid focal loss (RetinaNet's; MaskFormer's and
+    ZegFormer's mask loss).
+
+    Per point, with ``p = sigmoid(logit)`` and ``p_t = p t + (1 - p)(1 - t)``:
+    ``alpha_t (1 - p_t)^gamma BCE(logit, t)``, ``alpha_t = alpha t + (1 - alpha)(1 - t)``
+    (``alpha_t = 1`` when ``alpha < 0``).
+
+    Args:
+        logits: [M, P] predicted logits; targets: [M, P] values in [0, 1].
+        alpha: weight of the positive points, in [0, 1]; negative: no weighting.
+        gamma: exponent of the modulating factor (>= 0).
+
+    Returns:
+        Scalar, ``sum_m mean_p focal``; 0 (still in the graph) when M or P is 0.
+    """
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    probs = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probs * targets + (1 - probs) * (1 - targets)
+    loss = ce * (1 - p_t).pow(gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.mean(1).sum()
 
 
@@ -109,9 +139,10 @@ class SetCriterion(nn.Module):
       queries target their label, every other query targets no-object; class weights are 1 with
       ``no_object_weight`` for no-object, built for the current K at every call (the vocabulary
       may change between batches).
-    - ``loss_mask`` / ``loss_dice``: sigmoid BCE and dice of each matched (query, target) pair on
-      points chosen by uncertainty among the image's VALID pixels; summed over pairs and divided
-      by the number of target masks (all-reduced over ranks, at least 1).
+    - ``loss_mask`` / ``loss_dice``: sigmoid BCE (or, with ``mask_loss="focal"``, the sigmoid
+      focal loss) and dice of each matched (query, target) pair on points chosen by uncertainty
+      among the image's VALID pixels; summed over pairs and divided by the number of target
+      masks (all-reduced over ranks, at least 1).
     - "no_object" instead of "labels" (targets without class labels, e.g. pseudo-masks):
       ``loss_ce`` teaches only the unmatched queries no-object; matched ones get no class term.
       The weighted sum is divided by the number of queries (matched ones included, each counted
@@ -149,6 +180,9 @@ class SetCriterion(nn.Module):
         importance_sample_ratio: float = 0.75,
         num_aux_layers: int | None = None,
         no_object_on_ignore: bool = True,
+        mask_loss: str = "bce",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
     ):
         """
         Args:
@@ -167,8 +201,11 @@ class SetCriterion(nn.Module):
                 ignore pixels is taught no-object. False leaves its class free (no class loss):
                 in inductive training ignore pixels include unseen objects, and teaching the
                 queries that find them "no-object" suppresses unseen classes at test time.
+            mask_loss: "bce" (:func:`sigmoid_ce_loss`) or "focal" (:func:`sigmoid_focal_loss`).
+            focal_alpha, focal_gamma: the focal loss's alpha and gamma.
         """
         super().__init__()
+        check_mask_loss(mask_loss, focal_alpha, focal_gamma)
         unknown = set(losses) - set(_LOSS_KEYS)
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {sorted(unknown)}; use {_LOSS_KEYS}.")
@@ -192,6 +229,9 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.num_aux_layers = num_aux_layers
         self.no_object_on_ignore = no_object_on_ignore
+        self.mask_loss = mask_loss
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -214,6 +254,9 @@ class SetCriterion(nn.Module):
             "importance_sample_ratio": loss.IMPORTANCE_SAMPLE_RATIO,
             "num_aux_layers": num_aux,
             "no_object_on_ignore": loss.NO_OBJECT_ON_IGNORE,
+            "mask_loss": loss.MASK_LOSS,
+            "focal_alpha": loss.FOCAL_ALPHA,
+            "focal_gamma": loss.FOCAL_GAMMA,
         }
 
     def forward(
@@ -393,9 +436,14 @@ class SetCriterion(nn.Module):
                     continue
                 src_points = point_sample(src.unsqueeze(1), coords).squeeze(1)  # [M, P]
                 tgt_points = point_sample(tgt.unsqueeze(1), coords).squeeze(1)  # [M, P]
-                loss_mask = loss_mask + sigmoid_ce_loss(src_points, tgt_points)
+                loss_mask = loss_mask + self._point_mask_loss(src_points, tgt_points)
                 loss_dice = loss_dice + dice_loss(src_points, tgt_points)
         return {"loss_mask": loss_mask / num_masks, "loss_dice": loss_dice / num_masks}
+
+    def _point_mask_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.mask_loss == "focal":
+            return sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma)
+        return sigmoid_ce_loss(logits, targets)
 
     def loss_embeddings(
         self,
@@ -442,6 +490,7 @@ class SetCriterion(nn.Module):
             f"oversample_ratio: {self.oversample_ratio}",
             f"importance_sample_ratio: {self.importance_sample_ratio}",
             f"num_aux_layers: {self.num_aux_layers}",
+            f"mask_loss: {self.mask_loss}",
         ]
         body = "\n".join("    " + line for line in lines)
         return f"{self.__class__.__name__}(\n{body}\n)"
@@ -513,12 +562,23 @@ class SplitCriterion(nn.Module):
         )
 
 
-def build_criterion(cfg) -> SetCriterion | SplitCriterion:
+def build_criterion(cfg, num_aux_outputs: int | None = None) -> SetCriterion | SplitCriterion:
     """The training criterion of a config: :class:`SetCriterion` on all queries, or with
     ``MODEL.OCZ.SPLIT.NUM_CANDIDATES`` > 0 a :class:`SplitCriterion` whose candidate group is
-    matched by ``-cos`` of class and region embeddings plus mask costs (``MODEL.OCZ.SPLIT``)."""
-    seen = SetCriterion(cfg)
-    split, loss = cfg.MODEL.OCZ.SPLIT, cfg.MODEL.OCZ.LOSS
+    matched by ``-cos`` of class and region embeddings plus mask costs (``MODEL.OCZ.SPLIT``).
+
+    Args:
+        cfg: the config.
+        num_aux_outputs: auxiliary predictions the transformer decoder makes (its
+            ``num_aux_outputs``); None: ``DEC_LAYERS``, ZeroShotMaskDecoder's. Supervised only
+            with ``MODEL.OCZ.LOSS.DEEP_SUPERVISION``.
+    """
+    loss = cfg.MODEL.OCZ.LOSS
+    if num_aux_outputs is None:
+        seen = SetCriterion(cfg)
+    else:
+        seen = SetCriterion(cfg, num_aux_layers=num_aux_outputs if loss.DEEP_SUPERVISION else 0)
+    split = cfg.MODEL.OCZ.SPLIT
     num_candidates, num_queries = split.NUM_CANDIDATES, cfg.MODEL.OCZ.DECODER.NUM_QUERIES
     if num_candidates == 0:
         return seen
@@ -533,6 +593,9 @@ def build_criterion(cfg) -> SetCriterion | SplitCriterion:
         cost_dice=split.DICE_WEIGHT,
         num_points=loss.TRAIN_NUM_POINTS,
         class_cost=embedding_class_cost,
+        mask_cost=loss.MASK_LOSS,
+        focal_alpha=loss.FOCAL_ALPHA,
+        focal_gamma=loss.FOCAL_GAMMA,
     )
     candidate = SetCriterion(
         matcher=matcher,
@@ -549,6 +612,9 @@ def build_criterion(cfg) -> SetCriterion | SplitCriterion:
         importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
         num_aux_layers=seen.num_aux_layers,
         no_object_on_ignore=True,
+        mask_loss=loss.MASK_LOSS,
+        focal_alpha=loss.FOCAL_ALPHA,
+        focal_gamma=loss.FOCAL_GAMMA,
     )
     return SplitCriterion(seen, candidate, num_queries - num_candidates)
 

@@ -13,9 +13,12 @@ from scipy.optimize import linear_sum_assignment
 from .point_utils import point_sample, sample_valid_points
 
 __all__ = [
+    "MASK_LOSSES",
     "HungarianMatcher",
     "batch_dice_cost",
     "batch_sigmoid_ce_cost",
+    "batch_sigmoid_focal_cost",
+    "check_mask_loss",
     "embedding_class_cost",
     "label_class_cost",
     "solve_assignments",
@@ -41,6 +44,34 @@ def batch_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     # so BCE(x, y) = softplus(-x) + (1 - y) * x: one softplus, a row sum and one matmul.
     pos = F.softplus(-logits)
     cost = pos.sum(-1, keepdim=True) + logits @ (1 - targets).t()
+    return cost / max(num_points, 1)
+
+
+def batch_sigmoid_focal_cost(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Pairwise mean sigmoid focal loss (the mask cost of MaskFormer and ZegFormer).
+
+    For a binary target the focal loss of a point is ``alpha (1 - p)^gamma softplus(-x)`` when
+    the target is 1 and ``(1 - alpha) p^gamma softplus(x)`` when it is 0 (``p = sigmoid(x)``),
+    so the mean over points is one matmul per term.
+
+    Args:
+        logits: [Q, P] predicted mask logits at P points.
+        targets: [T, P] binary targets at the same points.
+        alpha: weight of the positive points in [0, 1]; negative: no weighting.
+        gamma: exponent of the modulating factor.
+
+    Returns:
+        [Q, T] cost, ``mean_p focal(logits[q, p], targets[t, p])``.
+    """
+    num_points = logits.shape[1]
+    probs = logits.sigmoid()
+    pos = (1 - probs).pow(gamma) * F.softplus(-logits)
+    neg = probs.pow(gamma) * F.softplus(logits)
+    if alpha >= 0:
+        pos, neg = alpha * pos, (1 - alpha) * neg
+    cost = pos @ targets.t() + neg @ (1 - targets).t()
     return cost / max(num_points, 1)
 
 
@@ -135,6 +166,21 @@ def solve_assignments(costs: list[torch.Tensor]) -> list[tuple[torch.Tensor, tor
 
 ClassCost = Callable[[dict, dict], torch.Tensor]
 
+#: Mask losses (and costs) on the sampled points: ``MODEL.OCZ.LOSS.MASK_LOSS``.
+MASK_LOSSES = ("bce", "focal")
+
+
+def check_mask_loss(mask_loss: str, alpha: float, gamma: float) -> None:
+    """Raise when ``MODEL.OCZ.LOSS.MASK_LOSS`` / ``FOCAL_ALPHA`` / ``FOCAL_GAMMA`` are invalid."""
+    if mask_loss not in MASK_LOSSES:
+        raise ValueError(f"MODEL.OCZ.LOSS.MASK_LOSS={mask_loss!r}: use one of {MASK_LOSSES}")
+    if alpha > 1 or (alpha < 0 and alpha != -1):
+        raise ValueError(
+            f"MODEL.OCZ.LOSS.FOCAL_ALPHA={alpha} must be in [0, 1], or -1 for no weighting"
+        )
+    if gamma < 0:
+        raise ValueError(f"MODEL.OCZ.LOSS.FOCAL_GAMMA={gamma} must be >= 0")
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to target masks, per image.
@@ -143,7 +189,10 @@ class HungarianMatcher(nn.Module):
     image's valid pixels, so pixels outside ``valid`` never count)::
 
         cost_class * class_cost(q, t)
-        + cost_mask * mean-BCE(pred_mask_q, mask_t) + cost_dice * dice(pred_mask_q, mask_t)
+        + cost_mask * mask_cost(pred_mask_q, mask_t) + cost_dice * dice(pred_mask_q, mask_t)
+
+    ``mask_cost`` is the mean sigmoid BCE over the points (``"bce"``) or the mean sigmoid focal
+    loss (``"focal"``, MaskFormer's).
 
     ``class_cost`` is a function of one image's predictions and targets:
     :func:`label_class_cost` (``-softmax(pred_logits)[q, label_t]``, the default, for labelled
@@ -162,16 +211,22 @@ class HungarianMatcher(nn.Module):
         cost_dice: float = 1.0,
         num_points: int = 12544,
         class_cost: ClassCost = label_class_cost,
+        mask_cost: str = "bce",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
     ):
         """
         Args:
             cost_class: weight of the classification cost.
-            cost_mask: weight of the sigmoid binary cross-entropy mask cost.
+            cost_mask: weight of the mask cost.
             cost_dice: weight of the dice cost.
             num_points: points sampled per image (shared by all queries and targets).
             class_cost: the classification cost function (see the class docstring).
+            mask_cost: "bce" or "focal" (see the class docstring).
+            focal_alpha, focal_gamma: the focal cost's alpha and gamma.
         """
         super().__init__()
+        check_mask_loss(mask_cost, focal_alpha, focal_gamma)
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("HungarianMatcher: all cost weights are 0; set at least one > 0.")
         if num_points <= 0:
@@ -181,6 +236,9 @@ class HungarianMatcher(nn.Module):
         self.cost_dice = cost_dice
         self.num_points = num_points
         self.class_cost = class_cost
+        self.mask_cost = mask_cost
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -190,6 +248,9 @@ class HungarianMatcher(nn.Module):
             "cost_mask": loss.MASK_WEIGHT,
             "cost_dice": loss.DICE_WEIGHT,
             "num_points": loss.TRAIN_NUM_POINTS,
+            "mask_cost": loss.MASK_LOSS,
+            "focal_alpha": loss.FOCAL_ALPHA,
+            "focal_gamma": loss.FOCAL_GAMMA,
         }
 
     @torch.no_grad()
@@ -279,7 +340,12 @@ class HungarianMatcher(nn.Module):
         pred_points = point_sample(mask_logits.unsqueeze(0), coords)[0]  # [Q, P]
         # Points are pixel centres of the target grid, so bilinear sampling is exact there.
         target_points = point_sample(masks.unsqueeze(0), coords)[0]  # [T, P]
-        if self.cost_mask:
+        if self.cost_mask and self.mask_cost == "focal":
+            focal = batch_sigmoid_focal_cost(
+                pred_points, target_points, self.focal_alpha, self.focal_gamma
+            )
+            cost = cost + self.cost_mask * focal
+        elif self.cost_mask:
             cost = cost + self.cost_mask * batch_sigmoid_ce_cost(pred_points, target_points)
         if self.cost_dice:
             cost = cost + self.cost_dice * batch_dice_cost(pred_points, target_points)
@@ -289,5 +355,5 @@ class HungarianMatcher(nn.Module):
         return (
             f"{self.__class__.__name__}(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
             f"cost_dice={self.cost_dice}, num_points={self.num_points}, "
-            f"class_cost={self.class_cost.__name__})"
+            f"class_cost={self.class_cost.__name__}, mask_cost={self.mask_cost})"
         )

@@ -7,8 +7,8 @@
   them, so a run can delete what a killed write left behind).
 - :func:`file_sha256`: hex SHA-256 of a file.
 - :func:`datasets_root` (``$DETECTRON2_DATASETS``, default ``datasets``) and
-  :func:`resolve_data_path` ("as given, else under the datasets root"); its use for
-  ``MODEL.OCZ.CLIP.WEIGHTS``, :func:`resolve_weights_path`.
+  :func:`resolve_data_path` ("as given, else under the datasets root"); its use for weights
+  files (``MODEL.OCZ.CLIP.WEIGHTS``, ``MODEL.OCZ.RESNET.WEIGHTS``), :func:`resolve_weights_path`.
 
 Standard library only: ``tools/install_detectron2.py`` loads this file by path, before
 Detectron2 (which importing the ``ocz_d2`` package needs) exists.
@@ -159,25 +159,35 @@ def resolve_data_path(
     raise error(f"{what} does not exist (looked for {looked}): {fix}")
 
 
-def resolve_weights_path(weights: str) -> str:
-    """The existing file that ``MODEL.OCZ.CLIP.WEIGHTS`` names.
+def resolve_weights_path(
+    weights: str, key: str = "MODEL.OCZ.CLIP.WEIGHTS", fix: str | None = None
+) -> str:
+    """The existing file that a weights key (``MODEL.OCZ.CLIP.WEIGHTS`` by default) names.
 
     A relative path is tried in the working directory, then under ``$DETECTRON2_DATASETS``
     (default ``datasets``), where data-derived weights live (the synthetic benchmark's tiny CLIP
     is ``ocz_synthetic/tiny_clip.pt``).
 
+    Args:
+        weights: the key's value, a file path.
+        key: the config key, named in the error.
+        fix: the error's advice; None: CLIP's (a local open_clip state dict, or PRETRAINED).
+
+    Returns:
+        The file's absolute path.
+
     Raises:
         FileNotFoundError: naming every place that was tried.
     """
-    hint = (
-        " Run `python tools/prepare_synthetic.py` to pretrain it."
-        if weights.endswith("tiny_clip.pt")
-        else ""
-    )
-    found = resolve_data_path(
-        weights,
-        what=f"CLIP weights file MODEL.OCZ.CLIP.WEIGHTS={weights!r}",
-        fix="fix MODEL.OCZ.CLIP.WEIGHTS (a local open_clip state-dict file) or set it to '' to "
-        "use MODEL.OCZ.CLIP.PRETRAINED instead." + hint,
-    )
+    if fix is None:
+        hint = (
+            " Run `python tools/prepare_synthetic.py` to pretrain it."
+            if weights.endswith("tiny_clip.pt")
+            else ""
+        )
+        fix = (
+            f"fix {key} (a local open_clip state-dict file) or set it to '' to use "
+            "MODEL.OCZ.CLIP.PRETRAINED instead." + hint
+        )
+    found = resolve_data_path(weights, what=f"weights file {key}={weights!r}", fix=fix)
     return os.path.abspath(found)

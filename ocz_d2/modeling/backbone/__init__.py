@@ -7,6 +7,7 @@ from .clip_prompt import (
     create_clip_model,
     register_tiny_clip_configs,
 )
+from .cnn import build_clip_tower, load_backbone_weights, resolve_backbone_weights
 
 register_tiny_clip_configs()
 
@@ -14,6 +15,9 @@ __all__ = [
     "CLIPPromptBackbone",
     "TINY_CLIP_MODELS",
     "available_clip_models",
+    "build_clip_tower",
     "create_clip_model",
+    "load_backbone_weights",
     "register_tiny_clip_configs",
+    "resolve_backbone_weights",
 ]

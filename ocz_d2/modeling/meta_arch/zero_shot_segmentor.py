@@ -19,6 +19,7 @@ from torch import nn
 from ...constants import OBJECT_MAP_KEY, UNSEEN_MASK_KEY, ZERO_SHOT_SETTINGS
 from ...data.object_maps import check_object_map_records
 from ...data.register_zero_shot import ignore_label_of
+from ..backbone import CLIPPromptBackbone, build_clip_tower, load_backbone_weights
 from ..criterion import SetCriterion, SplitCriterion, build_criterion, pixel_text_loss
 from ..init_seed import component_seed
 from ..padding import PATCH_VALID_KEY, batch_image_mask, image_patches
@@ -126,6 +127,11 @@ class OCZeroShotSegmentor(nn.Module):
     ensemble of the decoder's and the frozen CLIP's classification of its segment
     (:class:`SegmentCLIPClassifier`); its seen classes are the dataset's, or for ``"class_names"``
     none unless the sample names them (``"ensemble_seen"``, indices into the names).
+
+    The backbone is the registered one that ``MODEL.BACKBONE.NAME`` names: the frozen CLIP with
+    prompts (:class:`CLIPPromptBackbone`, OC-ZSS) or a trainable CNN (Detectron2's
+    ``build_resnet_backbone``, ZegFormer). With a CNN the model keeps a frozen, prompt-free CLIP
+    beside it (``clip_tower``, ``MODEL.OCZ.CLIP``) for the class names and the segment route.
     """
 
     @configurable
@@ -152,10 +158,12 @@ class OCZeroShotSegmentor(nn.Module):
         self_training: dict | None = None,
         segment_classifier: SegmentCLIPClassifier | None = None,
         pixel_weight: float = 0.0,
+        clip_tower: CLIPPromptBackbone | None = None,
     ):
         """
         Args:
-            backbone: a :class:`CLIPPromptBackbone` (or any backbone with the same outputs).
+            backbone: a :class:`CLIPPromptBackbone` (or any backbone with the same outputs), or a
+                CNN backbone (then with a ``clip_tower``).
             pixel_decoder: maps backbone features to ``(mask_features, multi_scale_features)``.
             transformer_decoder: query decoder (see ``ZeroShotMaskDecoder``).
             criterion: matching-based loss.
@@ -181,6 +189,9 @@ class OCZeroShotSegmentor(nn.Module):
                 the decoder's classes (``MODEL.OCZ.SEGMENT_CLIP``); None: off.
             pixel_weight: weight of the auxiliary pixel-text loss on the decoder's
                 "pixel_logits" (``MODEL.OCZ.LOSS.PIXEL_WEIGHT``; the decoder must output them).
+            clip_tower: the frozen CLIP kept beside a backbone that is not CLIP (its images are
+                renormalised from ``pixel_mean``/``pixel_std`` to CLIP's for the segment
+                classifier); None when the backbone is the CLIP.
         """
         super().__init__()
         if zero_shot_setting not in ZERO_SHOT_SETTINGS:
@@ -189,7 +200,10 @@ class OCZeroShotSegmentor(nn.Module):
             )
         if test_mode not in TEST_MODES:
             raise ValueError(f"MODEL.OCZ.TEST.MODE={test_mode!r}: use one of {TEST_MODES}")
+        if clip_tower is not None and hasattr(backbone, "clip_model"):
+            raise ValueError("the backbone is a CLIP already: give no clip_tower")
         self.backbone = backbone
+        self.clip_tower = clip_tower
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.criterion = criterion
@@ -198,6 +212,17 @@ class OCZeroShotSegmentor(nn.Module):
         self.text_embedder = text_embedder
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # The CLIP beside a CNN sees its own normalisation (ZegFormer: ImageNet's for the ResNet,
+        # CLIP's for CLIP).
+        clip_stats = (
+            getattr(clip_tower, "pixel_mean", None),
+            getattr(clip_tower, "pixel_std", None),
+        )
+        self.clip_pixel_stats = None
+        if clip_stats[0] is not None and (
+            tuple(clip_stats[0]) != tuple(pixel_mean) or tuple(clip_stats[1]) != tuple(pixel_std)
+        ):
+            self.clip_pixel_stats = tuple(torch.tensor(v).view(-1, 1, 1) for v in clip_stats)
         self.size_divisibility = size_divisibility
         self.zero_shot_setting = zero_shot_setting
         self.calibration = calibration
@@ -233,7 +258,7 @@ class OCZeroShotSegmentor(nn.Module):
         self.split_targets = split_targets
         self.self_training = dict(self_training or {"start_iter": 0, "threshold": 0.0})
         if segment_classifier is not None:
-            segment_classifier.check_backbone(backbone, text_embedder.dim)
+            segment_classifier.check_backbone(self.clip_model_owner, text_embedder.dim)
         self.segment_classifier = segment_classifier
 
     @classmethod
@@ -243,9 +268,11 @@ class OCZeroShotSegmentor(nn.Module):
         # others from the same weights (paired comparisons, tools/report.py).
         with component_seed(cfg.SEED, "backbone"):
             backbone = build_backbone(cfg)
+        clip_tower = _clip_beside(cfg, backbone)
         with component_seed(cfg.SEED, "pixel_decoder"):
             pixel_decoder = build_sem_seg_head(cfg, backbone.output_shape())
-        clip_model = backbone.clip_model if getattr(backbone, "has_text_tower", False) else None
+        clip_owner = clip_tower if clip_tower is not None else backbone
+        clip_model = clip_owner.clip_model if getattr(clip_owner, "has_text_tower", False) else None
         datasets = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         text_embedder = TextEmbedder(cfg, clip_model=clip_model, dataset_names=datasets)
         if text_embedder.dim is None:
@@ -259,7 +286,7 @@ class OCZeroShotSegmentor(nn.Module):
                 **_pixel_decoder_widths(pixel_decoder, cfg.MODEL.SEM_SEG_HEAD.NAME),
                 text_dim=text_embedder.dim,
             )
-        criterion = build_criterion(cfg)
+        criterion = build_criterion(cfg, getattr(transformer_decoder, "num_aux_outputs", None))
         pseudo_masker = None
         if isinstance(criterion, SplitCriterion):
             pseudo_masker = PseudoMaskGenerator(cfg)
@@ -274,7 +301,8 @@ class OCZeroShotSegmentor(nn.Module):
         divisibility = max(
             cfg.INPUT.SIZE_DIVISIBILITY,
             max(ocz.PIXEL_DECODER.DECODER_STRIDES),
-            backbone.patch_size,
+            getattr(backbone, "patch_size", 1),
+            getattr(backbone, "size_divisibility", 0),
         )
         return {
             "backbone": backbone,
@@ -302,11 +330,26 @@ class OCZeroShotSegmentor(nn.Module):
             "segment_classifier": (
                 SegmentCLIPClassifier(cfg) if ocz.SEGMENT_CLIP.ENABLED else None
             ),
+            "clip_tower": clip_tower,
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def clip_model_owner(self) -> nn.Module:
+        """The module holding the model's frozen CLIP: the backbone, or the ``clip_tower``
+        beside a CNN backbone."""
+        return self.clip_tower if self.clip_tower is not None else self.backbone
+
+    def _clip_normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, h, w] images normalised with ``pixel_mean``/``pixel_std`` -> with CLIP's."""
+        if self.clip_pixel_stats is None:
+            return images
+        mean, std = (v.to(images) for v in self.clip_pixel_stats)
+        raw = images * self.pixel_std.to(images) + self.pixel_mean.to(images)
+        return (raw - mean) / std
 
     # ------------------------------------------------------------------ vocabulary
     def vocabulary(
@@ -399,8 +442,9 @@ class OCZeroShotSegmentor(nn.Module):
             regions: [B, gh, gw] object regions (object prompts only).
         """
         features = self.backbone(images, regions) if self.num_objects else self.backbone(images)
-        # The pixel decoder's refiner (ORA) attends only to image patches.
-        features[PATCH_VALID_KEY] = image_patches(image_mask, self.backbone.patch_size)
+        if hasattr(self.backbone, "patch_size"):
+            # The pixel decoder's refiner (ORA) attends only to image patches.
+            features[PATCH_VALID_KEY] = image_patches(image_mask, self.backbone.patch_size)
         features[IMAGE_KEY] = images  # the pixel decoder's optional image path reads it
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.transformer_decoder(multi_scale, mask_features, text), features
@@ -565,7 +609,12 @@ class OCZeroShotSegmentor(nn.Module):
         if self.segment_classifier is not None:
             seen = seen if seen is not None else torch.zeros(0, dtype=torch.long)
             probs = self.segment_classifier(
-                self.backbone, image, outputs["pred_logits"], masks, text, seen
+                self.clip_model_owner,
+                self._clip_normalized(image),
+                outputs["pred_logits"],
+                masks,
+                text,
+                seen,
             )
         return torch.stack(
             [
@@ -611,6 +660,30 @@ class OCZeroShotSegmentor(nn.Module):
         return scores / counts
 
 
+def _clip_beside(cfg, backbone: nn.Module) -> CLIPPromptBackbone | None:
+    """The frozen CLIP kept beside a backbone that is not CLIP (None for a CLIP backbone), after
+    loading the backbone's initial weights (``MODEL.OCZ.RESNET.WEIGHTS``)."""
+    ocz = cfg.MODEL.OCZ
+    if isinstance(backbone, CLIPPromptBackbone):
+        if ocz.RESNET.WEIGHTS:
+            raise ValueError(
+                f"MODEL.OCZ.RESNET.WEIGHTS={ocz.RESNET.WEIGHTS!r} initialises a CNN backbone, but "
+                "the backbone is CLIPPromptBackbone: set it to '' (CLIP's weights are "
+                "MODEL.OCZ.CLIP.WEIGHTS / PRETRAINED)"
+            )
+        return None
+    if ocz.OBJECTS.NUM > 0:
+        raise ValueError(
+            f"MODEL.OCZ.OBJECTS.NUM={ocz.OBJECTS.NUM}: objects (object prompts, ORA) need the CLIP "
+            f"backbone, not {cfg.MODEL.BACKBONE.NAME}: set it to 0 or MODEL.BACKBONE.NAME "
+            "CLIPPromptBackbone"
+        )
+    if ocz.RESNET.WEIGHTS:
+        load_backbone_weights(backbone, ocz.RESNET.WEIGHTS)
+    with component_seed(cfg.SEED, "clip_tower"):
+        return build_clip_tower(cfg)
+
+
 def _check_region_embedding_width(backbone: nn.Module, text_dim: int) -> None:
     """Split matching compares query class embeddings (text width) with CLIP region embeddings
     (the image tower's output width): they must agree."""
@@ -629,11 +702,14 @@ def _pixel_decoder_widths(pixel_decoder: nn.Module, name: str) -> dict[str, int]
     """The channels of a built pixel decoder's outputs, as the transformer decoder's inputs.
 
     Returns:
-        ``{"in_channels": ..., "mask_dim": ...}`` from the decoder's ``conv_dim`` (multi-scale
-        features) and ``mask_dim`` (mask features) attributes.
+        ``{"in_channels": ..., "mask_dim": ...}`` from the decoder's ``decoder_in_channels`` (or,
+        without it, ``conv_dim``: the multi-scale features) and ``mask_dim`` (mask features)
+        attributes.
     """
     widths = {
-        "in_channels": getattr(pixel_decoder, "conv_dim", None),
+        "in_channels": getattr(
+            pixel_decoder, "decoder_in_channels", getattr(pixel_decoder, "conv_dim", None)
+        ),
         "mask_dim": getattr(pixel_decoder, "mask_dim", None),
     }
     if not all(isinstance(v, int) for v in widths.values()):

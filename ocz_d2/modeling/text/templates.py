@@ -9,6 +9,9 @@ __all__ = ["TEMPLATE_SETS", "clean_class_name", "get_templates"]
 
 # Each template has exactly one "{}" for the class name. "imagenet" is an ensemble in the spirit
 # of CLIP's ImageNet prompts (photo conditions, sizes, scene context), written for ocz_d2.
+# ZegFormer's two sets, for its configs (the strings decide the embeddings, so they are ZegFormer's
+# own): "zegformer_single", its single template, and "imagenet_select", its ensemble: the seven
+# prompts of CLIP's ImageNet list that CoOp selected, plus its single template.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),
     "imagenet": (
@@ -27,6 +30,17 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
         "a photo of the {} in the scene.",
         "a rendering of a {}.",
     ),
+    "zegformer_single": ("A photo of a {} in the scene",),
+    "imagenet_select": (
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+        "A photo of a {} in the scene",
+    ),
 }
 
 _SUFFIXES = re.compile(r"(-merged|-other)+$")
@@ -36,7 +50,8 @@ def get_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     """Resolve ``MODEL.OCZ.TEXT.TEMPLATES``: a set name or an explicit list of templates.
 
     Args:
-        templates: "single", "imagenet", or a sequence of strings each containing one "{}".
+        templates: a set name of :data:`TEMPLATE_SETS`, or a sequence of strings each
+            containing one "{}".
 
     Returns:
         The templates as a tuple.

@@ -1,5 +1,6 @@
 """Transformer (query) decoders, registered in ``TRANSFORMER_DECODER_REGISTRY``."""
 
+from .zegformer_decoder import SegmentClassHead, ZegFormerDecoder
 from .zero_shot_decoder import (
     TRANSFORMER_DECODER_REGISTRY,
     SinePositionEncoding,
@@ -9,7 +10,9 @@ from .zero_shot_decoder import (
 
 __all__ = [
     "TRANSFORMER_DECODER_REGISTRY",
+    "SegmentClassHead",
     "SinePositionEncoding",
+    "ZegFormerDecoder",
     "ZeroShotMaskDecoder",
     "build_transformer_decoder",
 ]

@@ -244,6 +244,8 @@ class ZeroShotMaskDecoder(nn.Module):
                 f"num_queries >= 1; got {num_feature_levels}, {dec_layers}, {num_queries}."
             )
         self.num_queries = num_queries
+        #: Auxiliary predictions per forward: the initial queries' and every layer's but the last.
+        self.num_aux_outputs = dec_layers
         self.num_feature_levels = num_feature_levels
         self.nheads = nheads
         self.mask_dim = mask_dim
