@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from ..config import ConfigError
 from ..data.register_zero_shot import check_datasets
 from ..utils.errors import ArgumentError, MissingFileError, UserError
-from ..utils.io import resolve_weights_path
+from ..utils.io import resolve_data_path, resolve_weights_path
 from .checkpoint import check_checkpoint_file
 
 __all__ = [
@@ -172,7 +172,19 @@ def check_run_inputs(
             "for smoke tests)"
         )
     ocz = cfg.MODEL.OCZ
-    if cfg.MODEL.BACKBONE.NAME == "CLIPPromptBackbone" and ocz.CLIP.WEIGHTS:
+    simzss = cfg.MODEL.SIMZSS
+    if cfg.MODEL.META_ARCHITECTURE == "SimZSS":
+        for key, path in (("VISION", simzss.VISION.WEIGHTS), ("TEXT", simzss.TEXT.WEIGHTS)):
+            if not path:
+                continue
+            resolve_data_path(
+                path,
+                what=f"MODEL.SIMZSS.{key}.WEIGHTS {path!r}",
+                fix="give a local weights file, or '' to use PRETRAINED",
+                error=MissingFileError,
+            )
+    uses_clip = cfg.MODEL.META_ARCHITECTURE != "SimZSS" or simzss.VISION.SOURCE == "clip"
+    if uses_clip and cfg.MODEL.BACKBONE.NAME == "CLIPPromptBackbone" and ocz.CLIP.WEIGHTS:
         try:
             resolve_weights_path(ocz.CLIP.WEIGHTS)
         except FileNotFoundError as e:
