@@ -4,6 +4,7 @@ token spans), with hand-written answers."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import open_clip
@@ -22,6 +23,7 @@ from ocz_d2.data.concepts import (
     concept_token_spans,
     singular,
 )
+from ocz_d2.data.prepare import PrepareError, prepare_coco_captions
 from ocz_d2.data.register_zero_shot import check_datasets
 from ocz_d2.utils.errors import DataError, MissingFileError
 
@@ -152,3 +154,25 @@ def test_read_caption_csv_checks(tmp_path):
     path.write_text("file,text\nx.png,a\n")
     with pytest.raises(ValueError, match="no column"):
         read_caption_csv(path)
+
+
+def test_prepare_coco_captions_writes_open_clip_csvs(tmp_path):
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "train2017").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(coco / "train2017" / "1.jpg")
+    annotations = {
+        "images": [{"id": 7, "file_name": "1.jpg"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "caption": "Two  red cars,\nparked."},
+            {"id": 2, "image_id": 7, "caption": "A street"},
+        ],
+    }
+    (coco / "annotations" / "captions_train2017.json").write_text(json.dumps(annotations))
+    out = tmp_path / "out"
+    assert prepare_coco_captions(coco, out, splits=("train2017",)) == {"train2017": 2}
+    files, captions = read_caption_csv(out / "train2017.csv")
+    assert captions == ["Two red cars, parked.", "A street"]
+    assert files == [(coco / "train2017" / "1.jpg").resolve()] * 2
+    with pytest.raises(PrepareError, match="val2017"):
+        prepare_coco_captions(coco, out, splits=("val2017",))

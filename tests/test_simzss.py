@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from PIL import Image
 
 from ocz_d2.config import load_config
+from ocz_d2.data import register_zero_shot_split
+from ocz_d2.evaluation.protocol import tune_background_threshold
 from ocz_d2.modeling.backbone.vision_tower import TimmVisionTower
 from ocz_d2.modeling.simzss import (
     PAMR,
@@ -242,3 +246,32 @@ def test_clip_projection_needs_matching_widths():
         1,
         64,
     )
+
+
+def test_background_threshold_is_chosen_on_val(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lbl").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"{i}.png"
+        )
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "lbl" / f"{i}.png")
+    name = register_zero_shot_split(
+        "test_simzss_bg_val",
+        image_root=tmp_path / "img",
+        label_root=tmp_path / "lbl",
+        classes=["background", "thing"],
+        unseen=[],
+    )
+    opts = ["INPUT.MIN_SIZE_TEST", "32", "MODEL.SIMZSS.TEST.BACKGROUND", "threshold"]
+    opts += ["DATALOADER.NUM_WORKERS", "0"]
+    opts += ["MODEL.SIMZSS.TEST.BACKGROUND_THRESHOLD_GRID", "[-2.0, 1.5, 2.0]"]
+    cfg = load_config(None, [*TINY, *opts])
+    model = _tiny(*opts).eval()
+    # Every pixel is background: any threshold above every cosine (<= 1) is perfect; ties go to
+    # the smaller one.
+    assert tune_background_threshold(cfg, model, name) == 1.5
+    assert model.background_threshold == 1.5
+    model.background = "prompt"
+    assert tune_background_threshold(cfg, model, name) is None

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ocz_d2.config import load_config
 from ocz_d2.data import register_split_file
 from ocz_d2.engine import ZeroShotPredictor
+from tools import segment
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +91,15 @@ def test_predictor_segments_with_the_trained_model(simzss_run, synthetic_benchma
     assert result.labels.shape == (48, 80) and result.scores.shape == (3, 48, 80)
     assert set(np.unique(result.labels)) <= {0, 1, 2}
     assert result.calibrated.size == 0  # SimZSS has no seen-class calibration
+
+
+def test_segment_tool_runs_the_simzss_model(simzss_run, synthetic_benchmark, tmp_path, capsys):
+    opts, out, _, _ = simzss_run
+    image = sorted((Path(synthetic_benchmark.root) / "images" / "test").glob("*.png"))[0]
+    argv = ["--config-file", str(CONFIG), "--input", str(image), "--classes", "orange plain, sky"]
+    argv += ["--output", str(tmp_path), *opts, "MODEL.WEIGHTS", str(out / "model_final.pth")]
+    assert segment.main(argv) == 0, capsys.readouterr().err
+    labels = np.asarray(Image.open(tmp_path / f"{image.stem}_labels.png"))
+    assert labels.shape == Image.open(image).size[::-1] and set(np.unique(labels)) <= {0, 1}
+    record = json.loads((tmp_path / f"{image.stem}.json").read_text())
+    assert [c["name"] for c in record["classes"]] == ["orange plain", "sky"]
