@@ -16,6 +16,7 @@ from PIL import Image
 from ocz_d2.config import load_config
 from ocz_d2.data import register_split_file
 from ocz_d2.engine import ZeroShotPredictor
+from ocz_d2.evaluation.protocol import tuned_test
 from tools import segment
 
 pytestmark = pytest.mark.slow
@@ -103,3 +104,13 @@ def test_segment_tool_runs_the_simzss_model(simzss_run, synthetic_benchmark, tmp
     assert labels.shape == Image.open(image).size[::-1] and set(np.unique(labels)) <= {0, 1}
     record = json.loads((tmp_path / f"{image.stem}.json").read_text())
     assert [c["name"] for c in record["classes"]] == ["orange plain", "sky"]
+
+
+def test_tuned_protocol_evaluates_simzss_without_calibration(simzss_run, tmp_path):
+    opts, out, _, _ = simzss_run
+    cfg = load_config(CONFIG, opts + ["DATALOADER.NUM_WORKERS", "0"])
+    cfg.freeze()
+    result = tuned_test(cfg, str(out / "model_final.pth"), tmp_path)
+    assert result["calibration"] == 0.0 and list(result["val"]["ocz_test_synthetic_val"]) == ["0.0"]
+    assert "background_threshold" not in result  # no background class: nothing to tune
+    assert set(result["test"]) == {"ocz_test_synthetic_val"}
