@@ -131,7 +131,7 @@ def test_caption_split_file_and_mapper(tmp_path):
 
 def test_caption_split_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("kind: captions\ndataset: x\nsplits:\n  train: {image_root: a}\n")
+    bad.write_text("kind: captions\ndataset: x\nsplits:\n  train: {label_root: a}\n")
     with pytest.raises(DataError, match="unknown key"):
         register_split_file(bad)
     bad.write_text("kind: pictures\ndataset: x\nsplits: {}\n")
@@ -176,3 +176,21 @@ def test_prepare_coco_captions_writes_open_clip_csvs(tmp_path):
     assert files == [(coco / "train2017" / "1.jpg").resolve()] * 2
     with pytest.raises(PrepareError, match="val2017"):
         prepare_coco_captions(coco, out, splits=("val2017",))
+
+
+def test_caption_split_with_an_image_root(tmp_path):
+    """A CSV whose image paths start elsewhere than its folder (the synthetic benchmark's
+    captions/train.csv lists images/train/...): image_root says where."""
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "c.csv").write_text("filepath,caption\nimages/a.png,a red car\n")
+    split = tmp_path / "s.yaml"
+    split.write_text(
+        f"kind: captions\ndataset: test_rooted\nsplits:\n  train:\n"
+        f"    csv: {tmp_path / 'captions' / 'c.csv'}\n    image_root: {tmp_path}\n"
+    )
+    (name,) = register_split_file(split)
+    assert DatasetCatalog.get(name)[0]["file_name"] == str(tmp_path / "images" / "a.png")
+    with pytest.raises(FileNotFoundError, match="relative to the CSV's folder"):
+        read_caption_csv(tmp_path / "captions" / "c.csv")

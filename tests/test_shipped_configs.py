@@ -32,6 +32,7 @@ TINY = [
     # SimZSS: a random tiny timm ViT and the tiny CLIP's text tower
     "MODEL.SIMZSS.VISION.MODEL_NAME", "vit_tiny_patch16_224",
     "MODEL.SIMZSS.VISION.PRETRAINED", "False",
+    "MODEL.SIMZSS.VISION.WEIGHTS", "",
     "MODEL.SIMZSS.TEXT.MODEL_NAME", "OCZ-Tiny-ViT",
     "MODEL.SIMZSS.TEXT.WEIGHTS", "",
 ]  # fmt: skip

@@ -42,24 +42,33 @@ def read_csv_rows(
 
 
 def resolve_csv_images(
-    path: str | os.PathLike, rows: list[dict[str, str]], img_key: str, *, check: bool = True
+    path: str | os.PathLike,
+    rows: list[dict[str, str]],
+    img_key: str,
+    *,
+    check: bool = True,
+    image_root: str | os.PathLike | None = None,
 ) -> list[Path]:
-    """The image files of ``rows``, relative to the CSV's folder (absolute paths stay).
+    """The image files of ``rows``, relative to ``image_root`` (default: the CSV's folder);
+    absolute paths stay.
 
     Args:
         check: raise when a listed image does not exist.
+        image_root: the folder relative image paths start from (None: the CSV's folder).
 
     Raises:
         FileNotFoundError: naming how many are missing and a few of them.
     """
     path = Path(path)
-    files = [(path.parent / r[img_key]).resolve() for r in rows]
+    base = Path(image_root) if image_root is not None else path.parent
+    files = [(base / r[img_key]).resolve() for r in rows]
     if check:
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
+            where = "the CSV's folder" if image_root is None else f"image_root {base}"
             raise FileNotFoundError(
                 f"{len(absent)} image(s) listed in {path} do not exist (paths are relative to "
-                f"the CSV's folder), e.g. {absent[:3]}."
+                f"{where}), e.g. {absent[:3]}."
             )
     return files
 
@@ -71,6 +80,7 @@ def read_caption_csv(
     caption_key: str = "caption",
     separator: str = ",",
     check_images: bool = True,
+    image_root: str | os.PathLike | None = None,
 ) -> tuple[list[Path], list[str]]:
     """The image files and captions of an open_clip image-caption CSV.
 
@@ -79,6 +89,8 @@ def read_caption_csv(
         img_key, caption_key: column names of the image path and the caption.
         separator: the column separator ("," or "\\t").
         check_images: raise when a listed image does not exist.
+        image_root: the folder relative image paths start from (None: the CSV's folder, as
+            open_clip reads them).
 
     Returns:
         (image files, captions), in the file's order; captions are stripped.
@@ -94,4 +106,5 @@ def read_caption_csv(
     empty = [i + 2 for i, c in enumerate(captions) if not c]  # +2: header, 1-based lines
     if empty:
         raise ValueError(f"{path} has empty captions on line(s) {empty[:10]}: fix or drop them.")
-    return resolve_csv_images(path, rows, img_key, check=check_images), captions
+    files = resolve_csv_images(path, rows, img_key, check=check_images, image_root=image_root)
+    return files, captions

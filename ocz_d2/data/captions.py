@@ -12,6 +12,8 @@ A caption split file is a YAML split file with ``kind: captions`` (see
         img_key: filepath                          # optional (default filepath)
         caption_key: caption                       # optional (default caption)
         separator: ","                             # optional ("," or "\\t")
+        image_root: ocz_synthetic                  # optional: where relative image paths
+                                                   # start (default: the CSV's folder)
 
 Each record is ``{"file_name", "caption", "image_id", "dataset_name"}``; the metadata holds
 ``evaluator_type = "captions"``, ``caption_csv`` and ``concept_bank`` (absolute path or None).
@@ -66,6 +68,7 @@ def register_caption_split(
     caption_key: str = "caption",
     separator: str = ",",
     concept_bank: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     split_file: str | os.PathLike | None = None,
 ) -> str:
@@ -76,6 +79,8 @@ def register_caption_split(
         csv: the CSV (relative: under ``root`` or ``$DETECTRON2_DATASETS``).
         img_key, caption_key, separator: the CSV's columns and separator.
         concept_bank: concept bank file (absolute, or relative to ``root``), or None.
+        image_root: folder the CSV's relative image paths start from (absolute, or relative to
+            ``root``); None: the CSV's folder (open_clip's convention).
         root: base of relative paths.
         split_file: the split file it comes from (recorded in the metadata).
 
@@ -90,6 +95,7 @@ def register_caption_split(
         "caption_key": caption_key,
         "separator": separator,
         "concept_bank": None if not concept_bank else resolve_dataset_path(concept_bank, root),
+        "image_root": None if not image_root else resolve_dataset_path(image_root, root),
     }
     if name in _CAPTION_SPLITS:
         if _CAPTION_SPLITS[name] != spec:
@@ -130,6 +136,7 @@ def _load_records(name: str, spec: dict) -> list[dict]:
             img_key=spec["img_key"],
             caption_key=spec["caption_key"],
             separator=spec["separator"],
+            image_root=spec["image_root"],
         )
     except FileNotFoundError as e:
         raise MissingFileError(f"{name}: {e}") from e

@@ -14,8 +14,8 @@ Each split entry may also set ``image_ext``, ``label_ext`` and ``extra_label_roo
 ``key -> folder``, see :func:`~ocz_d2.data.register_zero_shot.register_zero_shot_split`).
 
 A file with ``kind: captions`` registers image-caption datasets instead (what SimZSS trains on):
-keys ``dataset``, ``splits`` (each ``{csv, img_key, caption_key, separator}``) and an optional
-``concept_bank``; see :mod:`ocz_d2.data.captions`.
+keys ``dataset``, ``splits`` (each ``{csv, img_key, caption_key, separator, image_root}``) and
+an optional ``concept_bank``; see :mod:`ocz_d2.data.captions`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ _SPLIT_KEYS = {
     "extra_label_roots": False,
 }
 _CAPTION_TOP_KEYS = {"kind": True, "dataset": True, "concept_bank": False, "splits": True}
-_CAPTION_SPLIT_KEYS = {"csv": True, "img_key": False, "caption_key": False, "separator": False}
+_CAPTION_SPLIT_KEYS = {
+    "csv": True,
+    "img_key": False,
+    "caption_key": False,
+    "separator": False,
+    "image_root": False,
+}
 #: Values of a split file's ``kind`` (default "segmentation").
 SPLIT_FILE_KINDS = ("segmentation", "captions")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -212,6 +218,7 @@ def register_split_file(
                 caption_key=entry.get("caption_key", "caption"),
                 separator=entry.get("separator", ","),
                 concept_bank=bank,
+                image_root=entry.get("image_root"),
                 root=root,
                 split_file=path,
             )

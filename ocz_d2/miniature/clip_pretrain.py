@@ -106,7 +106,7 @@ class ImageCaptionData:
     captions: list[str]
 
 
-def _decode_images(files: Sequence[Path], size: int, desc: str) -> torch.Tensor:
+def decode_images(files: Sequence[Path], size: int, desc: str) -> torch.Tensor:
     """Images -> uint8 [N, 3, size, size]: shorter side resized to ``size``, centre crop."""
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for i, file in enumerate(tqdm(files, desc=desc, leave=False, mininterval=2)):
@@ -150,7 +150,7 @@ def load_image_caption_csv(
     files, captions = read_caption_csv(
         path, img_key=img_key, caption_key=caption_key, separator=separator
     )
-    return ImageCaptionData(_decode_images(files, image_size, "images"), captions)
+    return ImageCaptionData(decode_images(files, image_size, "images"), captions)
 
 
 def load_labelled_images(
@@ -168,7 +168,7 @@ def load_labelled_images(
     """
     rows = read_csv_rows(path, (img_key, label_key), separator)
     files = resolve_csv_images(path, rows, img_key)
-    return _decode_images(files, image_size, "eval images"), [r[label_key].strip() for r in rows]
+    return decode_images(files, image_size, "eval images"), [r[label_key].strip() for r in rows]
 
 
 def _normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

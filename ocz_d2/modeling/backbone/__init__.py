@@ -7,12 +7,14 @@ from .clip_prompt import (
     create_clip_model,
     register_tiny_clip_configs,
 )
+from .tiny_vit import TINY_SSL_VIT
 
 register_tiny_clip_configs()
 
 __all__ = [
     "CLIPPromptBackbone",
     "TINY_CLIP_MODELS",
+    "TINY_SSL_VIT",
     "available_clip_models",
     "create_clip_model",
     "register_tiny_clip_configs",

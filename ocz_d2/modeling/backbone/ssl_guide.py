@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clustering import cluster_feature_map
+from . import tiny_vit  # noqa: F401  (registers ocz_d2's tiny timm ViT)
 
 __all__ = ["SSLGuide", "create_ssl_model"]
 
