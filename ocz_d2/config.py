@@ -25,6 +25,7 @@ def add_ocz_config(cfg: CN) -> None:
     """Add the ocz_d2 keys (``cfg.MODEL.OCZ``, input, solver and dataset extras) to ``cfg``."""
     _add_data_config(cfg)
     _add_model_config(cfg)
+    _add_simzss_config(cfg)
     _add_solver_config(cfg)
     _add_test_vis_config(cfg)
 
@@ -404,6 +405,105 @@ def _add_segment_clip_config(ocz: CN) -> None:
     # Temperature of CLIP's class logits, LOGIT_SCALE * cos(segment, class embedding) (> 0;
     # CLIP's own is 100).
     ocz.SEGMENT_CLIP.LOGIT_SCALE = 100.0
+
+
+def _add_simzss_config(cfg: CN) -> None:
+    """MODEL.SIMZSS: the SimZSS meta-architecture (MODEL.META_ARCHITECTURE "SimZSS"; a frozen
+    vision tower, a trained text tower, captions; ocz_d2/modeling/meta_arch/simzss.py)."""
+    cfg.MODEL.SIMZSS = CN()
+    simzss = cfg.MODEL.SIMZSS
+    _add_simzss_vision_config(simzss)
+    _add_simzss_text_config(simzss)
+    _add_simzss_concepts_config(simzss)
+    _add_simzss_loss_config(simzss)
+    _add_simzss_test_config(simzss)
+
+
+def _add_simzss_vision_config(simzss: CN) -> None:
+    """MODEL.SIMZSS.VISION: the frozen vision tower."""
+    simzss.VISION = CN()
+    # "timm" (a self-supervised timm ViT, e.g. DINO / DINOv2) or "clip" (the image tower of an
+    # open_clip model, MODEL.OCZ.CLIP.{MODEL_NAME, PRETRAINED, WEIGHTS}; its tokens through
+    # ln_post and the projection).
+    simzss.VISION.SOURCE = "timm"
+    # timm model name of the "timm" tower (DINOv2 ViT-B/14 with registers by default;
+    # "vit_base_patch16_224.dino", "vit_small_patch14_reg4_dinov2.lvd142m" ... also work).
+    simzss.VISION.MODEL_NAME = "vit_base_patch14_reg4_dinov2.lvd142m"
+    # Download timm's weights for MODEL_NAME when WEIGHTS is "": bool. False: random weights.
+    simzss.VISION.PRETRAINED = True
+    # Local timm state-dict file of the "timm" tower; wins over PRETRAINED. Must exist.
+    simzss.VISION.WEIGHTS = ""
+
+
+def _add_simzss_text_config(simzss: CN) -> None:
+    """MODEL.SIMZSS.TEXT: the trained text tower (open_clip's text transformer)."""
+    simzss.TEXT = CN()
+    # open_clip model whose text tower (and tokenizer) is used, e.g. "ViT-B-16", "OCZ-Tiny-ViT".
+    simzss.TEXT.MODEL_NAME = "ViT-B-16"
+    # open_clip pretrained tag to start the text tower from (downloads once); "" for none.
+    simzss.TEXT.PRETRAINED = ""
+    # Local open_clip state-dict file to start the text tower from; wins over PRETRAINED. ""
+    # with PRETRAINED "" gives a randomly initialised text tower.
+    simzss.TEXT.WEIGHTS = ""
+    # Projection of the text tokens to the vision width: "linear" (a new trained linear map from
+    # the text transformer's width) or "clip" (the checkpoint's own text projection; its output
+    # width must equal the vision tower's, e.g. SOURCE "clip" with the same CLIP).
+    simzss.TEXT.PROJECTION = "linear"
+
+
+def _add_simzss_concepts_config(simzss: CN) -> None:
+    """MODEL.SIMZSS.CONCEPTS: noun phrases of the captions (ocz_d2/data/concepts.py)."""
+    simzss.CONCEPTS = CN()
+    # Concept bank file for every training dataset; "" uses each caption split file's
+    # concept_bank (no bank: captions train the global loss only).
+    simzss.CONCEPTS.BANK = ""
+    # "auto" (spaCy noun chunks filtered by the bank when spaCy and SPACY_PIPELINE load, else
+    # the matcher), "matcher" (bank phrases in any word order, plurals reduced; no model) or
+    # "spacy" (required).
+    simzss.CONCEPTS.EXTRACTOR = "auto"
+    # spaCy pipeline of the "spacy" extractor.
+    simzss.CONCEPTS.SPACY_PIPELINE = "en_core_web_sm"
+
+
+def _add_simzss_loss_config(simzss: CN) -> None:
+    """MODEL.SIMZSS.LOSS: the global and the concept losses."""
+    simzss.LOSS = CN()
+    # Initial temperature of the global InfoNCE logits (learned in log space, at most 100).
+    simzss.LOSS.GLOBAL_LOGIT_SCALE = 1.0 / 0.07
+    # lambda, weight of the concept loss (0 disables it).
+    simzss.LOSS.CONCEPT_WEIGHT = 0.05
+    # Fixed scale of the concept classification logits (1 / 0.07).
+    simzss.LOSS.CONCEPT_SCALE = 1.0 / 0.07
+    # tau of the softmax over patches that pools a visual concept (> 0).
+    simzss.LOSS.POOL_TEMPERATURE = 0.1
+    # Target of a visual concept: "own" (the concept's own id; the paper) or "argmax" (the
+    # highest-scoring concept among those in the batch; the released code).
+    simzss.LOSS.CONCEPT_TARGET = "own"
+
+
+def _add_simzss_test_config(simzss: CN) -> None:
+    """MODEL.SIMZSS.TEST: dense inference (MODEL.OCZ.TEST.{MODE, WINDOW_SIZE, WINDOW_STRIDE,
+    SLIDE_BATCH} and MODEL.OCZ.TEXT.{TEMPLATES, CHUNK_SIZE} apply too)."""
+    simzss.TEST = CN()
+    # Background rule for a vocabulary holding BACKGROUND_CLASS: "none" (it is scored like any
+    # class), "threshold" (its score is BACKGROUND_THRESHOLD: pixels whose best class cosine is
+    # lower become background) or "prompt" (its score is the cosine with BACKGROUND_PROMPTS).
+    simzss.TEST.BACKGROUND = "none"
+    # Name of the background class in a dataset's classes.
+    simzss.TEST.BACKGROUND_CLASS = "background"
+    # Cosine threshold of the "threshold" rule.
+    simzss.TEST.BACKGROUND_THRESHOLD = 0.2
+    # Thresholds tried on DATASETS.VAL by the tuned protocol (rule "threshold"); the best val
+    # mIoU wins.
+    simzss.TEST.BACKGROUND_THRESHOLD_GRID = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]
+    # Phrases embedded (averaged) as the background class by the "prompt" rule.
+    simzss.TEST.BACKGROUND_PROMPTS = ["background"]
+    # Refine the upsampled scores with PAMR (pixel-adaptive mask refinement): bool.
+    simzss.TEST.PAMR = False
+    # PAMR iterations.
+    simzss.TEST.PAMR_ITERS = 10
+    # PAMR dilations of its 3x3 neighbourhood.
+    simzss.TEST.PAMR_DILATIONS = [1, 2]
 
 
 def _add_solver_config(cfg: CN) -> None:

@@ -1,6 +1,6 @@
 """Every shipped config under configs/ loads and builds a model (with a tiny CLIP and a random tiny
-SSL ViT instead of ViT-B/16 and DINO: nothing downloads), and the protocol configs say what
-docs/PROTOCOLS.md says."""
+SSL ViT instead of ViT-B/16 and DINO, SimZSS's towers likewise: nothing downloads), and the
+protocol configs say what docs/PROTOCOLS.md says."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ TINY = [
     "MODEL.OCZ.GUIDE.SSL_MODEL", "vit_tiny_patch16_224",
     "MODEL.OCZ.GUIDE.PRETRAINED", "False",
     "MODEL.OCZ.DECODER.DEC_LAYERS", "1",
+    # SimZSS: a random tiny timm ViT and the tiny CLIP's text tower
+    "MODEL.SIMZSS.VISION.MODEL_NAME", "vit_tiny_patch16_224",
+    "MODEL.SIMZSS.VISION.PRETRAINED", "False",
+    "MODEL.SIMZSS.VISION.WEIGHTS", "",
+    "MODEL.SIMZSS.TEXT.MODEL_NAME", "OCZ-Tiny-ViT",
+    "MODEL.SIMZSS.TEXT.WEIGHTS", "",
 ]  # fmt: skip
 # The same for a config whose backbone is a CNN (ZegFormer's): its ResNet random, its CLIP tiny.
 TINY_CNN = [

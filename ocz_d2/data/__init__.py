@@ -21,6 +21,7 @@ from .builtin import (
     register_all_benchmarks,
     register_all_synthetic,
 )
+from .captions import CaptionDatasetMapper, is_caption_split, register_caption_split
 from .dataset_mapper import ZeroShotSemSegDatasetMapper, read_label_map
 from .register_zero_shot import (
     check_datasets,
@@ -37,8 +38,12 @@ from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 
 _builtin.register_all_synthetic()
 _builtin.register_all_benchmarks()
+_builtin.register_all_captions()
 
 __all__ = [
+    "CaptionDatasetMapper",
+    "is_caption_split",
+    "register_caption_split",
     "EVALUATOR_TYPE",
     "IGNORE_LABEL",
     "PhotometricDistortionTransform",

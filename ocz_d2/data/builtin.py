@@ -17,6 +17,8 @@ __all__ = [
     "FULL_LABEL_SET_TARGETS",
     "register_all_synthetic",
     "register_all_benchmarks",
+    "CAPTION_SPLIT_FILES",
+    "register_all_captions",
 ]
 
 _SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -96,3 +98,20 @@ def register_all_benchmarks(root: str | os.PathLike | None = None) -> list[str]:
             path, root=root, lazy=True, dataset=base, unseen=[], splits=["val"]
         )
     return names
+
+
+#: Image-caption datasets (SimZSS's training data; :mod:`ocz_d2.data.captions`):
+#: ``ocz_synthetic_captions_{pretrain,train}`` and ``ocz_coco_captions_{train,val}``.
+CAPTION_SPLIT_FILES = (_SPLITS_DIR / "synthetic_captions.yaml", _SPLITS_DIR / "coco_captions.yaml")
+
+
+def register_all_captions(root: str | os.PathLike | None = None) -> list[str]:
+    """Register the builtin caption datasets (lazily: their CSVs are read on first use).
+
+    Args:
+        root: the datasets folder; ``None`` uses ``$DETECTRON2_DATASETS``.
+
+    Returns:
+        The registered names. Calling again with the same root is a no-op.
+    """
+    return [n for path in CAPTION_SPLIT_FILES for n in register_split_file(path, root=root)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ __all__ = [
     "unregister_zero_shot_split",
     "is_zero_shot_split",
     "registered_file_extensions",
+    "register_path_check",
     "unknown_dataset_message",
 ]
 
@@ -624,6 +625,21 @@ def check_datasets(names: Sequence[str], key: str = "DATASETS.TRAIN") -> None:
             raise DataError(unknown_dataset_message(name, key))
         if name in _REGISTERED:
             _check_spec_paths(_REGISTERED[name])
+        if name in _PATH_CHECKS:
+            _PATH_CHECKS[name]()
+
+
+#: Other registered datasets' file checks for :func:`check_datasets` (e.g. caption splits).
+_PATH_CHECKS: dict[str, Callable[[], None]] = {}
+
+
+def register_path_check(name: str, check: Callable[[], None] | None) -> None:
+    """Let :func:`check_datasets` run ``check()`` (raising a user error) for the dataset
+    ``name`` registered elsewhere (e.g. :mod:`ocz_d2.data.captions`); None removes it."""
+    if check is None:
+        _PATH_CHECKS.pop(name, None)
+    else:
+        _PATH_CHECKS[name] = check
 
 
 def is_zero_shot_split(name: str) -> bool:

@@ -12,6 +12,10 @@ Format (relative paths resolve against ``$DETECTRON2_DATASETS``, default ``"data
 
 Each split entry may also set ``image_ext``, ``label_ext`` and ``extra_label_roots`` (a mapping
 ``key -> folder``, see :func:`~ocz_d2.data.register_zero_shot.register_zero_shot_split`).
+
+A file with ``kind: captions`` registers image-caption datasets instead (what SimZSS trains on):
+keys ``dataset``, ``splits`` (each ``{csv, img_key, caption_key, separator, image_root}``) and
+an optional ``concept_bank``; see :mod:`ocz_d2.data.captions`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import yaml
 
 from ..utils.errors import DataError, MissingFileError
 from ..utils.io import resolve_data_path
+from .captions import register_caption_split
 from .register_zero_shot import register_zero_shot_split
 
 __all__ = [
@@ -48,6 +53,16 @@ _SPLIT_KEYS = {
     "label_ext": False,
     "extra_label_roots": False,
 }
+_CAPTION_TOP_KEYS = {"kind": True, "dataset": True, "concept_bank": False, "splits": True}
+_CAPTION_SPLIT_KEYS = {
+    "csv": True,
+    "img_key": False,
+    "caption_key": False,
+    "separator": False,
+    "image_root": False,
+}
+#: Values of a split file's ``kind`` (default "segmentation").
+SPLIT_FILE_KINDS = ("segmentation", "captions")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -90,6 +105,14 @@ def load_split_file(path: str | os.PathLike) -> dict[str, Any]:
             raise DataError(f"Split file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise DataError(f"Split file {path} must hold a mapping at the top level.")
+    kind = data.get("kind", "segmentation")
+    if kind not in SPLIT_FILE_KINDS:
+        raise DataError(
+            f"Split file {path}: 'kind' must be one of {SPLIT_FILE_KINDS}, got {kind!r}."
+        )
+    if kind == "captions":
+        return _check_caption_file(path, data)
+    data = {k: v for k, v in data.items() if k != "kind"}
     _check_keys(f"Split file {path}", data, _TOP_KEYS)
     if not isinstance(data["dataset"], str) or not _NAME_RE.match(data["dataset"]):
         raise DataError(
@@ -117,6 +140,37 @@ def load_split_file(path: str | os.PathLike) -> dict[str, Any]:
         if extra is not None and not isinstance(extra, dict):
             raise DataError(f"{where}: 'extra_label_roots' must map keys to folders.")
     return data
+
+
+def _check_caption_file(path: str, data: dict) -> dict[str, Any]:
+    _check_keys(f"Caption split file {path}", data, _CAPTION_TOP_KEYS)
+    if not isinstance(data["dataset"], str) or not _NAME_RE.match(data["dataset"]):
+        raise DataError(
+            f"Caption split file {path}: 'dataset' must be a name of letters, digits, '_', '-' "
+            f"or '.', got {data['dataset']!r}."
+        )
+    splits = data["splits"]
+    if not isinstance(splits, dict) or not splits:
+        raise DataError(
+            f"Caption split file {path}: 'splits' must map split names to {{csv: ...}}."
+        )
+    for split, entry in splits.items():
+        where = f"Caption split file {path}, split {split!r}"
+        if not isinstance(split, str) or not _NAME_RE.match(split):
+            raise DataError(f"{where}: split names must be letters, digits, '_', '-' or '.'.")
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: must be a mapping with at least 'csv'.")
+        _check_keys(where, entry, _CAPTION_SPLIT_KEYS)
+    return data
+
+
+def _concept_bank_path(path: str, bank: str | None) -> str | None:
+    """A caption split file's concept bank: absolute, next to the split file, else (relative)
+    under the datasets root (resolved at registration)."""
+    if not bank or os.path.isabs(bank):
+        return bank or None
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), bank)
+    return beside if os.path.isfile(beside) else bank
 
 
 def register_split_file(
@@ -154,6 +208,23 @@ def register_split_file(
     unknown = sorted(set(splits or ()) - set(data["splits"]))
     if unknown:
         raise ValueError(f"split file {os.fspath(path)!r} has no splits {unknown}")
+    if data.get("kind") == "captions":
+        bank = _concept_bank_path(os.fspath(path), data.get("concept_bank"))
+        return [
+            register_caption_split(
+                f"ocz_{base}_{split}",
+                entry["csv"],
+                img_key=entry.get("img_key", "filepath"),
+                caption_key=entry.get("caption_key", "caption"),
+                separator=entry.get("separator", ","),
+                concept_bank=bank,
+                image_root=entry.get("image_root"),
+                root=root,
+                split_file=path,
+            )
+            for split, entry in data["splits"].items()
+            if splits is None or split in splits
+        ]
     names = []
     for split, entry in data["splits"].items():
         if splits is not None and split not in splits:

@@ -23,7 +23,7 @@ from ..config import ConfigError
 from ..data.register_zero_shot import check_datasets
 from ..modeling.backbone.cnn import resolve_backbone_weights
 from ..utils.errors import ArgumentError, MissingFileError, UserError
-from ..utils.io import resolve_weights_path
+from ..utils.io import resolve_data_path, resolve_weights_path
 from .checkpoint import check_checkpoint_file
 
 __all__ = [
@@ -173,9 +173,22 @@ def check_run_inputs(
             "for smoke tests)"
         )
     ocz = cfg.MODEL.OCZ
-    # Every model holds a CLIP: the backbone, or the frozen one beside a CNN backbone.
+    simzss = cfg.MODEL.SIMZSS
+    if cfg.MODEL.META_ARCHITECTURE == "SimZSS":
+        for key, path in (("VISION", simzss.VISION.WEIGHTS), ("TEXT", simzss.TEXT.WEIGHTS)):
+            if not path:
+                continue
+            resolve_data_path(
+                path,
+                what=f"MODEL.SIMZSS.{key}.WEIGHTS {path!r}",
+                fix="give a local weights file, or '' to use PRETRAINED",
+                error=MissingFileError,
+            )
+    # Every OC-ZSS model holds a CLIP (the backbone, or the frozen one beside a CNN backbone);
+    # SimZSS only when its vision tower is CLIP's.
+    uses_clip = cfg.MODEL.META_ARCHITECTURE != "SimZSS" or simzss.VISION.SOURCE == "clip"
     try:
-        if ocz.CLIP.WEIGHTS:
+        if uses_clip and ocz.CLIP.WEIGHTS:
             resolve_weights_path(ocz.CLIP.WEIGHTS)
         if ocz.RESNET.WEIGHTS:
             resolve_backbone_weights(ocz.RESNET.WEIGHTS)

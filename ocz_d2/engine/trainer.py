@@ -8,7 +8,11 @@ import os
 import re
 import weakref
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -22,8 +26,13 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import ZeroShotSemSegDatasetMapper
-from ..data.train_loader import build_resumable_train_loader, derive_seed, seed_all_rngs
+from ..data import CaptionDatasetMapper, ZeroShotSemSegDatasetMapper, is_caption_split
+from ..data.train_loader import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    derive_seed,
+    seed_all_rngs,
+)
 from ..evaluation import build_zero_shot_evaluator
 from .checkpoint import AtomicCheckpointer, remove_stale_temporaries
 from .optimizer import build_lr_scheduler, build_optimizer
@@ -240,6 +249,9 @@ class ZeroShotTrainer(ZeroShotTrainerBase):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        captions = [is_caption_split(name) for name in cfg.DATASETS.TRAIN]
+        if any(captions):
+            return cls._caption_train_loader(cfg, all(captions))
         mapper = ZeroShotSemSegDatasetMapper(cfg, True)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning(
@@ -249,6 +261,30 @@ class ZeroShotTrainer(ZeroShotTrainerBase):
             )
             return build_detection_train_loader(cfg, mapper=mapper)
         return build_resumable_train_loader(cfg, mapper)
+
+    @classmethod
+    def _caption_train_loader(cls, cfg, only_captions: bool) -> ResumableTrainLoader:
+        """Image-caption batches (SimZSS): :class:`CaptionDatasetMapper`, the resumable loader,
+        no aspect-ratio grouping (the mapper crops every image to one square size)."""
+        if not only_captions:
+            raise ValueError(
+                f"DATASETS.TRAIN={tuple(cfg.DATASETS.TRAIN)} mixes caption datasets with "
+                "segmentation splits: train on one kind"
+            )
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            raise ValueError(
+                "caption datasets use the resumable loader: set DATALOADER.SAMPLER_TRAIN "
+                "TrainingSampler"
+            )
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        logger.info("Caption training loader: %d image-caption pairs", len(dicts))
+        return ResumableTrainLoader(
+            dicts,
+            CaptionDatasetMapper(cfg, True),
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=False,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -5,6 +5,11 @@ the best value differs between models. :func:`tuned_test` picks it on ``DATASETS
 ``MODEL.OCZ.TEST.CALIBRATION_GRID`` (highest hIoU; ties go to the smaller gamma) and evaluates
 ``DATASETS.TEST`` once with it, through the same evaluator as ``train_net.py --eval-only``. A
 transductive model is evaluated without calibration (gamma 0, nothing tuned).
+
+A SimZSS model has no calibration (its training saw no mask, seen or unseen: gamma stays 0); with
+the background rule "threshold" (``MODEL.SIMZSS.TEST.BACKGROUND``) and a validation split that
+has the background class, its threshold is chosen on val instead, from
+``MODEL.SIMZSS.TEST.BACKGROUND_THRESHOLD_GRID`` (highest val mIoU; ties go to the smaller one).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "calibration_sweep",
     "chance_metrics",
     "pick_calibration",
+    "tune_background_threshold",
     "tuned_test",
 ]
 
@@ -133,8 +139,12 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
     val = cfg.DATASETS.VAL[0]
     # The transductive setting has no calibration at test time (docs/PROTOCOLS.md): no tuning.
     grid = cfg.MODEL.OCZ.TEST.CALIBRATION_GRID
-    if cfg.INPUT.ZERO_SHOT_SETTING == "transductive":
+    simzss = cfg.MODEL.META_ARCHITECTURE == "SimZSS"
+    if cfg.INPUT.ZERO_SHOT_SETTING == "transductive" or simzss:
         grid = [0.0]
+    threshold = None
+    if simzss:
+        threshold = tune_background_threshold(cfg, model, val)
     sweep = calibration_sweep(cfg, model, val, grid)
     gamma = pick_calibration(sweep)
     for g, m in sweep.items():
@@ -153,9 +163,57 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
         "val": {val: {str(g): m for g, m in sweep.items()}},
         "test": test,
     }
+    if threshold is not None:
+        result["background_threshold"] = threshold
     path = os.path.join(output_dir, TUNED_RESULTS_FILE)
     atomic_write_json(path, _finite(result), indent=2, sort_keys=True, allow_nan=False)
     return result
+
+
+@torch.no_grad()
+def tune_background_threshold(cfg, model, dataset_name: str) -> float | None:
+    """Choose a SimZSS model's background threshold on ``dataset_name`` and set it.
+
+    Only with the rule "threshold" and a dataset holding the background class
+    (``MODEL.SIMZSS.TEST.BACKGROUND_CLASS``); otherwise nothing is tuned. One forward pass per
+    image: the background channel of the scores is the threshold itself, so each candidate just
+    replaces it.
+
+    Returns:
+        The chosen threshold (highest mIoU; ties go to the smaller), or None when not tuned.
+    """
+    classes = list(MetadataCatalog.get(dataset_name).stuff_classes)
+    if model.background != "threshold" or model.background_class not in classes:
+        return None
+    grid = sorted({float(t) for t in cfg.MODEL.SIMZSS.TEST.BACKGROUND_THRESHOLD_GRID})
+    if not grid:
+        raise ValueError("MODEL.SIMZSS.TEST.BACKGROUND_THRESHOLD_GRID is empty: give thresholds.")
+    k = classes.index(model.background_class)
+    evaluators = {t: ZeroShotSemSegEvaluator(dataset_name, distributed=False) for t in grid}
+    for evaluator in evaluators.values():
+        evaluator.reset()
+    with inference_context(model):
+        for inputs in _test_loader(cfg, dataset_name):
+            outputs = model(inputs)
+            for t, evaluator in evaluators.items():
+                shifted = []
+                for o in outputs:
+                    scores = o["sem_seg"].clone()
+                    scores[k] = t
+                    shifted.append({"sem_seg": scores})
+                evaluator.process(inputs, shifted)
+    with _quiet_evaluator():
+        sweep = {t: dict(e.evaluate()["sem_seg"]) for t, e in evaluators.items()}
+    best = max(grid, key=lambda t: (_or_low(sweep[t].get("mIoU")), -t))
+    for t, m in sweep.items():
+        logger.info("%s background threshold %.2f: mIoU %.1f", dataset_name, t, m["mIoU"])
+    logger.info("Background threshold %.2f chosen on %s (highest mIoU).", best, dataset_name)
+    model.background_threshold = best
+    return best
+
+
+def _or_low(value) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
 
 
 def _finite(obj):

@@ -21,7 +21,6 @@ training script reads (an image-path column and a caption column; paths relative
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -40,6 +39,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..data.caption_csv import read_caption_csv, read_csv_rows, resolve_csv_images
 from ..modeling.backbone.clip_prompt import create_clip_model
 from ..modeling.text.templates import get_templates
 from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json, file_sha256
@@ -106,36 +106,7 @@ class ImageCaptionData:
     captions: list[str]
 
 
-def _read_csv_rows(
-    path: str | os.PathLike, columns: Sequence[str], separator: str
-) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV file {path} does not exist.")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=separator)
-        header = reader.fieldnames or []
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ValueError(
-                f"{path} has no column(s) {missing}; its columns are {header}. Name the right "
-                "ones (--img-key / --caption-key) or fix the separator (--separator)."
-            )
-        return list(reader)
-
-
-def _resolve_images(path: Path, rows: list[dict[str, str]], img_key: str) -> list[Path]:
-    files = [(path.parent / r[img_key]).resolve() for r in rows]
-    absent = [str(f) for f in files if not f.is_file()]
-    if absent:
-        raise FileNotFoundError(
-            f"{len(absent)} image(s) listed in {path} do not exist (paths are relative to the "
-            f"CSV's folder), e.g. {absent[:3]}."
-        )
-    return files
-
-
-def _decode_images(files: Sequence[Path], size: int, desc: str) -> torch.Tensor:
+def decode_images(files: Sequence[Path], size: int, desc: str) -> torch.Tensor:
     """Images -> uint8 [N, 3, size, size]: shorter side resized to ``size``, centre crop."""
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for i, file in enumerate(tqdm(files, desc=desc, leave=False, mininterval=2)):
@@ -176,15 +147,10 @@ def load_image_caption_csv(
         FileNotFoundError: the CSV or a listed image is missing.
         ValueError: a column is missing, or a caption is empty.
     """
-    rows = _read_csv_rows(path, (img_key, caption_key), separator)
-    if not rows:
-        raise ValueError(f"{path} lists no image-caption pairs.")
-    captions = [(r[caption_key] or "").strip() for r in rows]
-    empty = [i + 2 for i, c in enumerate(captions) if not c]  # +2: header, 1-based lines
-    if empty:
-        raise ValueError(f"{path} has empty captions on line(s) {empty[:10]}: fix or drop them.")
-    files = _resolve_images(Path(path), rows, img_key)
-    return ImageCaptionData(_decode_images(files, image_size, "images"), captions)
+    files, captions = read_caption_csv(
+        path, img_key=img_key, caption_key=caption_key, separator=separator
+    )
+    return ImageCaptionData(decode_images(files, image_size, "images"), captions)
 
 
 def load_labelled_images(
@@ -200,9 +166,9 @@ def load_labelled_images(
     Returns:
         (uint8 images [N, 3, S, S], class name of each image).
     """
-    rows = _read_csv_rows(path, (img_key, label_key), separator)
-    files = _resolve_images(Path(path), rows, img_key)
-    return _decode_images(files, image_size, "eval images"), [r[label_key].strip() for r in rows]
+    rows = read_csv_rows(path, (img_key, label_key), separator)
+    files = resolve_csv_images(path, rows, img_key)
+    return decode_images(files, image_size, "eval images"), [r[label_key].strip() for r in rows]
 
 
 def _normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

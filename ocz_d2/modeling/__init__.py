@@ -2,7 +2,7 @@
 
 from . import backbone, meta_arch, pixel_decoder, text, transformer_decoder
 from .backbone import CLIPPromptBackbone
-from .meta_arch import OCZeroShotSegmentor
+from .meta_arch import OCZeroShotSegmentor, SimZSS
 from .pixel_decoder import SimplePyramidPixelDecoder
 from .segment_classifier import SegmentCLIPClassifier
 from .text import TextEmbedder
@@ -12,6 +12,7 @@ __all__ = [
     "CLIPPromptBackbone",
     "OCZeroShotSegmentor",
     "SegmentCLIPClassifier",
+    "SimZSS",
     "SimplePyramidPixelDecoder",
     "TRANSFORMER_DECODER_REGISTRY",
     "TextEmbedder",

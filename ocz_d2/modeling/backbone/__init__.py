@@ -8,12 +8,14 @@ from .clip_prompt import (
     register_tiny_clip_configs,
 )
 from .cnn import build_clip_tower, load_backbone_weights, resolve_backbone_weights
+from .tiny_vit import TINY_SSL_VIT
 
 register_tiny_clip_configs()
 
 __all__ = [
     "CLIPPromptBackbone",
     "TINY_CLIP_MODELS",
+    "TINY_SSL_VIT",
     "available_clip_models",
     "build_clip_tower",
     "create_clip_model",

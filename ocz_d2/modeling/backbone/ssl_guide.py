@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clustering import cluster_feature_map
+from . import tiny_vit  # noqa: F401  (registers ocz_d2's tiny timm ViT)
 
 __all__ = ["SSLGuide", "create_ssl_model"]
 
@@ -140,25 +141,33 @@ class SSLGuide(nn.Module):
 
 
 def create_ssl_model(
-    model_name: str, *, pretrained: bool = True, weights: str = "", seed: int = 0
+    model_name: str,
+    *,
+    pretrained: bool = True,
+    weights: str = "",
+    seed: int = 0,
+    key: str = "MODEL.OCZ.GUIDE",
+    name_key: str = "SSL_MODEL",
 ) -> nn.Module:
-    """A timm ViT for the guide, with weights from a local file, timm's hub, or random.
+    """A timm ViT (the guide's, or SimZSS's vision tower), with weights from a local file,
+    timm's hub, or random.
 
-    The random initialisation draws from a generator forked from ``seed``, so a random guide is
-    the same in every run and the global RNG is not disturbed.
+    The random initialisation draws from a generator forked from ``seed``, so a random model is
+    the same in every run and the global RNG is not disturbed. ``key`` / ``name_key`` name the
+    config node and model-name key in error messages.
     """
     known = set(timm.list_models(pretrained=False))
     if model_name not in known and model_name.split(".")[0] not in known:
         raise ValueError(
-            f"Unknown timm model MODEL.OCZ.GUIDE.SSL_MODEL={model_name!r}; use a timm ViT name "
+            f"Unknown timm model {key}.{name_key}={model_name!r}; use a timm ViT name "
             "such as 'vit_base_patch16_224.dino' (see timm.list_models('vit_*'))."
         )
     kwargs = {"num_classes": 0, "dynamic_img_size": True}
     if weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(
-                f"SSL guide weights MODEL.OCZ.GUIDE.WEIGHTS={weights!r} do not exist: give a "
-                "local timm state-dict file, or '' to use MODEL.OCZ.GUIDE.PRETRAINED."
+                f"timm weights {key}.WEIGHTS={weights!r} do not exist: give a "
+                f"local timm state-dict file, or '' to use {key}.PRETRAINED."
             )
         return timm.create_model(
             model_name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs
@@ -169,12 +178,11 @@ def create_ssl_model(
         except Exception as e:  # timm raises various errors when the hub is unreachable
             raise RuntimeError(
                 f"Could not get timm weights for {model_name!r} (this machine may be offline). "
-                "Download them once where the hub is reachable and set MODEL.OCZ.GUIDE.WEIGHTS "
+                f"Download them once where the hub is reachable and set {key}.WEIGHTS "
                 f"to the file. Cause: {e}"
             ) from e
     logger.warning(
-        "SSL guide %s has random weights (MODEL.OCZ.GUIDE.PRETRAINED False, WEIGHTS empty).",
-        model_name,
+        "timm model %s has random weights (%s.PRETRAINED False, WEIGHTS empty).", model_name, key
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
