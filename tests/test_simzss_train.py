@@ -17,6 +17,7 @@ from ocz_d2.config import load_config
 from ocz_d2.data import register_split_file
 from ocz_d2.engine import ZeroShotPredictor
 from ocz_d2.evaluation.protocol import tuned_test
+from ocz_d2.utils.errors import ArgumentError
 from tools import segment
 
 pytestmark = pytest.mark.slow
@@ -92,6 +93,10 @@ def test_predictor_segments_with_the_trained_model(simzss_run, synthetic_benchma
     assert result.labels.shape == (48, 80) and result.scores.shape == (3, 48, 80)
     assert set(np.unique(result.labels)) <= {0, 1, 2}
     assert result.calibrated.size == 0  # SimZSS has no seen-class calibration
+    # ZegFormer's ensemble classifies segments: a patch-text model has none, and says so.
+    predictor.segment_clip = True
+    with pytest.raises(ArgumentError, match="no segments to classify"):
+        predictor(image, ["orange plain", "blue dotted"])
 
 
 def test_segment_tool_runs_the_simzss_model(simzss_run, synthetic_benchmark, tmp_path, capsys):

@@ -226,6 +226,9 @@ class ZeroShotPredictor:
         self.segment_clip = bool(
             cfg.MODEL.OCZ.SEGMENT_CLIP.ENABLED if segment_clip is None else segment_clip
         )
+        # Mask-classification models (OC-ZSS, ZegFormer) can classify their segments with CLIP;
+        # a patch-text model (SimZSS) has no segments.
+        self._has_segments = hasattr(model, "segment_classifier")
         # The model's own classifier (cfg ENABLED), or one built when first switched on.
         self._segment_classifier = getattr(model, "segment_classifier", None)
 
@@ -376,6 +379,13 @@ class ZeroShotPredictor:
         self.model.test_mode = self.mode
         self.model.window_size = tuple(self.cfg.MODEL.OCZ.TEST.WINDOW_SIZE)
         self.model.window_stride = tuple(self.cfg.MODEL.OCZ.TEST.WINDOW_STRIDE)
+        if not self._has_segments:
+            if self.segment_clip:
+                raise ArgumentError(
+                    f"segment_clip: {type(self.model).__name__} has no segments to classify "
+                    "with CLIP (it classifies patches); turn MODEL.OCZ.SEGMENT_CLIP.ENABLED off"
+                )
+            return self._predict_batches(images, vocab, text, calibrated)
         own_classifier = self.model.segment_classifier
         self.model.segment_classifier = self._classifier() if self.segment_clip else None
         try:
