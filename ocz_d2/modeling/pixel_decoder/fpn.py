@@ -7,24 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from .layers import xavier_conv
+
 __all__ = ["MaskFormerPixelDecoder"]
-
-
-def _conv(in_ch: int, out_ch: int, kernel: int, norm: str, activation=None) -> Conv2d:
-    conv = Conv2d(
-        in_ch,
-        out_ch,
-        kernel_size=kernel,
-        padding=kernel // 2,
-        bias=not norm,
-        norm=get_norm(norm, out_ch),
-        activation=activation,
-    )
-    weight_init.c2_xavier_fill(conv)
-    return conv
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -78,10 +66,12 @@ class MaskFormerPixelDecoder(nn.Module):
         self.decoder_in_channels = input_shape[transformer_in_feature].channels
         self.mask_stride = ordered[-1][1].stride
         coarsest_channels = ordered[0][1].channels
-        self.top = _conv(coarsest_channels, conv_dim, 3, norm, activation=F.relu)
-        self.laterals = nn.ModuleList(_conv(s.channels, conv_dim, 1, norm) for _, s in ordered[1:])
+        self.top = xavier_conv(coarsest_channels, conv_dim, 3, norm, activation=F.relu)
+        self.laterals = nn.ModuleList(
+            xavier_conv(s.channels, conv_dim, 1, norm) for _, s in ordered[1:]
+        )
         self.outputs = nn.ModuleList(
-            _conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in ordered[1:]
+            xavier_conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in ordered[1:]
         )
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
         weight_init.c2_xavier_fill(self.mask_features)

@@ -14,6 +14,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..padding import PATCH_VALID_KEY
 from .image_path import IMAGE_KEY, ImageDetailPath
+from .layers import xavier_conv
 from .mfe import MultiScaleFeatureEnhancement
 from .ora import ObjectRefinementAttention
 
@@ -36,20 +37,6 @@ def _log2_ratio(stride: int, base: int) -> int:
     return steps if stride >= base else -steps
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, norm: str, activation=None) -> Conv2d:
-    conv = Conv2d(
-        in_ch,
-        out_ch,
-        kernel_size=kernel,
-        padding=kernel // 2,
-        bias=not norm,
-        norm=get_norm(norm, out_ch),
-        activation=activation,
-    )
-    weight_init.c2_xavier_fill(conv)
-    return conv
-
-
 class _ScaleBlock(nn.Sequential):
     """Resample a stride-p map to stride ``p * 2**steps`` (ViTDet): 2x2 deconvs (steps < 0) or
     2x2 max-pools (steps > 0), then a 1x1 and a 3x3 conv, each followed by the norm."""
@@ -66,8 +53,8 @@ class _ScaleBlock(nn.Sequential):
         for _ in range(steps):
             # ceil_mode: odd grids keep their border row/column (33 -> 17, like a strided conv).
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
-        layers.append(_conv(dim, dim, 1, norm))
-        layers.append(_conv(dim, dim, 3, norm))
+        layers.append(xavier_conv(dim, dim, 1, norm))
+        layers.append(xavier_conv(dim, dim, 3, norm))
         super().__init__(*layers)
 
 
@@ -160,7 +147,10 @@ class SimplePyramidPixelDecoder(nn.Module):
         self.refiner = refiner
 
         self.input_proj = nn.ModuleDict(
-            {name: _conv(spec.channels, conv_dim, 1, norm) for name, spec in input_shape.items()}
+            {
+                name: xavier_conv(spec.channels, conv_dim, 1, norm)
+                for name, spec in input_shape.items()
+            }
         )
         # All pyramid levels, coarse to fine; the mask stride is the finest.
         self.level_strides = sorted(set(self.decoder_strides) | {self.mask_stride}, reverse=True)
@@ -169,7 +159,8 @@ class SimplePyramidPixelDecoder(nn.Module):
             for s in self.level_strides
         )
         self.fpn_convs = nn.ModuleList(
-            _conv(conv_dim, conv_dim, 3, norm, activation=F.relu) for _ in self.level_strides[1:]
+            xavier_conv(conv_dim, conv_dim, 3, norm, activation=F.relu)
+            for _ in self.level_strides[1:]
         )
         # Optional parts draw their weights without moving the RNG, so the layers after them
         # start the same with or without them (paired comparisons).
