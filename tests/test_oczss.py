@@ -629,7 +629,7 @@ def test_old_full_model_checkpoint_loads_through_detectron2(synthetic_benchmark,
     assert torch.equal(target.backbone.visual_prompts, source.backbone.visual_prompts)
 
 
-def test_ssl_guide_local_weights_normalisation_and_grid_resampling(tmp_path):
+def test_ssl_guide_local_weights_normalisation_and_grid_resampling(tmp_path, monkeypatch):
     torch.manual_seed(0)
     random_guide = SSLGuide("vit_tiny_patch16_224", pretrained=False, num_regions=3, seed=5)
     path = tmp_path / "vit_tiny.pth"
@@ -637,6 +637,11 @@ def test_ssl_guide_local_weights_normalisation_and_grid_resampling(tmp_path):
     local = SSLGuide("vit_tiny_patch16_224", weights=str(path), num_regions=3)
     for a, b in zip(random_guide.model.state_dict().values(), local.model.state_dict().values()):
         assert torch.equal(a, b)
+    # A relative path is also looked up under $DETECTRON2_DATASETS (data-derived weights).
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    relative = SSLGuide("vit_tiny_patch16_224", weights="vit_tiny.pth", num_regions=3)
+    assert torch.equal(relative.model.pos_embed, random_guide.model.pos_embed)
     # Seeded random weights: the same guide in every run, without touching the global RNG.
     state = torch.random.get_rng_state()
     again = SSLGuide("vit_tiny_patch16_224", pretrained=False, num_regions=3, seed=5)

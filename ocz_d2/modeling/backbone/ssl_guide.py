@@ -5,13 +5,13 @@ regions (:mod:`ocz_d2.modeling.clustering`, which also says how its grid maps on
 from __future__ import annotations
 
 import logging
-import os
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...utils.io import resolve_weights_path
 from ..clustering import cluster_feature_map
 from . import tiny_vit  # noqa: F401  (registers ocz_d2's tiny timm ViT)
 
@@ -164,11 +164,13 @@ def create_ssl_model(
         )
     kwargs = {"num_classes": 0, "dynamic_img_size": True}
     if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"timm weights {key}.WEIGHTS={weights!r} do not exist: give a "
-                f"local timm state-dict file, or '' to use {key}.PRETRAINED."
-            )
+        # A relative path: the working directory, then $DETECTRON2_DATASETS (data-derived
+        # weights, such as the miniature's tiny ViT, live beside their data).
+        weights = resolve_weights_path(
+            weights,
+            key=f"{key}.WEIGHTS",
+            fix=f"give a local timm state-dict file, or '' to use {key}.PRETRAINED.",
+        )
         return timm.create_model(
             model_name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs
         )
