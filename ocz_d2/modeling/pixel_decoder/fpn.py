@@ -10,7 +10,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .layers import xavier_conv
+from .layers import selected_features, xavier_conv
 
 __all__ = ["MaskFormerPixelDecoder"]
 
@@ -79,13 +79,7 @@ class MaskFormerPixelDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
         head, ocz = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.OCZ
-        names = list(head.IN_FEATURES)
-        missing = [n for n in names if n not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not "
-                f"output; it outputs {sorted(input_shape)}."
-            )
+        features = selected_features(cfg, input_shape)
         # The pyramid decoder's parts have no place here: say so rather than ignore them.
         unused = {
             "MODEL.OCZ.ORA.NUM_ROUNDS": ocz.ORA.NUM_ROUNDS > 0,
@@ -98,7 +92,7 @@ class MaskFormerPixelDecoder(nn.Module):
                 f"{[k for k, on in unused.items() if on]} or use SimplePyramidPixelDecoder."
             )
         return {
-            "input_shape": {n: input_shape[n] for n in names},
+            "input_shape": features,
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fvcore.nn.weight_init as weight_init
-from detectron2.layers import Conv2d, get_norm
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-__all__ = ["xavier_conv"]
+__all__ = ["selected_features", "xavier_conv"]
 
 
 def xavier_conv(in_ch: int, out_ch: int, kernel: int, norm: str, activation=None) -> Conv2d:
@@ -22,3 +22,19 @@ def xavier_conv(in_ch: int, out_ch: int, kernel: int, norm: str, activation=None
     )
     weight_init.c2_xavier_fill(conv)
     return conv
+
+
+def selected_features(cfg, input_shape: dict[str, ShapeSpec]) -> dict[str, ShapeSpec]:
+    """The backbone outputs that ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` names, in its order.
+
+    Raises:
+        ValueError: a named feature the backbone does not output.
+    """
+    names = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+    missing = [n for n in names if n not in input_shape]
+    if missing:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not "
+            f"output; it outputs {sorted(input_shape)}."
+        )
+    return {n: input_shape[n] for n in names}

@@ -14,7 +14,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..padding import PATCH_VALID_KEY
 from .image_path import IMAGE_KEY, ImageDetailPath
-from .layers import xavier_conv
+from .layers import selected_features, xavier_conv
 from .mfe import MultiScaleFeatureEnhancement
 from .ora import ObjectRefinementAttention
 
@@ -190,22 +190,16 @@ class SimplePyramidPixelDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
         head = cfg.MODEL.SEM_SEG_HEAD
-        names = list(head.IN_FEATURES)
-        missing = [n for n in names if n not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not "
-                f"output; it outputs {sorted(input_shape)}."
-            )
+        features = selected_features(cfg, input_shape)
         return {
-            "input_shape": {n: input_shape[n] for n in names},
+            "input_shape": features,
             "conv_dim": head.CONVS_DIM,
             "mask_dim": head.MASK_DIM,
             "norm": head.NORM,
             "decoder_strides": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.DECODER_STRIDES),
             "mask_stride": cfg.MODEL.OCZ.PIXEL_DECODER.MASK_STRIDE,
-            "refiner": build_object_refiner(cfg, input_shape[names[-1]].channels)
-            if names
+            "refiner": build_object_refiner(cfg, list(features.values())[-1].channels)
+            if features
             else None,
             "mfe_rates": tuple(cfg.MODEL.OCZ.MFE.RATES) if cfg.MODEL.OCZ.MFE.ENABLED else None,
             "image_path_widths": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.IMAGE_PATH.WIDTHS),
