@@ -8,7 +8,15 @@ import math
 from pathlib import Path
 
 import pytest
+from detectron2.data import build_detection_test_loader
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
 
+from ocz_d2.config import load_config
+from ocz_d2.data import ZeroShotSemSegDatasetMapper
+from ocz_d2.data.split_file import register_split_files_from_config
+from ocz_d2.engine.checkpoint import AtomicCheckpointer
+from ocz_d2.evaluation import build_zero_shot_evaluator
 from ocz_d2.evaluation.protocol import chance_metrics, pick_calibration
 from ocz_d2.evaluation.report import (
     ReportRow,
@@ -99,6 +107,72 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="run of another command"):
         run_report([other], [0], tmp_path / "a")
     assert metrics_a.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_test_time_row_evaluates_the_base_rows_checkpoint_without_training(env, tmp_path):
+    data = env
+    base = _row(data, name="base", **{"DATASETS.TEST": f"('{data.test_name}',)"})
+    # A test-time module (the segment route) and a one-value grid, only at test time.
+    test_opts = ("MODEL.OCZ.SEGMENT_CLIP.ENABLED", "True")
+    test_opts += ("MODEL.OCZ.TEST.CALIBRATION_GRID", "[2.0]")
+    region = base.at_test_time("region", test_opts)
+    # Its base runs first even when listed after it; the table keeps the rows' order.
+    table = run_report([region, base], [0], tmp_path, reference="base")
+    assert [e["row"] for e in table] == ["region", "base"]
+    base_dir, own = tmp_path / "base" / "seed0", tmp_path / "region" / "seed0"
+    assert not list(own.glob("*.pth")) and not (own / "train_stdout.log").exists()
+    assert {p.name for p in base_dir.glob("model_final.pth")} == {"model_final.pth"}
+    result = json.loads((own / "result.json").read_text())
+    base_result = json.loads((base_dir / "result.json").read_text())
+    # The training command is the base row's; the test-time overrides follow it.
+    assert result["command"] == [*base_result["command"], "--test-opts", *test_opts]
+    assert result["seconds"]["training"] == 0.0
+    # The base row's training speed (NaN here: 2 iterations log no time).
+    assert result["sec_per_iter"] == pytest.approx(base_result["sec_per_iter"], nan_ok=True)
+    # The test-time grid applied to the test-time row only.
+    assert result["calibration"] == 2.0 and base_result["calibration"] in (0.0, 0.5, 5.0)
+    assert set(json.loads((own / "tuned_results.json").read_text())["val"][data.val_name]) == {
+        "2.0"
+    }
+    # The same evaluation by hand: the base checkpoint, the overrides, the test split.
+    cfg = load_config(base.config_file, [*base.opts, *test_opts, "OUTPUT_DIR", str(tmp_path)])
+    register_split_files_from_config(cfg)
+    model = build_model(cfg)
+    AtomicCheckpointer(model).load(str(base_dir / "model_final.pth"))
+    assert model.segment_classifier is not None
+    model.calibration = 2.0
+    evaluator = build_zero_shot_evaluator(data.test_name, None)
+    mapper = ZeroShotSemSegDatasetMapper(cfg, False)
+    loader = build_detection_test_loader(cfg, data.test_name, mapper=mapper)
+    hand = inference_on_dataset(model, loader, evaluator)["sem_seg"]
+    assert result["test"]["hIoU"] == pytest.approx(hand["hIoU"])
+    paired = {e["row"]: e for e in table}["region"]["paired"]
+    assert paired["reference"] == "base" and paired["seeds"] == [0]
+    # Reused: evaluating again changes nothing.
+    stamp = (own / "result.json").stat().st_mtime_ns
+    run_report([base, region], [0], tmp_path, reference="base")
+    assert (own / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_test_time_rows_are_checked(tmp_path, capsys):
+    base = ReportRow("base", str(CONFIG))
+    with pytest.raises(ValueError, match="need a base row"):
+        ReportRow("x", str(CONFIG), (), ("MODEL.OCZ.TEST.CALIBRATION", "0"))
+    with pytest.raises(ValueError, match="is itself a test-time row"):
+        base.at_test_time("a", ()).at_test_time("b", ())
+    with pytest.raises(ValueError, match="which is not a row"):
+        run_report([base.at_test_time("a", ())], [0], tmp_path)
+    with pytest.raises(ValueError, match="needs a train_dir"):
+        run_seed(base.at_test_time("a", ()), 0, tmp_path / "a")
+    argv = ["--no-prepare", "--seeds", "0", "--output", str(tmp_path), "--row", "t", str(CONFIG)]
+    assert report_tool.main([*argv, "--test-row", "u", "nope"]) == 2
+    assert "--test-row base nope is not a --row name" in capsys.readouterr().err
+    assert report_tool.main([*argv, "--test-row", "u"]) == 2
+    assert "needs a NAME and a BASE_ROW" in capsys.readouterr().err
+    assert report_tool.main([*argv, "--test-row", "u", "t", "ODD"]) == 2
+    assert "KEY VALUE pairs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_report_tool_names_bad_rows_before_running(tmp_path, capsys):

@@ -10,6 +10,8 @@ with a reference row.
         MODEL.OCZ.CLIP.NUM_PROMPTS 0 --seeds 0 1 2
     python tools/report.py --row text configs/synthetic/ocz_tiny.yaml \\
         --row attr configs/synthetic/ocz_tiny_attr.yaml --reference attr
+    python tools/report.py --row tiny configs/synthetic/ocz_tiny.yaml \\
+        --test-row tiny_crop tiny MODEL.OCZ.SEGMENT_CLIP.ENABLED True --reference tiny
 
 Results vary a lot between seeds, so every row but the reference (--reference ROW_NAME; by
 default the first row) is also compared paired by seed: on the seeds that both it and the
@@ -19,9 +21,16 @@ them as a second table, "Δ mean [95% CI]", report.json as each table entry's "p
 result.json (and report.json's "runs") also holds the per-class test IoU ("per_class_iou").
 
 Finished (row, seed) runs are reused and unfinished ones resume, so an interrupted report picks up
-where it stopped. Writes report.json and report.md in the output folder. Before running, the
-synthetic benchmark and its tiny CLIP are prepared when missing (cached; --no-prepare skips), rows
-that load CLIP weights from a file get the cached tiny CLIP, and the chance row is computed.
+where it stopped.
+
+A test-time row (--test-row NAME BASE_ROW KEY VALUE ...) trains nothing: it tunes and tests the
+checkpoints of BASE_ROW (a --row of the same report) with overrides that act at test time only,
+e.g. a test-time module switched on. Paired with BASE_ROW, its difference measures that change
+alone, on the same weights.
+
+Writes report.json and report.md in the output folder. Before running, the synthetic benchmark
+and its tiny CLIP are prepared when missing (cached; --no-prepare skips), rows that load CLIP
+weights from a file get the cached tiny CLIP, and the chance row is computed.
 """
 
 from __future__ import annotations
@@ -44,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         required=True,
         metavar="NAME CONFIG [KEY VALUE ...]",
         help="a report row: a name, a config file and optional overrides (repeatable)",
+    )
+    parser.add_argument(
+        "--test-row",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME BASE_ROW [KEY VALUE ...]",
+        help="a row that evaluates BASE_ROW's checkpoints with test-time overrides (repeatable)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (SEED)")
     parser.add_argument("--output", default="output/report", help="output folder")
@@ -81,7 +98,16 @@ def _run(args: argparse.Namespace) -> int:
     if len(rows) != len(args.row):
         print("error: every --row needs a NAME and a CONFIG", file=sys.stderr)
         return 2
-    names = [row.name for row in rows]
+    if any(len(r) < 2 for r in args.test_row):
+        print("error: every --test-row needs a NAME and a BASE_ROW", file=sys.stderr)
+        return 2
+    by_name = {row.name: row for row in rows}
+    unknown = [r[1] for r in args.test_row if r[1] not in by_name]
+    if unknown:
+        print(f"error: --test-row base {unknown[0]} is not a --row name: {list(by_name)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    names = [row.name for row in rows] + [r[0] for r in args.test_row]
     if args.reference is not None and args.reference not in names:
         print(f"error: --reference {args.reference} is not a row name: {names}", file=sys.stderr)
         return 2
@@ -94,6 +120,12 @@ def _run(args: argparse.Namespace) -> int:
         weights, _ = ensure_synthetic_clip(ensure_synthetic_benchmark())
         rows = [pin_clip_weights(row, weights) for row in rows]
         chance = chance_metrics("ocz_synthetic_test")
+    by_name = {row.name: row for row in rows}
+    try:
+        rows += [by_name[r[1]].at_test_time(r[0], tuple(r[2:])) for r in args.test_row]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = run_report(
         rows,
         args.seeds,

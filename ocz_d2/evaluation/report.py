@@ -13,6 +13,11 @@ a config file plus config overrides; each row runs once per seed:
    iteration): a (row, seed) with a result that matches its command is reused (a result written
    before per-class IoU was recorded lacks ``per_class_iou``).
 
+A *test-time row* (:meth:`ReportRow.at_test_time`) trains nothing: it evaluates another row's
+checkpoints with overrides that act only at test time (a test-time module switched on, another
+inference mode), tuning and testing in its own folder. Paired with its base row, the difference
+then measures the test-time change alone, on the very same weights.
+
 The table (seen / unseen / hIoU on test as mean ± std, the minimum over seeds, seconds per
 training iteration) is printed and written as ``report.json`` and ``report.md``.
 
@@ -66,6 +71,8 @@ _TRAIN_TOOL = "tools/train_net.py"
 _METRICS = ("mIoU-seen", "mIoU-unseen", "hIoU")
 _CONFIDENCE = 0.95
 _CLASS_IOU = "IoU-"  # the evaluator's per-class IoU keys: "IoU-<class name>"
+#: Separates a test-time row's training command from its test-time overrides in its record.
+_TEST_OPTS = "--test-opts"
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,30 @@ class ReportRow:
     name: str
     config_file: str
     opts: tuple[str, ...] = field(default_factory=tuple)
+    #: Overrides applied only when tuning and testing (a test-time row; see :meth:`at_test_time`).
+    test_opts: tuple[str, ...] = field(default_factory=tuple)
+    #: The row whose checkpoints a test-time row evaluates; None for a row that trains.
+    base: str | None = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"Row name {self.name!r} must be a plain folder name.")
-        if len(self.opts) % 2:
-            raise ValueError(f"Row {self.name!r}: overrides must be KEY VALUE pairs: {self.opts}.")
+        for opts in (self.opts, self.test_opts):
+            if len(opts) % 2:
+                raise ValueError(f"Row {self.name!r}: overrides must be KEY VALUE pairs: {opts}.")
         if not os.path.isfile(self.config_file):
             raise FileNotFoundError(f"Row {self.name!r}: config file {self.config_file} not found.")
+        if self.test_opts and self.base is None:
+            raise ValueError(f"Row {self.name!r}: test-time overrides need a base row.")
+
+    def at_test_time(self, name: str, test_opts: Sequence[str]) -> ReportRow:
+        """A row that evaluates this row's checkpoints with ``test_opts`` added at test time.
+
+        It trains nothing and shares this row's training command; its results record both.
+        """
+        if self.base is not None:
+            raise ValueError(f"Row {name!r}: its base {self.name!r} is itself a test-time row.")
+        return ReportRow(name, self.config_file, self.opts, tuple(test_opts), self.name)
 
 
 def pin_clip_weights(row: ReportRow, weights: str | os.PathLike) -> ReportRow:
@@ -115,7 +138,13 @@ def _seconds_per_iter(metrics_json: Path) -> float:
 
 
 def run_seed(
-    row: ReportRow, seed: int, out_dir: Path, *, num_gpus: int = 1, console: bool = False
+    row: ReportRow,
+    seed: int,
+    out_dir: Path,
+    *,
+    num_gpus: int = 1,
+    console: bool = False,
+    train_dir: Path | None = None,
 ) -> dict:
     """Train, tune and test one (row, seed) in ``out_dir``, or reuse its ``result.json``.
 
@@ -124,6 +153,8 @@ def run_seed(
         out_dir: the run's folder.
         num_gpus: processes of the training run (CPU: gloo).
         console: show the training log on the console instead of ``train_stdout.log``.
+        train_dir: for a test-time row, the base row's folder of the same seed, whose finished
+            training (``model_final.pth``) is evaluated; nothing is trained.
 
     Returns:
         ``{"row", "seed", "command", "calibration", "test_dataset", "test": metrics,
@@ -131,14 +162,19 @@ def run_seed(
         "tuning_and_testing"}}`` (wall-clock seconds of this call's two stages; a reused result
         written by older code may lack ``per_class_iou`` and ``seconds``).
     """
+    if (train_dir is None) != (row.base is None):
+        raise ValueError(f"Row {row.name!r}: a test-time row, and only one, needs a train_dir.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    train_dir = out_dir if train_dir is None else train_dir
     # Training runs without evaluation; the tuned protocol below evaluates.
-    opts = [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir), "DATASETS.TEST", "()"]
+    opts = [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(train_dir), "DATASETS.TEST", "()"]
     args = run_args(row.config_file, opts, resume=True, num_gpus=num_gpus)
     # The command line of the same training, which names the run: a result is reused, and a
-    # folder resumed, only for the same command.
+    # folder resumed, only for the same command (a test-time row's: plus its test overrides).
     command = [_TRAIN_TOOL, "--config-file", row.config_file, "--resume"]
     command += ["--num-gpus", str(num_gpus), *opts]
+    if row.base is not None:
+        command += [_TEST_OPTS, *row.test_opts]
     result_path = out_dir / _RESULT
     if result_path.is_file():
         previous = json.loads(result_path.read_text())
@@ -146,19 +182,29 @@ def run_seed(
             logger.info("Reusing %s", result_path)
             return previous
     _claim(out_dir, command)
-    logger.info("Training: %s", " ".join(command))
-    log = out_dir / "train_stdout.log"
-    start = time.perf_counter()
-    status = run_in_new_process(args, None if console else log)
-    train_seconds = time.perf_counter() - start
-    if status != 0:
-        where = "the output above" if console else str(log)
-        if status == USER_ERROR_STATUS:  # a user error (config, data, weights), printed
-            raise UserError(f"training stopped on a config, data or weights error; see {where}.")
-        raise RuntimeError(f"Training failed (exit {status}); see {where}.")
+    weights = train_dir / "model_final.pth"
+    train_seconds = 0.0
+    if row.base is None:
+        logger.info("Training: %s", " ".join(command))
+        log = out_dir / "train_stdout.log"
+        start = time.perf_counter()
+        status = run_in_new_process(args, None if console else log)
+        train_seconds = time.perf_counter() - start
+        if status != 0:
+            where = "the output above" if console else str(log)
+            if status == USER_ERROR_STATUS:  # a user error (config, data, weights), printed
+                raise UserError(
+                    f"training stopped on a config, data or weights error; see {where}."
+                )
+            raise RuntimeError(f"Training failed (exit {status}); see {where}.")
+    elif not weights.is_file():
+        raise FileNotFoundError(
+            f"Row {row.name!r} evaluates row {row.base!r}'s training, but {weights} does not "
+            "exist: run the base row first (run_report does)."
+        )
     cfg = _config(row, seed, out_dir)
     start = time.perf_counter()
-    tuned = tuned_test(cfg, str(out_dir / "model_final.pth"), out_dir)
+    tuned = tuned_test(cfg, str(weights), out_dir)
     protocol_seconds = time.perf_counter() - start
     (test_name,) = list(tuned["test"])[:1]
     result = {
@@ -169,7 +215,7 @@ def run_seed(
         "test_dataset": test_name,
         "test": {k: tuned["test"][test_name][k] for k in _METRICS},
         "per_class_iou": _per_class_iou(tuned["test"][test_name]),
-        "sec_per_iter": _seconds_per_iter(out_dir / "metrics.json"),
+        "sec_per_iter": _seconds_per_iter(train_dir / "metrics.json"),
         "seconds": {"training": train_seconds, "tuning_and_testing": protocol_seconds},
     }
     atomic_write_json(result_path, result, indent=2)
@@ -218,7 +264,8 @@ def _claim(out_dir: Path, command: list[str]) -> None:
 
 
 def _config(row: ReportRow, seed: int, out_dir: Path):
-    cfg = load_config(row.config_file, [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)])
+    opts = [*row.opts, *row.test_opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)]
+    cfg = load_config(row.config_file, opts)
     cfg.MODEL.DEVICE = "cpu" if not _cuda() else cfg.MODEL.DEVICE
     cfg.freeze()
     register_split_files_from_config(cfg)
@@ -416,7 +463,8 @@ def run_report(
     """Run every (row, seed) (finished ones are reused) and write ``report.json``/``report.md``.
 
     Args:
-        rows, seeds: what to run; each row once per seed.
+        rows, seeds: what to run; each row once per seed. A test-time row's base must be one of
+            the rows; its training runs (or is reused) first.
         output: the report's folder (``<output>/<row>/seed<k>/`` per run).
         num_gpus: processes per training run.
         chance: the chance row's metrics, or None.
@@ -433,16 +481,34 @@ def run_report(
         reference = names[0]
     if reference is not None and reference not in names:
         raise ValueError(f"Reference row {reference!r} is not a row of the report: {names}.")
+    by_name = {r.name: r for r in rows}
+    for row in rows:
+        if row.base is not None and row.base not in by_name:
+            raise ValueError(f"Row {row.name!r} evaluates row {row.base!r}, which is not a row.")
     output = Path(output)
-    results = []
+    results: dict[tuple[str, int], dict] = {}
+
+    def run(row: ReportRow, seed: int) -> None:
+        if (row.name, seed) in results:
+            return
+        train_dir = None
+        if row.base is not None:
+            run(by_name[row.base], seed)
+            train_dir = output / row.base / f"seed{seed}"
+        out_dir = output / row.name / f"seed{seed}"
+        results[row.name, seed] = run_seed(
+            row, seed, out_dir, num_gpus=num_gpus, train_dir=train_dir
+        )
+        done = list(results.values())
+        _write(output, summarize(done, reference=reference), done, chance, reference)
+
     for row in rows:
         for seed in seeds:
-            results.append(
-                run_seed(row, seed, output / row.name / f"seed{seed}", num_gpus=num_gpus)
-            )
-            table = summarize(results, reference=reference)
-            _write(output, table, results, chance, reference)
-    return summarize(results, reference=reference)
+            run(row, seed)
+    # In row order (a base run first for a test-time row does not reorder the table).
+    ordered = [results[r.name, s] for r in rows for s in seeds]
+    _write(output, summarize(ordered, reference=reference), ordered, chance, reference)
+    return summarize(ordered, reference=reference)
 
 
 def _write(
