@@ -112,7 +112,10 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
 @pytest.mark.slow
 def test_test_time_row_evaluates_the_base_rows_checkpoint_without_training(env, tmp_path):
     data = env
-    base = _row(data, name="base", **{"DATASETS.TEST": f"('{data.test_name}',)"})
+    # A data-loader worker: the training process (a new interpreter) starts it as a shell's
+    # train_net would, so it knows the datasets registered from the split files.
+    overrides = {"DATASETS.TEST": f"('{data.test_name}',)", "DATALOADER.NUM_WORKERS": 1}
+    base = _row(data, name="base", **overrides)
     # A test-time module (the segment route) and a one-value grid, only at test time.
     test_opts = ("MODEL.OCZ.SEGMENT_CLIP.ENABLED", "True")
     test_opts += ("MODEL.OCZ.TEST.CALIBRATION_GRID", "[2.0]")

@@ -160,15 +160,20 @@ def run_in_new_process(args, log: str | os.PathLike | None = None) -> int:
         Its exit status: 0, :data:`~ocz_d2.engine.cli.USER_ERROR_STATUS` after a config, data or
         weights error (printed), another value when it failed otherwise.
     """
+    # A spawned interpreter would make "spawn" its own default start method, and the data
+    # loader's workers would then start without the datasets that the run registers from its
+    # split files: the new process starts its workers as this one would (fork on Linux).
     process = multiprocessing.get_context("spawn").Process(
-        target=_new_process_main, args=(args, None if log is None else os.fspath(log))
+        target=_new_process_main,
+        args=(args, None if log is None else os.fspath(log), multiprocessing.get_start_method()),
     )
     process.start()
     process.join()
     return process.exitcode
 
 
-def _new_process_main(args, log: str | None) -> None:
+def _new_process_main(args, log: str | None, start_method: str) -> None:
+    multiprocessing.set_start_method(start_method, force=True)
     if log is not None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)  # the process's stdout and stderr, Python's and any library's alike
