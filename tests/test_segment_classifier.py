@@ -6,20 +6,24 @@ eval-only run of a checkpoint trained without the classifier)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
+from PIL import Image
 from torchvision.ops import roi_align
 
 from ocz_d2.config import load_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper
 from ocz_d2.engine import AtomicCheckpointer
 from ocz_d2.evaluation import ZeroShotSemSegEvaluator
+from ocz_d2.evaluation.segment_accuracy import ground_truth_segment_accuracy
 from ocz_d2.modeling import CLIPPromptBackbone
 from ocz_d2.modeling.segment_classifier import (
     ENSEMBLE_SEEN_KEY,
@@ -30,6 +34,7 @@ from ocz_d2.modeling.segment_classifier import (
     mask_boxes,
     segment_patches,
 )
+from tools import segment_clip_accuracy as accuracy_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
@@ -322,3 +327,53 @@ def test_eval_only_run_with_the_switch_on(spread_checkpoint, synthetic_benchmark
     for key in ("mIoU", "mIoU-seen", "mIoU-unseen", "hIoU"):
         value = results["sem_seg"][key]
         assert math.isfinite(value) and 0 <= value <= 100, key
+
+
+# ---------------------------------------------------------------------- ground-truth segments
+def test_ground_truth_segment_accuracy_counts_and_a_hand_classified_image(
+    models, synthetic_benchmark, tmp_path, capsys, monkeypatch
+):
+    data = synthetic_benchmark
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(Path(data.root).parent))
+    model = models["off"]  # the routes need no trained weights and no switch
+    results = ground_truth_segment_accuracy(model, data.val_name, "RGB", max_images=3)
+    assert set(results) == {"region", "crop/cropmask", "crop/crop", "crop/mask"}
+    # One segment per class present in an image (ignore pixels are none).
+    meta = MetadataCatalog.get(data.val_name)
+    unseen = set(meta.unseen_classes)
+    pairs = []
+    for i, d in enumerate(DatasetCatalog.get(data.val_name)[:3]):
+        label = np.asarray(Image.open(d["sem_seg_file_name"]))
+        pairs += [(i, int(k)) for k in np.unique(label) if k < len(data.classes)]
+    for r in results.values():
+        assert [(i, t) for i, t, _ in r["predictions"]] == pairs
+        assert r["segments"] == len(pairs) == r["seen_segments"] + r["unseen_segments"]
+        assert r["unseen_segments"] == sum(t in unseen for _, t in pairs)
+        right = sum(t == p for _, t, p in r["predictions"])
+        assert r["all"] == pytest.approx(100.0 * right / len(pairs))
+    # Image 0 by hand, crop route with STYLE mask: CLIP-normalised pixels, each class's masked
+    # whole image through the image tower, the nearest class embedding.
+    d = DatasetCatalog.get(data.val_name)[0]
+    label = torch.as_tensor(np.asarray(Image.open(d["sem_seg_file_name"])).astype(np.int64))
+    rgb = torch.as_tensor(np.asarray(Image.open(d["file_name"]).convert("RGB")).copy())
+    raw = rgb.permute(2, 0, 1).float()
+    mean, std = model.clip_pixel_stats or (model.pixel_mean, model.pixel_std)
+    present = [k for k in label.unique().tolist() if k < len(data.classes)]
+    masks = torch.stack([label == k for k in present])
+    visual = model.clip_model_owner.clip_model.visual
+    with torch.no_grad():
+        crops = crop_segments((raw - mean) / std, masks, tuple(visual.image_size), "mask")
+        embeds = torch.nn.functional.normalize(visual(crops), dim=-1)
+        text = model.text_embedder(list(data.classes), data.val_name)
+    hand = (embeds @ text.t()).argmax(-1).tolist()
+    ours = [p for i, _, p in results["crop/mask"]["predictions"] if i == 0]
+    assert ours == hand
+    # The tool: the same table, a JSON file; a bad argument stops it before any work.
+    out = tmp_path / "acc.json"
+    argv = ["--config-file", str(TINY), "--dataset", data.val_name, "--max-images", "3"]
+    assert accuracy_tool.main([*argv, "--output", str(out), *data.tiny_run_overrides()]) == 0
+    saved = json.loads(out.read_text())["variants"]
+    assert saved["crop/mask"]["all"] == pytest.approx(results["crop/mask"]["all"])
+    assert "| crop/mask |" in capsys.readouterr().out
+    assert accuracy_tool.main([*argv[:4], "--max-images", "0"]) == 2
+    assert "--max-images 0" in capsys.readouterr().err

@@ -343,7 +343,7 @@ class OCZeroShotSegmentor(nn.Module):
         beside a CNN backbone."""
         return self.clip_tower if self.clip_tower is not None else self.backbone
 
-    def _clip_normalized(self, images: torch.Tensor) -> torch.Tensor:
+    def clip_normalized(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, h, w] images normalised with ``pixel_mean``/``pixel_std`` -> with CLIP's."""
         if self.clip_pixel_stats is None:
             return images
@@ -610,7 +610,7 @@ class OCZeroShotSegmentor(nn.Module):
             seen = seen if seen is not None else torch.zeros(0, dtype=torch.long)
             probs = self.segment_classifier(
                 self.clip_model_owner,
-                self._clip_normalized(image),
+                self.clip_normalized(image),
                 outputs["pred_logits"],
                 masks,
                 text,
