@@ -97,3 +97,11 @@ def test_bad_settings_are_named(synthetic_benchmark):
     cfg = load_config(CONFIG, synthetic_benchmark.tiny_run_overrides(**{"TEST.VIS_PERIOD": -1}))
     with pytest.raises(ValueError, match="TEST.VIS_PERIOD must be >= 0"):
         PredictionVisualizer(cfg)
+
+
+def test_nothing_is_drawn_without_test_datasets(synthetic_benchmark):
+    # A report's training runs with DATASETS.TEST "()": its final evaluation draws nothing.
+    opts = {"TEST.VIS_PERIOD": 1, "DATASETS.TEST": "()"}
+    cfg = load_config(CONFIG, synthetic_benchmark.tiny_run_overrides(**opts))
+    visualizer = PredictionVisualizer(cfg)
+    assert visualizer.after_evaluation(model=None) is False and visualizer.evaluations == 1

@@ -66,9 +66,9 @@ class PredictionVisualizer:
 
     def after_evaluation(self, model: nn.Module) -> bool:
         """Count one evaluation; on every ``period``-th, draw (main process). Returns whether
-        this evaluation was drawn."""
+        this evaluation was drawn (never without test datasets)."""
         self.evaluations += 1
-        if not self.period or self.evaluations % self.period:
+        if not self.period or self.evaluations % self.period or not self.datasets:
             return False
         if comm.is_main_process():
             self.draw(model)
