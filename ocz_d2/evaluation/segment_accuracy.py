@@ -17,6 +17,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
+from ..data.register_zero_shot import ignore_label_of
 from ..modeling.segment_classifier import STYLES, SegmentCLIPClassifier
 
 __all__ = ["VARIANTS", "ground_truth_segment_accuracy"]
@@ -55,7 +56,7 @@ def ground_truth_segment_accuracy(
     meta = MetadataCatalog.get(dataset_name)
     classes = list(meta.stuff_classes)
     unseen = {int(k) for k in meta.get("unseen_classes", [])}
-    ignore = int(meta.get("ignore_label", 255))
+    ignore = ignore_label_of(dataset_name)
     text = model.text_embedder(classes, dataset_name)
     owner = model.clip_model_owner
     classifiers = {
