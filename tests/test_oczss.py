@@ -27,6 +27,7 @@ from ocz_d2.modeling.backbone.object_prompts import ObjectPrompts
 from ocz_d2.modeling.backbone.ssl_guide import SSLGuide
 from ocz_d2.modeling.clustering import NO_REGION, label_map_to_grid, voronoi_cluster
 from ocz_d2.modeling.pixel_decoder.ora import GranularExtractor, ObjectRefinementAttention
+from ocz_d2.utils.io import file_sha256
 from tools import precompute_object_maps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -682,3 +683,22 @@ def test_learning_rate_groups_of_the_new_parts(synthetic_benchmark):
     assert all(lr_of[id(names[n])] == 10.0 for n in ora)
     # The SSL guide is not a parameter of the model (frozen, built on demand, not checkpointed).
     assert not any("ssl" in n for n in model.state_dict())
+
+
+def test_guide_record_resolves_the_weights_as_the_guide_does(
+    synthetic_benchmark, tmp_path, monkeypatch
+):
+    """A relative MODEL.OCZ.GUIDE.WEIGHTS is looked up under $DETECTRON2_DATASETS, as the guide
+    loads it, and recorded by the file's content."""
+    data = synthetic_benchmark
+    weights = tmp_path / "data" / "vit.pt"
+    weights.parent.mkdir()
+    torch.save(SSLGuide("vit_tiny_patch16_224", pretrained=False).model.state_dict(), weights)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(weights.parent))
+    monkeypatch.chdir(tmp_path)
+    relative = guide_record(_ssl_cfg(data, **{"MODEL.OCZ.GUIDE.WEIGHTS": "vit.pt"}))
+    absolute = guide_record(_ssl_cfg(data, **{"MODEL.OCZ.GUIDE.WEIGHTS": str(weights)}))
+    assert relative == absolute
+    assert relative["ssl_weights"] == "sha256:" + file_sha256(str(weights))[:16]
+    with pytest.raises(FileNotFoundError, match="MODEL.OCZ.GUIDE.WEIGHTS='missing.pt'"):
+        guide_record(_ssl_cfg(data, **{"MODEL.OCZ.GUIDE.WEIGHTS": "missing.pt"}))

@@ -28,6 +28,7 @@ TINY = [
     "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res1', 'res3']",
     "MODEL.OCZ.GUIDE.SSL_MODEL", "vit_tiny_patch16_224",
     "MODEL.OCZ.GUIDE.PRETRAINED", "False",
+    "MODEL.OCZ.GUIDE.WEIGHTS", "",
     "MODEL.OCZ.DECODER.DEC_LAYERS", "1",
     # SimZSS: a random tiny timm ViT and the tiny CLIP's text tower
     "MODEL.SIMZSS.VISION.MODEL_NAME", "vit_tiny_patch16_224",

@@ -10,8 +10,10 @@ $DETECTRON2_DATASETS/ocz_synthetic (DETECTRON2_DATASETS defaults to ./datasets).
 is given, the tiny CLIP is then pretrained on the benchmark's image-caption set (or taken from
 the cache in ~/.cache/ocz_d2/tiny_clip) and written to <root>/tiny_clip.pt. With --object-maps
 it also writes the object maps of the OC-ZSS ladder configs (configs/synthetic/ocz_tiny_*.yaml):
-the true instance maps (oracle), the tiny CLIP's own clusters (clip) and a random ViT's (randvit),
-with their split files split_objects_{oracle,clip,randvit}.yaml.
+the true instance maps (oracle), the tiny CLIP's own clusters (clip), a random ViT's (randvit) and
+the self-supervised tiny ViT's (ssl; it is pretrained first, or taken from the cache in
+~/.cache/ocz_d2/tiny_ssl_vit, as tools/pretrain_ssl_vit.py does), with their split files
+split_objects_{oracle,clip,randvit,ssl}.yaml.
 """
 
 import argparse
@@ -114,20 +116,27 @@ def main(argv=None) -> int:
             f"{zs['seen']:.1f}%, unseen {zs['unseen']:.1f}%"
         )
     if args.object_maps:
-        return write_object_maps(info.root, with_clip=not args.no_clip)
+        return write_object_maps(info, with_clip=not args.no_clip)
     return 0
 
 
 # Guide name -> the config whose guide makes those maps (as tools/precompute_object_maps.py).
-_GUIDE_CONFIGS = {"clip": "ocz_tiny_objects.yaml", "randvit": "ocz_tiny_oczss_randvit.yaml"}
+_GUIDE_CONFIGS = {
+    "clip": "ocz_tiny_objects.yaml",
+    "randvit": "ocz_tiny_oczss_randvit.yaml",
+    "ssl": "ocz_tiny_oczss_ssl.yaml",
+}
 
 
-def write_object_maps(root: Path, with_clip: bool) -> int:
-    """Oracle maps, then the online guides' maps of the miniature's ladder configs."""
+def write_object_maps(benchmark, with_clip: bool) -> int:
+    """Oracle maps, then the online guides' maps of the miniature's ladder configs (the SSL tiny
+    ViT first, for the ssl guide)."""
     from ocz_d2.config import load_config
     from ocz_d2.data.object_maps import precompute_object_maps
+    from ocz_d2.miniature.dino_pretrain import ensure_synthetic_ssl_vit
     from ocz_d2.miniature.synthetic import write_oracle_object_maps
 
+    root = Path(benchmark.root)
     print(f"Oracle object maps: {write_oracle_object_maps(root)}", flush=True)
     if not with_clip:
         print("--no-clip: skipping the CLIP-guided maps (they need the tiny CLIP).")
@@ -136,9 +145,15 @@ def write_object_maps(root: Path, with_clip: bool) -> int:
     def report(dataset_name: str, count: int, folder: Path, rate: float) -> None:
         print(f"{dataset_name}: {count} object maps in {folder} ({rate:.1f} images/s)")
 
+    ssl_weights, _ = ensure_synthetic_ssl_vit(benchmark)
+    print(f"SSL tiny ViT: {ssl_weights} (copied to {root}/tiny_ssl_vit.pt)", flush=True)
+    clip = ["MODEL.OCZ.CLIP.WEIGHTS", str(root / "tiny_clip.pt")]
+    # The ssl guide's own weights: this benchmark's copy (the config names it under
+    # $DETECTRON2_DATASETS).
+    guide = {"ssl": ["MODEL.OCZ.GUIDE.WEIGHTS", str(root / "tiny_ssl_vit.pt")]}
     configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
     for name, config in _GUIDE_CONFIGS.items():
-        cfg = load_config(configs / config, ["MODEL.OCZ.CLIP.WEIGHTS", str(root / "tiny_clip.pt")])
+        cfg = load_config(configs / config, [*clip, *guide.get(name, [])])
         # The split file's paths are relative to the benchmark's datasets folder.
         out = precompute_object_maps(
             cfg, root / "split.yaml", name, root=root.parent, on_split=report

@@ -3,7 +3,7 @@
 and the tiny CLIP's image tower (k-NN accuracy on the labelled close-ups).
 
     python tools/pretrain_ssl_vit.py                  # $DETECTRON2_DATASETS/ocz_synthetic
-    python tools/pretrain_ssl_vit.py --steps 400 --batch-size 32 --seed 0
+    python tools/pretrain_ssl_vit.py --steps 1000 --batch-size 32 --seed 0
 
 The ViT (vit_ocz_tiny_patch16) learns from the benchmark's images only (the pretraining
 close-ups and the segmentation train scenes; no mask, no caption), deterministically given the
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--root", help="the benchmark (default: $DETECTRON2_DATASETS/ocz_synthetic)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="DINO steps (default 400)")
+    parser.add_argument("--steps", type=int, default=None, help="DINO steps (default 1000)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -79,12 +79,15 @@ def guide_record(cfg) -> dict:
     record.update(seeding=guide.SEEDING, kmeans_iters=int(guide.KMEANS_ITERS), seed=int(guide.SEED))
     if guide.SOURCE == "ssl":
         if guide.WEIGHTS:
-            if not os.path.isfile(guide.WEIGHTS):
-                raise FileNotFoundError(
-                    f"MODEL.OCZ.GUIDE.WEIGHTS={guide.WEIGHTS!r} does not exist: give the SSL "
-                    "model's local weights file, or '' to use MODEL.OCZ.GUIDE.PRETRAINED."
-                )
-            weights = "sha256:" + _file_fingerprint(os.path.abspath(guide.WEIGHTS))
+            # Resolved as the guide resolves it: the working directory, then
+            # $DETECTRON2_DATASETS (the miniature's SSL ViT lives beside its data).
+            path = resolve_weights_path(
+                guide.WEIGHTS,
+                key="MODEL.OCZ.GUIDE.WEIGHTS",
+                fix="give the SSL model's local weights file, or '' to use "
+                "MODEL.OCZ.GUIDE.PRETRAINED.",
+            )
+            weights = "sha256:" + file_sha256(path)[:16]
         else:
             weights = "pretrained" if guide.PRETRAINED else "random"
         record.update(

@@ -82,7 +82,7 @@ class DinoConfig:
     """Settings of :func:`pretrain_dino` (all of them enter the cache key)."""
 
     model_name: str = TINY_SSL_VIT
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 0.04
