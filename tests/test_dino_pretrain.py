@@ -101,3 +101,17 @@ def test_knn_accuracy_by_hand():
     assert knn_accuracy(feats, ["a", "a", "b", "a"], k=1) == pytest.approx(50.0)
     # k = 3: every point sees the other three; the weights favour its own cluster
     assert knn_accuracy(feats, ["a", "a", "b", "b"], k=3) == 100.0
+
+
+def test_attribute_knn_separates_the_two_attributes():
+    hues, textures = ["red", "blue", "green", "grey"], ["plain", "striped", "dotted", "checkered"]
+    g = torch.Generator().manual_seed(0)
+    labels = [f"{hues[i % 4]} {textures[(i // 4) % 4]}" for i in range(64)]
+    # Features that encode the hue only (one-hot, a little noise): the hue is found every time;
+    # the texture and the class are not.
+    features = torch.eye(4)[[i % 4 for i in range(64)]] + 0.01 * torch.randn(64, 4, generator=g)
+    acc = dino_pretrain.attribute_knn(features, labels)
+    assert acc["hue"] == 100.0
+    assert acc["texture"] < 50 and acc["class"] < 50
+    # Class names that are not two words: the class only.
+    assert set(dino_pretrain.attribute_knn(features, [f"c{i % 4}" for i in range(64)])) == {"class"}

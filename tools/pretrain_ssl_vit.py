@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Pretrain the miniature's self-supervised tiny ViT with DINO, and compare it with a random ViT
-and the tiny CLIP's image tower (k-NN accuracy on the labelled close-ups).
+and the tiny CLIP's image tower (k-NN accuracy on the labelled close-ups: the class, and the hue
+and the texture alone).
 
     python tools/pretrain_ssl_vit.py                  # $DETECTRON2_DATASETS/ocz_synthetic
     python tools/pretrain_ssl_vit.py --steps 1000 --batch-size 32 --seed 0
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     benchmark = ensure_synthetic_benchmark(args.root)
     weights, record = ensure_synthetic_ssl_vit(benchmark, cfg, progress=not args.no_progress)
     print(f"SSL tiny ViT: {weights} (copied to {benchmark.root}/tiny_ssl_vit.pt)")
-    print("k-NN accuracy (%) on the labelled close-ups:")
+    print("k-NN accuracy (%) on the labelled close-ups (chance: class 6, hue 25, texture 25):")
     print(json.dumps(compare_towers(benchmark, weights), indent=2))
     return 0
 

@@ -60,6 +60,7 @@ __all__ = [
     "SYNTHETIC_DINO_PRETRAIN",
     "SYNTHETIC_SSL_FILE",
     "DinoConfig",
+    "attribute_knn",
     "DinoHead",
     "compare_towers",
     "dino_loss",
@@ -324,6 +325,18 @@ def knn_accuracy(features: torch.Tensor, labels: Sequence[str], k: int = 10) -> 
     return float(100 * (votes.argmax(1) == y).float().mean())
 
 
+def attribute_knn(features: torch.Tensor, labels: Sequence[str], k: int = 10) -> dict:
+    """:func:`knn_accuracy` (%) for the class and, when every class name has two words (the
+    miniature's "<hue> <texture>"), for each attribute alone: ``{"class", "hue", "texture"}``.
+    Chance is 1 / (number of values): 25% for each of the miniature's attributes."""
+    out = {"class": knn_accuracy(features, labels, k)}
+    words = [label.split() for label in labels]
+    if all(len(w) == 2 for w in words):
+        out["hue"] = knn_accuracy(features, [w[0] for w in words], k)
+        out["texture"] = knn_accuracy(features, [w[1] for w in words], k)
+    return out
+
+
 def _cache_key(cfg: DinoConfig, files: Sequence[Path], extra: dict) -> str:
     payload = {
         "config": json.loads(json.dumps(asdict(cfg))),
@@ -391,7 +404,7 @@ def compare_towers(benchmark, ssl_weights: str | os.PathLike, seed: int = 0) -> 
     """k-NN accuracy (%) on the benchmark's labelled close-ups of three frozen towers: a random
     ``vit_ocz_tiny_patch16`` (seed ``seed``), the tiny CLIP's image tower and the SSL tiny ViT;
     for each, from the CLS token (``"cls"``) and from the mean of the normalised patch features
-    (``"patch_mean"``).
+    (``"patch_mean"``), each as :func:`attribute_knn` (the class, the hue, the texture).
     """
     root = Path(benchmark.root)
     images, labels = load_labelled_images(benchmark.zeroshot_labels, images_size(root))
@@ -408,8 +421,8 @@ def compare_towers(benchmark, ssl_weights: str | os.PathLike, seed: int = 0) -> 
             cls.append(c)
             patches.append(F.normalize(p, dim=1).mean(dim=(2, 3)))
         out[name] = {
-            "cls": knn_accuracy(torch.cat(cls), labels),
-            "patch_mean": knn_accuracy(torch.cat(patches), labels),
+            "cls": attribute_knn(torch.cat(cls), labels),
+            "patch_mean": attribute_knn(torch.cat(patches), labels),
         }
     return out
 
