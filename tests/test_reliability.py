@@ -598,3 +598,54 @@ def test_importing_the_package_prints_no_jit_warning():
     )
     assert proc.returncode == 0, proc.stderr
     assert "torch.jit.script" not in proc.stderr, proc.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_new_process_dies_with_its_parent(tmp_path):
+    """The training process of report.py and demo.py (run_in_new_process) asks to die with its
+    parent: killing the report leaves no training running."""
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, sys, time; from ocz_d2.engine.launch import die_with_parent; "
+        "assert die_with_parent(int(sys.argv[1])); "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=str(REPO))
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        child_pid = int(pid_file.read_text())
+        assert _alive(child_pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while _alive(child_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child_pid), "the child outlived its killed parent"
+    finally:
+        proc.kill()
+    # A parent already gone when the request is made: the process ends at once (SIGTERM).
+    late = subprocess.run(
+        [sys.executable, "-c", "from ocz_d2.engine.launch import die_with_parent; "
+         "die_with_parent(-1); import time; time.sleep(60)"],
+        cwd=str(REPO), timeout=60,
+    )  # fmt: skip
+    assert late.returncode == -signal.SIGTERM

@@ -12,9 +12,11 @@ log file). The arguments are ``tools/train_net.py``'s: ``config_file``, ``opts``
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -163,16 +165,44 @@ def run_in_new_process(args, log: str | os.PathLike | None = None) -> int:
     # A spawned interpreter would make "spawn" its own default start method, and the data
     # loader's workers would then start without the datasets that the run registers from its
     # split files: the new process starts its workers as this one would (fork on Linux).
+    # It also dies with this process: a report or demo that is killed leaves no training behind.
     process = multiprocessing.get_context("spawn").Process(
         target=_new_process_main,
-        args=(args, None if log is None else os.fspath(log), multiprocessing.get_start_method()),
+        args=(
+            args,
+            None if log is None else os.fspath(log),
+            multiprocessing.get_start_method(),
+            os.getpid(),
+        ),
     )
     process.start()
     process.join()
     return process.exitcode
 
 
-def _new_process_main(args, log: str | None, start_method: str) -> None:
+#: prctl(2) option: the signal this process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Ask the kernel to send this process SIGTERM when its parent dies (Linux only), and
+    terminate at once if the parent ``parent_pid`` is already gone.
+
+    Returns:
+        Whether the request was taken (False on other systems, or if prctl failed).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def _new_process_main(args, log: str | None, start_method: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     multiprocessing.set_start_method(start_method, force=True)
     if log is not None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
