@@ -43,13 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--embedding-dim", type=int, default=64, help="class-embedding size D")
     parser.add_argument("--min-objects", type=int, default=2, help="fewest objects per image")
     parser.add_argument("--max-objects", type=int, default=5, help="most objects per image")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes that render the images (default: one per CPU, at most 8); the files do "
-        "not depend on it",
-    )
     parser.add_argument("--force", action="store_true", help="regenerate a complete folder")
     parser.add_argument("--no-clip", action="store_true", help="do not pretrain the tiny CLIP")
     parser.add_argument(
@@ -90,7 +83,6 @@ def main(argv=None) -> int:
         max_objects=args.max_objects,
         force=args.force,
         progress=_progress,
-        workers=args.workers,
     )
     if not info.generated:
         print("Already complete with these arguments (use --force to regenerate).")

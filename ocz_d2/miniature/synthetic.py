@@ -35,16 +35,13 @@ root=root.parent)``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import zipfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -465,102 +462,59 @@ class _Params:
         return {"generator_version": _GENERATOR_VERSION, **self.__dict__}
 
 
-def _segmentation_item(root: Path, split: str, p: _Params, i: int) -> tuple[str, str]:
-    """Write image ``i`` of a segmentation split and its label; returns its caption row."""
-    scene = render_synthetic_sample(
-        np.random.default_rng([p.seed, _STREAMS[split], i]),
-        p.image_size,
-        p.min_objects,
-        p.max_objects,
-    )
-    name = f"{i:05d}.png"
-    _save_png(scene.image, root / "images" / split / name)
-    _save_png(scene.label, root / "labels" / split / name)
-    caption_rng = np.random.default_rng([p.seed, _STREAMS[split], i, 1])
-    return f"images/{split}/{name}", synthetic_caption(caption_rng, scene.visible_objects())
-
-
-def _pretraining_item(root: Path, p: _Params, i: int) -> tuple[str, str]:
-    """Write image-caption pair ``i`` of the pretraining set: a single-object close-up (50%), or a
-    scene at the benchmark's scale with one (30%) or two (20%) objects."""
-    rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
-    kind = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
-    if kind == 0:
-        scene = render_synthetic_sample(rng, p.image_size, 1, 1, object_scale=_CLOSE_UP)
-    else:
-        scene = render_synthetic_sample(rng, p.image_size, kind, kind)
-    name = f"images/{i:05d}.png"
-    _save_png(scene.image, root / "pretrain" / name)
-    caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
-    return name, synthetic_caption(caption_rng, scene.visible_objects())
-
-
-def _zeroshot_item(root: Path, p: _Params, i: int) -> tuple[str, str]:
-    """Write single-object close-up ``i`` of the zero-shot check set; returns its label row."""
-    cls = i % len(SYNTHETIC_CLASSES)
-    rng = np.random.default_rng([p.seed, _STREAMS["zeroshot"], i])
-    scene = render_synthetic_sample(rng, p.image_size, classes=[cls], object_scale=_CLOSE_UP)
-    name = f"images/{i:05d}.png"
-    _save_png(scene.image, root / "zeroshot" / name)
-    return name, SYNTHETIC_CLASSES[cls]
-
-
-def _worker_init() -> None:
-    # A forked worker must not use the parent's OpenCV thread pool.
-    cv2.setNumThreads(1)
-
-
-def _write_items(
-    item: Callable[[int], tuple[str, str]],
-    count: int,
-    workers: int,
-    done: Callable[[int], None] | None = None,
-) -> list[tuple[str, str]]:
-    """``[item(0), ..., item(count - 1)]``, the items written by ``workers`` processes (each item
-    depends on its index only, so the files are the same for any number of workers); ``done(n)``
-    after the first n items."""
-    if workers <= 1 or count < 2:
-        results = []
-        for i in range(count):
-            results.append(item(i))
-            if done is not None:
-                done(i + 1)
-        return results
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    results = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-        chunk = max(1, min(64, count // (4 * workers)))
-        for row in pool.map(item, range(count), chunksize=chunk):
-            results.append(row)
-            if done is not None:
-                done(len(results))
-    return results
-
-
-def _write_segmentation_split(
-    root: Path, split: str, count: int, p: _Params, progress, workers: int
-) -> None:
+def _write_segmentation_split(root: Path, split: str, count: int, p: _Params, progress) -> None:
     """Images, labels and captions of one segmentation split."""
-    done = None if progress is None else lambda n: progress(split, n, count)
-    rows = _write_items(functools.partial(_segmentation_item, root, split, p), count, workers, done)
+    rows = []
+    for i in range(count):
+        scene = render_synthetic_sample(
+            np.random.default_rng([p.seed, _STREAMS[split], i]),
+            p.image_size,
+            p.min_objects,
+            p.max_objects,
+        )
+        name = f"{i:05d}.png"
+        _save_png(scene.image, root / "images" / split / name)
+        _save_png(scene.label, root / "labels" / split / name)
+        caption_rng = np.random.default_rng([p.seed, _STREAMS[split], i, 1])
+        rows.append(
+            (f"images/{split}/{name}", synthetic_caption(caption_rng, scene.visible_objects()))
+        )
+        if progress is not None:
+            progress(split, i + 1, count)
     _write_csv(root / "captions" / f"{split}.csv", ("filepath", "caption"), rows)
 
 
-def _write_pretraining_set(root: Path, p: _Params, progress, workers: int) -> None:
-    """Image-caption pairs over all 16 classes (never used as masks)."""
-    done = None if progress is None else lambda n: progress("pretrain", n, p.num_pretrain)
-    rows = _write_items(
-        functools.partial(_pretraining_item, root, p), p.num_pretrain, workers, done
-    )
+def _write_pretraining_set(root: Path, p: _Params, progress) -> None:
+    """Image-caption pairs over all 16 classes (never used as masks): single-object close-ups
+    (50%), and scenes at the benchmark's scale with one (30%) or two (20%) objects."""
+    rows = []
+    for i in range(p.num_pretrain):
+        rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
+        kind = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+        if kind == 0:
+            scene = render_synthetic_sample(rng, p.image_size, 1, 1, object_scale=_CLOSE_UP)
+        else:
+            scene = render_synthetic_sample(rng, p.image_size, kind, kind)
+        name = f"images/{i:05d}.png"
+        _save_png(scene.image, root / "pretrain" / name)
+        caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
+        rows.append((name, synthetic_caption(caption_rng, scene.visible_objects())))
+        if progress is not None:
+            progress("pretrain", i + 1, p.num_pretrain)
     _write_csv(root / "pretrain" / "captions.csv", ("filepath", "caption"), rows)
 
 
-def _write_zeroshot_set(root: Path, p: _Params, workers: int) -> None:
+def _write_zeroshot_set(root: Path, p: _Params) -> None:
     """Single-object close-ups (crops of one object, textures at the benchmark's pixel scale),
     ``num_zeroshot_per_class`` of each class, with their class name."""
-    count = p.num_zeroshot_per_class * len(SYNTHETIC_CLASSES)
-    rows = _write_items(functools.partial(_zeroshot_item, root, p), count, workers)
+    rows = []
+    for i in range(p.num_zeroshot_per_class * len(SYNTHETIC_CLASSES)):
+        cls = i % len(SYNTHETIC_CLASSES)
+        rng = np.random.default_rng([p.seed, _STREAMS["zeroshot"], i])
+        scene = render_synthetic_sample(rng, p.image_size, classes=[cls], object_scale=_CLOSE_UP)
+        name = f"images/{i:05d}.png"
+        _save_png(scene.image, root / "zeroshot" / name)
+        rows.append((name, SYNTHETIC_CLASSES[cls]))
     _write_csv(root / "zeroshot" / "labels.csv", ("filepath", "label"), rows)
 
 
@@ -600,7 +554,6 @@ def generate_synthetic_benchmark(
     dataset_name: str | None = None,
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
-    workers: int | None = None,
 ) -> SyntheticBenchmark:
     """Generate the synthetic benchmark under ``root`` (deterministic given the arguments).
 
@@ -623,8 +576,6 @@ def generate_synthetic_benchmark(
         force: regenerate even if a complete folder exists.
         progress: called as ``progress(set, done, total)`` after each image of the segmentation
             splits and the pretraining set.
-        workers: processes that render and write the images (default: one per available CPU,
-            at most 8; 1: this process only). The files do not depend on it.
 
     Returns:
         A :class:`SyntheticBenchmark` describing the folder.
@@ -662,13 +613,11 @@ def generate_synthetic_benchmark(
         logger.info("Synthetic benchmark in %s is complete; reusing it.", root)
         return dataclasses.replace(info, generated=False)
 
-    if workers is None:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     _clear_generated(root)
     for split, count in zip(_SPLITS, (num_train, num_val, num_test)):
-        _write_segmentation_split(root, split, count, params, progress, workers)
-    _write_pretraining_set(root, params, progress, workers)
-    _write_zeroshot_set(root, params, workers)
+        _write_segmentation_split(root, split, count, params, progress)
+    _write_pretraining_set(root, params, progress)
+    _write_zeroshot_set(root, params)
     _write_npz(info.class_embeddings, synthetic_class_embeddings(embedding_dim, seed))
     atomic_write_text(
         info.split_file, _split_yaml(params.dataset, root.name, with_embeddings=False)
