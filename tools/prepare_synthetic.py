@@ -133,7 +133,7 @@ def write_object_maps(benchmark, with_clip: bool) -> int:
     ViT first, for the ssl guide)."""
     from ocz_d2.config import load_config
     from ocz_d2.data.object_maps import precompute_object_maps
-    from ocz_d2.miniature.dino_pretrain import ensure_synthetic_ssl_vit
+    from ocz_d2.miniature.dino_pretrain import SYNTHETIC_SSL_FILE, ensure_synthetic_ssl_vit
     from ocz_d2.miniature.synthetic import write_oracle_object_maps
 
     root = Path(benchmark.root)
@@ -146,11 +146,11 @@ def write_object_maps(benchmark, with_clip: bool) -> int:
         print(f"{dataset_name}: {count} object maps in {folder} ({rate:.1f} images/s)")
 
     ssl_weights, _ = ensure_synthetic_ssl_vit(benchmark)
-    print(f"SSL tiny ViT: {ssl_weights} (copied to {root}/tiny_ssl_vit.pt)", flush=True)
+    print(f"SSL tiny ViT: {ssl_weights} (copied to {root / SYNTHETIC_SSL_FILE})", flush=True)
     clip = ["MODEL.OCZ.CLIP.WEIGHTS", str(root / "tiny_clip.pt")]
     # The ssl guide's own weights: this benchmark's copy (the config names it under
     # $DETECTRON2_DATASETS).
-    guide = {"ssl": ["MODEL.OCZ.GUIDE.WEIGHTS", str(root / "tiny_ssl_vit.pt")]}
+    guide = {"ssl": ["MODEL.OCZ.GUIDE.WEIGHTS", str(root / SYNTHETIC_SSL_FILE)]}
     configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
     for name, config in _GUIDE_CONFIGS.items():
         cfg = load_config(configs / config, [*clip, *guide.get(name, [])])

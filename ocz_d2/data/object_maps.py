@@ -64,9 +64,13 @@ RECORD_NAME = "object_maps.json"
 NO_REGION_VALUE = IGNORE_LABEL
 
 
-def _file_fingerprint(path: str) -> str:
-    """sha256 (first 16 hex digits) of a weights file (resolved like MODEL.OCZ.CLIP.WEIGHTS)."""
-    return file_sha256(resolve_weights_path(path))[:16]
+def _file_fingerprint(
+    path: str, key: str = "MODEL.OCZ.CLIP.WEIGHTS", fix: str | None = None
+) -> str:
+    """sha256 (first 16 hex digits) of the weights file that config key ``key`` names, resolved
+    as the model resolves it (:func:`resolve_weights_path`: the working directory, then
+    ``$DETECTRON2_DATASETS``)."""
+    return file_sha256(resolve_weights_path(path, key=key, fix=fix))[:16]
 
 
 def guide_record(cfg) -> dict:
@@ -79,15 +83,13 @@ def guide_record(cfg) -> dict:
     record.update(seeding=guide.SEEDING, kmeans_iters=int(guide.KMEANS_ITERS), seed=int(guide.SEED))
     if guide.SOURCE == "ssl":
         if guide.WEIGHTS:
-            # Resolved as the guide resolves it: the working directory, then
-            # $DETECTRON2_DATASETS (the miniature's SSL ViT lives beside its data).
-            path = resolve_weights_path(
+            fingerprint = _file_fingerprint(
                 guide.WEIGHTS,
                 key="MODEL.OCZ.GUIDE.WEIGHTS",
                 fix="give the SSL model's local weights file, or '' to use "
                 "MODEL.OCZ.GUIDE.PRETRAINED.",
             )
-            weights = "sha256:" + file_sha256(path)[:16]
+            weights = "sha256:" + fingerprint
         else:
             weights = "pretrained" if guide.PRETRAINED else "random"
         record.update(
