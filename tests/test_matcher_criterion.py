@@ -125,6 +125,36 @@ def test_sample_uncertain_points_prefers_uncertain_valid_pixels():
     assert empty.shape == (3, 0, 2)
 
 
+def test_sample_uncertain_points_per_image_valid_grids():
+    # Two images: image 0 may use only the left half, image 1 only the top half. Masks 0 and 2
+    # belong to image 1, mask 1 to image 0; each mask's points must lie in its own image's grid,
+    # its uncertain points where its own logits are uncertain.
+    valid = torch.zeros(2, 8, 8, dtype=torch.bool)
+    valid[0, :, :4] = True
+    valid[1, :4, :] = True
+    logits = torch.full((3, 8, 8), 20.0)
+    logits[1, :, 2] = 0.0  # image 0's mask: uncertain on column 2
+    logits[[0, 2], 1, :] = 0.0  # image 1's masks: uncertain on row 1
+    image_index = torch.tensor([1, 0, 1])
+    coords = sample_uncertain_points(logits, valid, 40, 3.0, 0.5, image_index=image_index)
+    assert coords.shape == (3, 40, 2)
+    rows, cols = _to_pixels(coords, 8, 8)
+    assert valid[image_index[:, None].expand(-1, 40), rows, cols].all()
+    assert (cols[1] < 4).all() and (rows[[0, 2]] < 4).all()
+    # The 20 importance-sampled points of each mask: its own uncertain pixels.
+    assert (cols[1, :20] == 2).all() and (rows[[0, 2], :20] == 1).all()
+    # Every valid pixel of an image can be drawn (uniform part, many draws).
+    many = sample_uncertain_points(logits, valid, 4000, 1.0, 0.0, image_index=image_index)
+    rows, cols = _to_pixels(many, 8, 8)
+    assert len(set(zip(rows[1].tolist(), cols[1].tolist()))) == 32
+    # A mask of an image without a valid pixel cannot be sampled: a clear error.
+    valid[0] = False
+    with pytest.raises(ValueError, match="without a valid pixel"):
+        sample_uncertain_points(logits, valid, 40, 3.0, 0.5, image_index=image_index)
+    with pytest.raises(ValueError, match="image_index"):
+        sample_uncertain_points(logits, valid, 40, 3.0, 0.5)
+
+
 # ---------------------------------------------------------------- matcher
 
 
@@ -558,3 +588,10 @@ def test_pixel_text_loss_is_the_cross_entropy_of_annotated_pixels():
     none = {"labels": torch.tensor([5]), "masks": masks[:1], "valid": valid}
     zero = pixel_text_loss(logits.requires_grad_(True), [none])
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_criterion_rejects_targets_of_different_sizes_in_one_batch():
+    targets = [_random_targets(2, (8, 8)), _random_targets(2, (8, 10))]
+    outputs = {"pred_logits": torch.randn(2, 4, 6), "pred_masks": torch.randn(2, 4, 8, 8)}
+    with pytest.raises(ValueError, match="share their"):
+        _criterion(num_points=16)(outputs, targets)

@@ -194,11 +194,13 @@ def test_candidate_mask_losses_count_only_valid_pixels():
 def _every_valid_pixel(monkeypatch):
     """Samplers that return every valid pixel centre once: deterministic costs and losses."""
 
-    def uncertain(mask_logits, valid, num_points, *args, **kwargs):
+    def uncertain(mask_logits, valid, num_points, *args, image_index=None, **kwargs):
         if valid is None:
             valid = torch.ones(mask_logits.shape[-2:], dtype=torch.bool)
-        centres = valid_pixel_centres(valid)
-        return centres.expand(mask_logits.shape[0], -1, -1)
+        if valid.dim() == 2:
+            return valid_pixel_centres(valid).expand(mask_logits.shape[0], -1, -1)
+        # [B, H, W], one grid per image (these tests' images have equally many valid pixels).
+        return torch.stack([valid_pixel_centres(v) for v in valid])[image_index]
 
     monkeypatch.setattr(criterion_module, "sample_uncertain_points", uncertain)
     monkeypatch.setattr(matcher_module, "sample_valid_points", lambda v, n: valid_pixel_centres(v))

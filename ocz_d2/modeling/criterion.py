@@ -409,35 +409,51 @@ class SetCriterion(nn.Module):
         indices: list[tuple[torch.Tensor, torch.Tensor]],
         num_masks: float,
     ) -> dict[str, torch.Tensor]:
-        """BCE and dice of matched pairs on uncertain points among valid pixels, per image."""
+        """BCE and dice of matched pairs on uncertain points among valid pixels, each pair on
+        points of its own image; all pairs of the batch are sampled and scored together."""
         pred_masks = outputs["pred_masks"]
+        device = pred_masks.device
         # Keeps both losses in the graph when no image has a matched pair.
         loss_mask = pred_masks.sum() * 0.0
         loss_dice = pred_masks.sum() * 0.0
-        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
-            for b, (query_idx, target_idx) in enumerate(indices):
-                if query_idx.numel() == 0:
-                    continue
-                src = pred_masks[b, query_idx.to(pred_masks.device)].float()  # [M, h, w]
-                tgt = targets[b]["masks"].to(device=src.device)[target_idx.to(src.device)].float()
-                valid = targets[b].get("valid")
-                if valid is not None:
-                    valid = valid.to(src.device)
-                else:
-                    valid = torch.ones(tgt.shape[-2:], dtype=torch.bool, device=src.device)
-                coords = sample_uncertain_points(
-                    src,
-                    valid,
-                    self.num_points,
-                    self.oversample_ratio,
-                    self.importance_sample_ratio,
-                )
-                if coords.shape[1] == 0:
-                    continue
-                src_points = point_sample(src.unsqueeze(1), coords).squeeze(1)  # [M, P]
-                tgt_points = point_sample(tgt.unsqueeze(1), coords).squeeze(1)  # [M, P]
-                loss_mask = loss_mask + self._point_mask_loss(src_points, tgt_points)
-                loss_dice = loss_dice + dice_loss(src_points, tgt_points)
+        valid = [t.get("valid") for t in targets]
+        valid = [
+            torch.ones(t["masks"].shape[-2:], dtype=torch.bool, device=device)
+            if v is None
+            else v.to(device)
+            for t, v in zip(targets, valid)
+        ]
+        # Images with a matched pair and a valid pixel (no point can be drawn in the others).
+        images = [b for b, (q, _) in enumerate(indices) if q.numel() and valid[b].any()]
+        if not images:
+            return {"loss_mask": loss_mask, "loss_dice": loss_dice}
+        sizes = {tuple(valid[b].shape) for b in images}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"SetCriterion: the targets of one batch must share their (padded) size; got "
+                f"{sorted(sizes)} (prepare_targets pads every image to the batch's size)."
+            )
+        counts = [indices[b][0].numel() for b in images]
+        image_index = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts))
+        batch_index = torch.tensor(images)[image_index].to(device)
+        query_index = torch.cat([indices[b][0] for b in images]).to(device)
+        with torch.autocast(device_type=device.type, enabled=False):
+            src = pred_masks[batch_index, query_index].float()  # [M, h, w]
+            tgt = torch.cat(
+                [targets[b]["masks"].to(device)[indices[b][1].to(device)] for b in images]
+            ).float()  # [M, H, W]
+            coords = sample_uncertain_points(
+                src,
+                torch.stack([valid[b] for b in images]),
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+                image_index=image_index.to(device),
+            )
+            src_points = point_sample(src.unsqueeze(1), coords).squeeze(1)  # [M, P]
+            tgt_points = point_sample(tgt.unsqueeze(1), coords).squeeze(1)  # [M, P]
+            loss_mask = loss_mask + self._point_mask_loss(src_points, tgt_points)
+            loss_dice = loss_dice + dice_loss(src_points, tgt_points)
         return {"loss_mask": loss_mask / num_masks, "loss_dice": loss_dice / num_masks}
 
     def _point_mask_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

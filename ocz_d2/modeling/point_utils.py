@@ -55,11 +55,7 @@ def valid_pixel_centres(valid: torch.Tensor) -> torch.Tensor:
     """[n, 2] normalised ``(x, y)`` centres of the True pixels of ``valid`` [H, W], each once in
     row-major order: the points :func:`sample_valid_points` draws from (all of them make exact,
     dense costs and losses)."""
-    height, width = valid.shape
-    rows, cols = torch.nonzero(valid, as_tuple=True)
-    xs = (cols.to(torch.float32) + 0.5) / width
-    ys = (rows.to(torch.float32) + 0.5) / height
-    return torch.stack([xs, ys], dim=1)
+    return _valid_centres_per_image(valid.unsqueeze(0))[0]
 
 
 def sample_valid_points(
@@ -87,6 +83,17 @@ def sample_valid_points(
     return centres[idx]
 
 
+def _valid_centres_per_image(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid pixel centres of a batch of grids ``valid`` [B, H, W]: ([n, 2] normalised
+    ``(x, y)``, image by image in row-major order; [B] how many each image has)."""
+    _, height, width = valid.shape
+    images, rows, cols = torch.nonzero(valid, as_tuple=True)
+    xs = (cols.to(torch.float32) + 0.5) / width
+    ys = (rows.to(torch.float32) + 0.5) / height
+    counts = torch.bincount(images, minlength=valid.shape[0])
+    return torch.stack([xs, ys], dim=1), counts
+
+
 def sample_uncertain_points(
     mask_logits: torch.Tensor,
     valid: torch.Tensor | None,
@@ -94,26 +101,34 @@ def sample_uncertain_points(
     oversample_ratio: float,
     importance_sample_ratio: float,
     generator: torch.Generator | None = None,
+    image_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose points per mask, favouring uncertain predictions, among valid pixels only.
 
     For each mask, ``ceil(P * oversample_ratio)`` candidate points are drawn uniformly over the
-    valid pixels; the ``int(P * importance_sample_ratio)`` candidates whose logits are closest
-    to 0 are kept, and the remaining points are drawn uniformly over the valid pixels again (as
-    in PointRend / Mask2Former training, but never from ignore pixels).
+    valid pixels of its image; the ``int(P * importance_sample_ratio)`` candidates whose logits
+    are closest to 0 are kept, and the remaining points are drawn uniformly over the valid
+    pixels again (as in PointRend / Mask2Former training, but never from ignore pixels). All
+    masks are sampled together, whichever image they belong to.
 
     Args:
         mask_logits: [N, h, w] predicted mask logits (any resolution; sampled bilinearly).
-        valid: [H, W] bool label-grid mask of usable pixels, or None (every pixel of the
-            ``mask_logits`` grid is valid). Points are centres of pixels of this grid.
+        valid: bool label-grid mask of usable pixels: [H, W], shared by all masks, or
+            [B, H, W], one per image, with ``image_index``; None: every pixel of the
+            ``mask_logits`` grid is valid. Points are centres of pixels of this grid.
         num_points: points per mask P.
         oversample_ratio: candidates per point, >= 1.
         importance_sample_ratio: fraction of the points chosen by uncertainty, in [0, 1].
         generator: optional ``torch.Generator`` for reproducible draws.
+        image_index: int64 [N], the image (index into ``valid`` [B, H, W]) of each mask.
 
     Returns:
         [N, P, 2] float32 ``(x, y)`` coordinates in ``[0, 1]`` (no gradient);
-        [N, 0, 2] when ``valid`` has no True pixel.
+        [N, 0, 2] when no image has a valid pixel.
+
+    Raises:
+        ValueError: when some masks' images have valid pixels and others' have none (drop the
+            masks of the empty images first: no point of theirs can be drawn).
     """
     if oversample_ratio < 1:
         raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}.")
@@ -124,22 +139,40 @@ def sample_uncertain_points(
     if mask_logits.dim() != 3:
         raise ValueError(f"mask_logits must be [N, h, w], got {tuple(mask_logits.shape)}.")
     num_masks = mask_logits.shape[0]
+    device = mask_logits.device
     if valid is None:
-        valid = torch.ones(mask_logits.shape[-2:], dtype=torch.bool, device=mask_logits.device)
+        valid = torch.ones(mask_logits.shape[-2:], dtype=torch.bool, device=device)
+    if valid.dim() == 2:
+        valid = valid.unsqueeze(0)
+        image_index = torch.zeros(num_masks, dtype=torch.long, device=device)
+    elif valid.dim() != 3 or image_index is None or image_index.shape != (num_masks,):
+        raise ValueError(
+            "sample_uncertain_points: valid must be [H, W], or [B, H, W] with image_index [N] "
+            f"(one image per mask); got valid {tuple(valid.shape)} and image_index "
+            f"{None if image_index is None else tuple(image_index.shape)} for {num_masks} masks."
+        )
     num_uncertain = int(num_points * importance_sample_ratio)
     num_random = num_points - num_uncertain
     num_candidates = max(math.ceil(num_points * oversample_ratio), num_uncertain)
 
     with torch.no_grad():
-        centres = valid_pixel_centres(valid.bool())
+        centres, counts = _valid_centres_per_image(valid.bool())
         if centres.shape[0] == 0 or num_masks == 0 or num_points <= 0:
             return centres.new_zeros((num_masks, 0, 2))
+        image_index = image_index.to(counts.device)
+        per_mask = counts[image_index][:, None]  # [N, 1] valid pixels of each mask's image
+        if (per_mask == 0).any():
+            raise ValueError(
+                "sample_uncertain_points: some masks belong to images without a valid pixel; "
+                "leave those masks out (they have no point to be sampled at)."
+            )
+        first = (counts.cumsum(0) - counts)[image_index][:, None]
 
         def draw(count: int) -> torch.Tensor:
-            idx = torch.randint(
-                centres.shape[0], (num_masks, count), generator=generator, device=centres.device
-            )
-            return centres[idx]  # [N, count, 2]
+            u = torch.rand((num_masks, count), generator=generator, device=centres.device)
+            # floor(u * n) is uniform over 0..n-1; the clamp guards float rounding up to n.
+            offset = torch.minimum((u * per_mask).long(), per_mask - 1)
+            return centres[first + offset]  # [N, count, 2]
 
         parts = []
         if num_uncertain > 0:
