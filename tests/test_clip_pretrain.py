@@ -20,6 +20,7 @@ from ocz_d2.miniature.clip_pretrain import (
     pretrain_clip,
     zero_shot_accuracy,
 )
+from ocz_d2.miniature.synthetic import ensure_pretraining_set
 from ocz_d2.modeling.backbone.clip_prompt import create_clip_model
 
 TINY = ClipPretrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_period=2)
@@ -36,7 +37,7 @@ def _write_csv(path, rows, header=("filepath", "caption")):
 @pytest.fixture(scope="module")
 def caption_csv(synthetic_benchmark):
     # The tiny benchmark's pretraining set: 16 image-caption pairs of 64 px (decoded to 128).
-    return synthetic_benchmark.root / "pretrain" / "captions.csv"
+    return ensure_pretraining_set(synthetic_benchmark.root)
 
 
 def test_contrastive_loss_counts_identical_captions_as_positives():
@@ -108,6 +109,32 @@ def test_cache_reuses_and_rebuilds_corrupt_files(caption_csv, synthetic_benchmar
     (weights.parent / "pretrain_state.pt").write_bytes(b"garbage")
     rebuilt, _ = ensure_pretrained_clip(caption_csv, cfg, tmp_path, **kwargs)
     assert rebuilt.read_bytes() == good
+
+
+def test_cache_key_of_generated_data_renders_it_only_on_a_miss(caption_csv, tmp_path):
+    # csv_path as a function: the key comes from data_key, and the function (rendering the
+    # images) runs only when the weights are not cached.
+    calls = []
+
+    def make_csv():
+        calls.append(1)
+        return caption_csv
+
+    cfg = replace(TINY, steps=1)
+    data_key = {"generator": {"seed": 0}}
+    weights, _ = ensure_pretrained_clip(make_csv, cfg, tmp_path, data_key=data_key, progress=False)
+    again, _ = ensure_pretrained_clip(make_csv, cfg, tmp_path, data_key=data_key, progress=False)
+    assert again == weights and len(calls) == 1
+    # Another data_key is other data: another entry, rendered again.
+    other, _ = ensure_pretrained_clip(
+        make_csv, cfg, tmp_path, data_key={"generator": {"seed": 1}}, progress=False
+    )
+    assert other.parent != weights.parent and len(calls) == 2
+    # The CSV's bytes key a plain path: not the same entry as the data_key one.
+    by_file, _ = ensure_pretrained_clip(caption_csv, cfg, tmp_path, progress=False)
+    assert by_file.parent != weights.parent
+    with pytest.raises(ValueError, match="data_key"):
+        ensure_pretrained_clip(make_csv, cfg, tmp_path, progress=False)
 
 
 def test_written_weights_load_through_the_config(caption_csv, tmp_path, monkeypatch):

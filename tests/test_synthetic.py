@@ -20,6 +20,7 @@ from ocz_d2.miniature.synthetic import (
     TEXTURES,
     UNSEEN_CELLS,
     default_synthetic_root,
+    ensure_pretraining_set,
     ensure_synthetic_benchmark,
     generate_synthetic_benchmark,
     render_synthetic_sample,
@@ -46,9 +47,9 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     a = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", seed=3, **TINY)
     b = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", seed=3, **TINY)
     files_a, files_b = _files(a.root), _files(b.root)
-    # images and labels of 3 splits, 3 caption files, pretraining images + captions, 16 zero-shot
-    # images + labels, embeddings, 2 split files, marker
-    assert len(files_a) == 2 * (3 + 2 + 2) + 3 + (4 + 1) + (16 + 1) + 1 + 2 + 1
+    # images and labels of 3 splits, 3 caption files, 16 zero-shot images + labels, embeddings,
+    # 2 split files, marker (the pretraining set is rendered on first use)
+    assert len(files_a) == 2 * (3 + 2 + 2) + 3 + (16 + 1) + 1 + 2 + 1
     assert files_a == files_b
     c = generate_synthetic_benchmark(tmp_path / "c" / "ocz_synth", seed=4, **TINY)
     files_c = _files(c.root)
@@ -168,8 +169,11 @@ def test_prepare_script(tmp_path, capsys):
     assert "train: 4/4 images" in out and "val: 2/2 images" in out
     assert "16 classes (4 unseen" in out and f"DETECTRON2_DATASETS={tmp_path}" in out
     assert len(list((root / "images" / "train").glob("*.png"))) == 4
-    assert prepare_synthetic.main(argv) == 0
-    assert "Already complete" in capsys.readouterr().out
+    assert not (root / "pretrain" / "captions.csv").exists()  # only when pretraining needs it
+    assert prepare_synthetic.main(argv + ["--pretraining-set"]) == 0
+    out = capsys.readouterr().out
+    assert "Already complete" in out and "pretrain: 4/4 images" in out
+    assert len(list((root / "pretrain" / "images").glob("*.png"))) == 4
 
 
 def test_ensure_synthetic_benchmark_uses_detectron2_datasets(tmp_path, monkeypatch):
@@ -233,6 +237,8 @@ def test_caption_files_and_pretraining_set(tmp_path):
     info = generate_synthetic_benchmark(
         tmp_path / "ocz_synth", **{**TINY, "num_pretrain": 120, "image_size": 64}
     )
+    assert not any((info.root / "pretrain" / "images").iterdir())  # rendered on first use only
+    assert ensure_pretraining_set(info.root) == info.pretrain_captions
     with info.pretrain_captions.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 120 and set(rows[0]) == {"filepath", "caption"}
@@ -252,3 +258,27 @@ def test_caption_files_and_pretraining_set(tmp_path):
     assert [r["label"] for r in zs] == list(SYNTHETIC_CLASSES)
     image = np.asarray(Image.open(info.zeroshot_labels.parent / zs[0]["filepath"]))
     assert image.shape == (64, 64, 3)
+
+
+def test_pretraining_set_is_reused_and_rendered_again_when_stale(tmp_path):
+    kwargs = {**TINY, "num_pretrain": 6}
+    info = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", **kwargs)
+    csv_path = ensure_pretraining_set(info.root)
+    first = _files(info.root / "pretrain")
+    stamp = csv_path.stat().st_mtime_ns
+    assert ensure_pretraining_set(info.root) == csv_path
+    assert csv_path.stat().st_mtime_ns == stamp  # reused, not rendered again
+    # The same bytes as in another folder generated with the same settings.
+    other = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", **kwargs)
+    ensure_pretraining_set(other.root)
+    assert _files(other.root / "pretrain") == first
+    # A set left by other settings (or half-written: no record) is rendered again.
+    (info.root / "pretrain" / "images" / "00000.png").write_bytes(b"stale")
+    (info.root / "pretrain" / "generation_complete.json").write_text("{}")
+    ensure_pretraining_set(info.root)
+    assert _files(info.root / "pretrain") == first
+    # Regenerating the benchmark clears its pretraining set with the rest.
+    generate_synthetic_benchmark(info.root, force=True, **kwargs)
+    assert not any((info.root / "pretrain" / "images").iterdir())
+    with pytest.raises(FileNotFoundError, match="prepare_synthetic"):
+        ensure_pretraining_set(tmp_path / "missing")

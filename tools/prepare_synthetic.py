@@ -46,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="regenerate a complete folder")
     parser.add_argument("--no-clip", action="store_true", help="do not pretrain the tiny CLIP")
     parser.add_argument(
+        "--pretraining-set",
+        action="store_true",
+        help="render the image-caption pretraining set (pretrain/) now, e.g. for "
+        "tools/pretrain_clip.py; otherwise it is rendered only when a pretraining needs it",
+    )
+    parser.add_argument(
         "--object-maps", action="store_true", help="also write the ladder configs' object maps"
     )
     return parser.parse_args(argv)
@@ -63,7 +69,7 @@ def main(argv=None) -> int:
     from ocz_d2.data.register_zero_shot import load_class_embeddings
     from ocz_d2.data.split_file import register_split_file
     from ocz_d2.miniature.clip_pretrain import ensure_synthetic_clip
-    from ocz_d2.miniature.synthetic import generate_synthetic_benchmark
+    from ocz_d2.miniature.synthetic import ensure_pretraining_set, generate_synthetic_benchmark
     from ocz_d2.utils.io import datasets_root
 
     if args.root is None:
@@ -105,6 +111,8 @@ def main(argv=None) -> int:
             "The builtin ocz_synthetic_* splits read <DETECTRON2_DATASETS>/ocz_synthetic; register "
             f"this folder with ocz_d2.data.register_split_file('{info.split_file}')."
         )
+    if args.pretraining_set:
+        print(f"Pretraining set: {ensure_pretraining_set(info.root, progress=_progress)}")
     if not args.no_clip:
         if args.num_pretrain == 0:
             print("error: --num-pretrain 0 leaves nothing to pretrain on: add --no-clip")

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from ..data.caption_csv import read_caption_csv, read_csv_rows, resolve_csv_imag
 from ..modeling.backbone.clip_prompt import create_clip_model
 from ..modeling.text.templates import get_templates
 from ..utils.io import atomic_write, atomic_write_bytes, atomic_write_json, file_sha256
+from .synthetic import ensure_pretraining_set, generator_marker
 
 __all__ = [
     "SYNTHETIC_CLIP_FILE",
@@ -51,6 +52,7 @@ __all__ = [
     "ImageCaptionData",
     "cache_key",
     "contrastive_loss",
+    "csv_identity",
     "default_cache_dir",
     "ensure_pretrained_clip",
     "ensure_synthetic_clip",
@@ -406,19 +408,25 @@ def zero_shot_accuracy(
     }
 
 
-def cache_key(cfg: ClipPretrainConfig, csv_path: Path, extra: dict | None = None) -> str:
+def cache_key(cfg: ClipPretrainConfig, data: dict, extra: dict | None = None) -> str:
     """Hash of everything that changes the weights: the settings, the model's architecture,
-    the CSV's bytes, ``extra`` (e.g. the generator's parameters of the images), this module's
-    version and torch's version."""
+    the data's identity ``data`` (:func:`csv_identity`, or what generated the CSV), ``extra``
+    (e.g. the generator's parameters of the images), this module's version and torch's
+    version."""
     payload = {
         "config": asdict(cfg),
         "model": open_clip.get_model_config(cfg.model_name),
-        "csv_sha256": file_sha256(csv_path),
+        "data": data,
         "extra": extra or {},
         "version": PRETRAIN_VERSION,
         "torch": torch.__version__.split("+")[0],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def csv_identity(csv_path: str | os.PathLike) -> dict:
+    """The identity of an image-caption CSV for :func:`cache_key`: its bytes' sha256."""
+    return {"csv_sha256": file_sha256(Path(csv_path))}
 
 
 def _valid_cache(folder: Path, key: str) -> bool:
@@ -431,7 +439,7 @@ def _valid_cache(folder: Path, key: str) -> bool:
 
 
 def ensure_pretrained_clip(
-    csv_path: str | os.PathLike,
+    csv_path: str | os.PathLike | Callable[[], str | os.PathLike],
     cfg: ClipPretrainConfig,
     cache_dir: str | os.PathLike,
     *,
@@ -439,6 +447,7 @@ def ensure_pretrained_clip(
     class_names: Sequence[str] = (),
     unseen: Sequence[str] = (),
     extra_key: dict | None = None,
+    data_key: dict | None = None,
     progress: bool = True,
 ) -> tuple[Path, dict]:
     """Pretrained weights for ``(csv, cfg)``, from the cache or trained now and cached.
@@ -449,25 +458,43 @@ def ensure_pretrained_clip(
     trained again, resuming from its training state when that is intact.
 
     Args:
-        csv_path: image-caption CSV (open_clip format: ``filepath``, ``caption``).
+        csv_path: image-caption CSV (open_clip format: ``filepath``, ``caption``), or a
+            function that writes it and returns its path, called only when the weights are not
+            cached (with ``data_key``).
         cfg: pretraining settings.
         cache_dir: root of the cache.
         eval_csv: optional labelled images (``filepath``, ``label``) for the zero-shot check.
         class_names, unseen: the classes of that check, and which ones to report as unseen.
         extra_key: more values that change the weights (e.g. the image generator's settings).
+        data_key: what determines the CSV and its images (e.g. the generator's settings), in
+            place of the CSV's bytes: required when ``csv_path`` is a function.
         progress: show progress bars.
 
     Returns:
         (weights file, manifest dict).
     """
-    csv_path = Path(csv_path)
-    key = cache_key(cfg, csv_path, extra_key)
+    if callable(csv_path):
+        if data_key is None:
+            raise ValueError(
+                "ensure_pretrained_clip: csv_path is a function, so data_key must say what "
+                "determines the CSV (the cache key cannot read a file not yet written)."
+            )
+        make_csv = csv_path
+    else:
+        path = Path(csv_path)
+        data_key = data_key if data_key is not None else csv_identity(path)
+
+        def make_csv() -> Path:
+            return path
+
+    key = cache_key(cfg, data_key, extra_key)
     folder = Path(cache_dir).expanduser() / key
     if _valid_cache(folder, key):
         logger.info("Pretrained CLIP found in the cache: %s", folder)
         return folder / "weights.pt", json.loads((folder / _MANIFEST).read_text())
     (folder / _MANIFEST).unlink(missing_ok=True)
     size = open_clip.get_model_config(cfg.model_name)["vision_cfg"]["image_size"]
+    csv_path = Path(make_csv())
     data = load_image_caption_csv(csv_path, size)
     model = pretrain_clip(data, cfg, folder, progress=progress)
     record = {"key": key, "config": asdict(cfg), "csv": str(csv_path)}
@@ -516,15 +543,16 @@ def ensure_synthetic_clip(
         with the zero-shot check).
     """
     root = Path(benchmark.root)
-    marker = json.loads((root / "generation_complete.json").read_text(encoding="utf-8"))
+    # The pretraining set is a function of the generator's settings: keyed by them, its 6,000
+    # images are rendered only when the weights are not cached.
     cached, record = ensure_pretrained_clip(
-        benchmark.pretrain_captions,
+        lambda: ensure_pretraining_set(root),
         cfg,
         Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny_clip",
         eval_csv=benchmark.zeroshot_labels,
         class_names=benchmark.classes,
         unseen=benchmark.unseen,
-        extra_key={"generator": marker},
+        data_key={"generator": generator_marker(root)},
         progress=progress,
     )
     target = root / SYNTHETIC_CLIP_FILE

@@ -55,6 +55,7 @@ from .clip_pretrain import (
     load_labelled_images,
     save_atomic,
 )
+from .synthetic import ensure_pretraining_set, generator_marker
 
 __all__ = [
     "SYNTHETIC_DINO_PRETRAIN",
@@ -369,10 +370,9 @@ def ensure_synthetic_ssl_vit(
         tiny CLIP's image tower and this ViT on the labelled close-ups).
     """
     root = Path(benchmark.root)
-    marker = json.loads((root / "generation_complete.json").read_text(encoding="utf-8"))
-    csvs = [Path(benchmark.pretrain_captions), Path(benchmark.captions("train"))]
+    csvs = [ensure_pretraining_set(root), Path(benchmark.captions("train"))]
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny_ssl_vit"
-    key = _cache_key(cfg, csvs, {"generator": marker})
+    key = _cache_key(cfg, csvs, {"generator": generator_marker(root)})
     folder = cache_root / key
     weights = folder / "weights.pt"
     try:
@@ -429,5 +429,4 @@ def compare_towers(benchmark, ssl_weights: str | os.PathLike, seed: int = 0) -> 
 
 def images_size(root: Path) -> int:
     """The benchmark's image side (its generation record)."""
-    marker = json.loads((Path(root) / "generation_complete.json").read_text(encoding="utf-8"))
-    return int(marker.get("image_size", 128))
+    return int(generator_marker(root).get("image_size", 128))
