@@ -73,6 +73,8 @@ EXPECTED = {
     "mIoU-seen": 100 * 31 / 48,  # (5/8 + 2/3) / 2 = 31/48                        = 64.5833
     "mIoU-unseen": 60.0,  # cow only (boat has no GT)                                 = 60.0
     "hIoU": 100 * 186 / 299,  # 2 (31/48)(3/5) / (31/48 + 3/5) = 186/299           = 62.2074
+    "seen-to-unseen": 100 / 11,  # of 11 sky + road pixels, one road pixel taken for boat
+    "unseen-to-seen": 40.0,  # of 5 cow pixels, 2 taken for sky
     "pAcc": 75.0,  # (5 + 4 + 3) / 16
     "mACC": 100 * 67 / 90,  # (5/6 + 4/5 + 3/5) / 3 = (25 + 24 + 18) / 90              = 74.4444
     "fwIoU": 100 * 121 / 192,  # 6/16 * 5/8 + 5/16 * 2/3 + 5/16 * 3/5 = (45+40+36)/192 = 63.0208

@@ -202,10 +202,13 @@ def compute_zero_shot_metrics(
             are left out. A missing list is the complement of the other.
 
     Returns:
-        Ordered dict of floats: ``mIoU``, ``mIoU-seen``, ``mIoU-unseen``, ``hIoU`` (group keys only
-        with a split), ``pAcc``, ``mACC``, ``fwIoU``, then ``IoU-<name>`` and ``ACC-<name>`` per
-        class. Classes with no ground-truth pixel are excluded from every mean and have NaN IoU
-        and accuracy; a mean over no class is NaN.
+        Ordered dict of floats: ``mIoU``, ``mIoU-seen``, ``mIoU-unseen``, ``hIoU``,
+        ``seen-to-unseen``, ``unseen-to-seen`` (group keys only with a split), ``pAcc``,
+        ``mACC``, ``fwIoU``, then ``IoU-<name>`` and ``ACC-<name>`` per class. Classes with no
+        ground-truth pixel are excluded from every mean and have NaN IoU and accuracy; a mean
+        over no class is NaN. ``seen-to-unseen`` is the percentage of the seen classes'
+        ground-truth pixels predicted as some unseen class, ``unseen-to-seen`` the reverse: the
+        errors across the two groups, which the calibration trades against each other.
     """
     num_classes = len(class_names)
     conf = np.asarray(conf_matrix)
@@ -242,6 +245,13 @@ def compute_zero_shot_metrics(
         res["mIoU-seen"] = mean_over(iou, has_gt & seen_mask)
         res["mIoU-unseen"] = mean_over(iou, has_gt & unseen_mask)
         res["hIoU"] = harmonic_mean(res["mIoU-seen"], res["mIoU-unseen"])
+        for name, truth, predicted in (
+            ("seen-to-unseen", seen_mask, unseen_mask),
+            ("unseen-to-seen", unseen_mask, seen_mask),
+        ):
+            pixels = pos_gt[truth].sum()
+            crossed = conf[np.ix_(predicted, truth)].sum()
+            res[name] = float(crossed / pixels) * 100.0 if pixels > 0 else float("nan")
     res["pAcc"] = float(tp.sum() / total) * 100.0 if total > 0 else float("nan")
     res["mACC"] = mean_over(acc, has_gt)
     if total > 0:
@@ -300,7 +310,8 @@ def format_zero_shot_tables(
         colalign=("left", "right", "right", "right"),
         disable_numparse=True,
     )
-    overall_keys = [k for k in ("hIoU", "pAcc", "mACC", "fwIoU") if k in metrics]
+    overall_keys = ("hIoU", "seen-to-unseen", "unseen-to-seen", "pAcc", "mACC", "fwIoU")
+    overall_keys = [k for k in overall_keys if k in metrics]
     overall = tabulate(
         [[fmt(metrics[k]) for k in overall_keys]],
         headers=overall_keys,
