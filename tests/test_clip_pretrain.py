@@ -93,6 +93,7 @@ def test_cache_reuses_and_rebuilds_corrupt_files(caption_csv, synthetic_benchmar
     cfg = replace(TINY, steps=1)
     weights, record = ensure_pretrained_clip(caption_csv, cfg, tmp_path, **kwargs)
     assert set(record["zero_shot"]) == {"per_class", "seen", "unseen", "overall"}
+    assert record["threads"] == torch.get_num_threads()  # weights depend on it
     stamp = weights.stat().st_mtime_ns
     again, _ = ensure_pretrained_clip(caption_csv, cfg, tmp_path, **kwargs)
     assert again == weights and weights.stat().st_mtime_ns == stamp  # reused, not retrained

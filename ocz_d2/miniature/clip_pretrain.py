@@ -497,7 +497,14 @@ def ensure_pretrained_clip(
     csv_path = Path(make_csv())
     data = load_image_caption_csv(csv_path, size)
     model = pretrain_clip(data, cfg, folder, progress=progress)
-    record = {"key": key, "config": asdict(cfg), "csv": str(csv_path)}
+    # Float sums run in another order on another number of threads, so the weights are
+    # reproducible for a thread count, not across them: the manifest says which.
+    record = {
+        "key": key,
+        "config": asdict(cfg),
+        "csv": str(csv_path),
+        "threads": torch.get_num_threads(),
+    }
     if eval_csv is not None:
         images, labels = load_labelled_images(eval_csv, size)
         record["zero_shot"] = zero_shot_accuracy(
