@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from ocz_d2.miniature import dino_pretrain
-from ocz_d2.miniature.dino_pretrain import DinoConfig, dino_loss, knn_accuracy, pretrain_dino
+from ocz_d2.miniature.dino_pretrain import (
+    DinoConfig,
+    dino_loss,
+    ensure_synthetic_ssl_vit,
+    knn_accuracy,
+    pretrain_dino,
+)
 from ocz_d2.modeling.backbone import TINY_SSL_VIT
 from ocz_d2.modeling.backbone.vision_tower import TimmVisionTower
 
@@ -115,3 +121,26 @@ def test_attribute_knn_separates_the_two_attributes():
     assert acc["texture"] < 50 and acc["class"] < 50
     # Class names that are not two words: the class only.
     assert set(dino_pretrain.attribute_knn(features, [f"c{i % 4}" for i in range(64)])) == {"class"}
+
+
+def test_synthetic_ssl_vit_is_cached_by_the_generator_record(tmp_path):
+    # The key comes from the generator's record: a cached ViT needs no pretraining images, and
+    # the set is rendered only on a miss.
+    from ocz_d2.miniature.synthetic import generate_synthetic_benchmark
+
+    info = generate_synthetic_benchmark(
+        tmp_path / "ocz_synth", num_train=4, num_val=1, num_test=1, num_pretrain=6,
+        num_zeroshot_per_class=1, image_size=32,
+    )  # fmt: skip
+    marker = info.root / "pretrain" / "generation_complete.json"
+    assert not marker.exists()
+    cfg = DinoConfig(**TINY)
+    weights, record = ensure_synthetic_ssl_vit(info, cfg, tmp_path / "cache", progress=False)
+    assert marker.is_file() and (info.root / "tiny_ssl_vit.pt").read_bytes() == weights.read_bytes()
+    marker.unlink()
+    again, _ = ensure_synthetic_ssl_vit(info, cfg, tmp_path / "cache", progress=False)
+    assert again == weights and not marker.exists()  # cache hit: nothing rendered
+    other, _ = ensure_synthetic_ssl_vit(
+        info, DinoConfig(**{**TINY, "seed": 1}), tmp_path / "cache", progress=False
+    )
+    assert other.parent != weights.parent and marker.is_file()  # a miss renders the set again

@@ -338,11 +338,12 @@ def attribute_knn(features: torch.Tensor, labels: Sequence[str], k: int = 10) ->
     return out
 
 
-def _cache_key(cfg: DinoConfig, files: Sequence[Path], extra: dict) -> str:
+def _cache_key(cfg: DinoConfig, data: dict) -> str:
+    """Hash of the settings, what determines the images (``data``: the synthetic generator's
+    record) and the versions of this module, torch and timm."""
     payload = {
         "config": json.loads(json.dumps(asdict(cfg))),
-        "inputs": [file_sha256(f) for f in files],
-        "extra": extra,
+        "data": data,
         "version": DINO_VERSION,
         "torch": torch.__version__.split("+")[0],
         "timm": timm.__version__,
@@ -370,9 +371,10 @@ def ensure_synthetic_ssl_vit(
         tiny CLIP's image tower and this ViT on the labelled close-ups).
     """
     root = Path(benchmark.root)
-    csvs = [ensure_pretraining_set(root), Path(benchmark.captions("train"))]
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny_ssl_vit"
-    key = _cache_key(cfg, csvs, {"generator": generator_marker(root)})
+    # The images are a function of the generator's record: keyed by it, the pretraining set is
+    # rendered only when the weights are not cached.
+    key = _cache_key(cfg, {"generator": generator_marker(root)})
     folder = cache_root / key
     weights = folder / "weights.pt"
     try:
@@ -381,6 +383,7 @@ def ensure_synthetic_ssl_vit(
     except (OSError, ValueError, KeyError):
         valid = False
     if not valid:
+        csvs = [ensure_pretraining_set(root), Path(benchmark.captions("train"))]
         # The segmentation split's caption CSV lists paths from the benchmark's folder.
         files = read_caption_csv(csvs[0])[0] + read_caption_csv(csvs[1], image_root=root)[0]
         size = images_size(root)
