@@ -473,20 +473,13 @@ def ensure_pretrained_clip(
     Returns:
         (weights file, manifest dict).
     """
-    if callable(csv_path):
-        if data_key is None:
+    if data_key is None:
+        if callable(csv_path):
             raise ValueError(
                 "ensure_pretrained_clip: csv_path is a function, so data_key must say what "
                 "determines the CSV (the cache key cannot read a file not yet written)."
             )
-        make_csv = csv_path
-    else:
-        path = Path(csv_path)
-        data_key = data_key if data_key is not None else csv_identity(path)
-
-        def make_csv() -> Path:
-            return path
-
+        data_key = csv_identity(csv_path)
     key = cache_key(cfg, data_key, extra_key)
     folder = Path(cache_dir).expanduser() / key
     if _valid_cache(folder, key):
@@ -494,7 +487,7 @@ def ensure_pretrained_clip(
         return folder / "weights.pt", json.loads((folder / _MANIFEST).read_text())
     (folder / _MANIFEST).unlink(missing_ok=True)
     size = open_clip.get_model_config(cfg.model_name)["vision_cfg"]["image_size"]
-    csv_path = Path(make_csv())
+    csv_path = Path(csv_path() if callable(csv_path) else csv_path)
     data = load_image_caption_csv(csv_path, size)
     model = pretrain_clip(data, cfg, folder, progress=progress)
     # Float sums run in another order on another number of threads, so the weights are

@@ -416,12 +416,11 @@ class SetCriterion(nn.Module):
         # Keeps both losses in the graph when no image has a matched pair.
         loss_mask = pred_masks.sum() * 0.0
         loss_dice = pred_masks.sum() * 0.0
-        valid = [t.get("valid") for t in targets]
         valid = [
-            torch.ones(t["masks"].shape[-2:], dtype=torch.bool, device=device)
-            if v is None
-            else v.to(device)
-            for t, v in zip(targets, valid)
+            t["valid"].to(device)
+            if t.get("valid") is not None
+            else torch.ones(t["masks"].shape[-2:], dtype=torch.bool, device=device)
+            for t in targets
         ]
         # Images with a matched pair and a valid pixel (no point can be drawn in the others).
         images = [b for b, (q, _) in enumerate(indices) if q.numel() and valid[b].any()]
