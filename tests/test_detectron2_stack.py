@@ -29,6 +29,7 @@ from ocz_d2.config import add_ocz_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper, ignore_label_of
 from ocz_d2.engine import ZeroShotTrainerBase
 from ocz_d2.evaluation import METRICS_FILE_NAME, ZeroShotSemSegEvaluator
+from ocz_d2.utils.errors import CheckpointError
 from tools import train_net
 
 Trainer = train_net.Trainer
@@ -243,3 +244,23 @@ def test_train_checkpoint_resume_evaluate(dataset, tmp_path):
         assert math.isfinite(res[key]) and 0.0 <= res[key] <= 100.0, key
     assert res["mIoU"] == hook_miou
     assert trainer2.model.training  # inference_on_dataset restores the training mode
+
+
+def test_resume_with_an_optimizer_state_of_other_groups_is_a_clear_error(dataset, tmp_path):
+    """A checkpoint whose optimizer had other parameter groups (an older ocz_d2 kept one group
+    per tensor) cannot be resumed: a CheckpointError that says what to do, not torch's bare
+    ValueError, and never a resume with the learning rates of other groups."""
+    out = tmp_path / "out"
+    trainer = Trainer(_cfg(dataset, out, max_iter=2))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert len(trainer.optimizer.param_groups) == 1  # weight and bias: one LR, no decay
+    final = out / "model_final.pth"
+    saved = torch.load(final, map_location="cpu", weights_only=False)
+    optimizer_state = saved["trainer"]["_trainer"]["optimizer"]
+    group = optimizer_state["param_groups"][0]
+    # The older layout: one group per parameter tensor.
+    optimizer_state["param_groups"] = [{**group, "params": [i]} for i in group["params"]]
+    torch.save(saved, final)
+    with pytest.raises(CheckpointError, match="Cannot resume.*MODEL.WEIGHTS"):
+        Trainer(_cfg(dataset, out, max_iter=4)).resume_or_load(resume=True)

@@ -34,6 +34,7 @@ from ..data.train_loader import (
     seed_all_rngs,
 )
 from ..evaluation import build_zero_shot_evaluator
+from ..utils.errors import CheckpointError
 from .checkpoint import AtomicCheckpointer, remove_stale_temporaries
 from .optimizer import build_lr_scheduler, build_optimizer
 from .tensorboard import PredictionVisualizer
@@ -156,7 +157,16 @@ class ZeroShotTrainerBase(DefaultTrainer):
         older checkpoints). A random data seed (``SEED < 0``) is taken from the checkpoint."""
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            try:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+            except ValueError as e:  # torch: the saved parameter groups do not fit
+                raise CheckpointError(
+                    f"Cannot resume: the checkpoint's optimizer state does not fit this run's "
+                    f"optimizer ({e}). It was written with other SOLVER settings or by an ocz_d2 "
+                    "older than its grouping of the parameters by learning rate and weight "
+                    "decay. Start from its weights instead: MODEL.WEIGHTS <checkpoint> without "
+                    "--resume, in a new OUTPUT_DIR."
+                ) from e
         if self.cfg.SEED < 0 and DATA_SEED_KEY in state_dict:
             self.data_seed = int(state_dict[DATA_SEED_KEY])
 

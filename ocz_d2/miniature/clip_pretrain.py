@@ -66,7 +66,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump when the training procedure changes, so that cached weights made by older code are rebuilt.
-PRETRAIN_VERSION = 1
+# 2: fused AdamW (other rounding than the per-tensor loop of 1).
+PRETRAIN_VERSION = 2
 _STATE_FILE = "pretrain_state.pt"
 _MANIFEST = "manifest.json"
 
@@ -233,7 +234,8 @@ def _lr_at(step: int, cfg: ClipPretrainConfig) -> float:
 
 
 def _batch(data: ImageCaptionData, cfg: ClipPretrainConfig, step: int):
-    """Batch ``step``: indices and a flip augmentation, all from a generator seeded by step."""
+    """Batch ``step``: (images, their indices in ``data``), the indices and a flip augmentation
+    drawn from a generator seeded by step."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     idx = torch.randint(len(data.captions), (cfg.batch_size,), generator=gen)
     images = data.images[idx]
@@ -241,7 +243,7 @@ def _batch(data: ImageCaptionData, cfg: ClipPretrainConfig, step: int):
     vflip = torch.rand(len(idx), generator=gen) < 0.5
     images = torch.where(hflip[:, None, None, None], images.flip(-1), images)
     images = torch.where(vflip[:, None, None, None], images.flip(-2), images)
-    return images, [data.captions[i] for i in idx.tolist()]
+    return images, idx
 
 
 def _read_state(path: Path) -> dict | None:
@@ -296,7 +298,9 @@ def pretrain_clip(
         model.visual.patch_dropout = PatchDropout(cfg.patch_dropout)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.model_name)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    # Fused: one kernel per group, ~9x cheaper than the per-tensor loop over the 6.3M
+    # token-embedding entries (most of the tiny model) on a CPU.
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -304,18 +308,21 @@ def pretrain_clip(
         start = int(state["step"])
         logger.info("Resuming CLIP pretraining from step %d (%s).", start, state_path)
     mean, std = _normalizer(model)
+    # Each distinct caption tokenized once, in sorted order; a batch encodes its distinct ones.
+    names, caption_index = np.unique(np.asarray(data.captions, dtype=object), return_inverse=True)
+    tokens = tokenizer([str(n) for n in names])
+    caption_index = torch.from_numpy(caption_index.reshape(-1))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress)
     bar.set_description("CLIP pretraining")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        images, captions = _batch(data, cfg, step)
+        images, idx = _batch(data, cfg, step)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # patch dropout: the same after a resume
         # Encode each distinct caption once; identical captions share one text embedding.
-        unique, caption_ids = np.unique(captions, return_inverse=True)
-        caption_ids = torch.from_numpy(caption_ids.reshape(-1))
+        unique, caption_ids = torch.unique(caption_index[idx], return_inverse=True)
         image_emb = F.normalize(model.encode_image(_to_input(images, mean, std)), dim=-1)
-        text_emb = F.normalize(model.encode_text(tokenizer(list(unique))), dim=-1)[caption_ids]
+        text_emb = F.normalize(model.encode_text(tokens[unique]), dim=-1)[caption_ids]
         ids = caption_ids if cfg.positives == "identical" else None
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale.exp(), ids)
         optimizer.zero_grad(set_to_none=True)
