@@ -280,6 +280,9 @@ def _add_loss_config(ocz: CN) -> None:
     # dense supervision DenseCLIP adds), over annotated pixels. 0: off, and no projection is
     # built (every paper-scale config).
     ocz.LOSS.PIXEL_WEIGHT = 0.0
+    # Its pixels: 0, every annotated pixel (the logits upsampled to the label's size); P > 0, P
+    # points per image drawn uniformly over its annotated pixels (cheaper; an unbiased estimate).
+    ocz.LOSS.PIXEL_NUM_POINTS = 0
     # Relative weight of the no-object class in the classification loss. Seen queries: class
     # weight in the weighted mean over their targets (Mask2Former). Candidate queries
     # (SPLIT.NUM_CANDIDATES > 0), whose class terms are all no-object: the weighted sum is divided

@@ -595,3 +595,38 @@ def test_criterion_rejects_targets_of_different_sizes_in_one_batch():
     outputs = {"pred_logits": torch.randn(2, 4, 6), "pred_masks": torch.randn(2, 4, 8, 8)}
     with pytest.raises(ValueError, match="share their"):
         _criterion(num_points=16)(outputs, targets)
+
+
+def test_pixel_text_loss_on_points_estimates_the_dense_loss_without_bias():
+    """Points drawn over the annotated pixels only, the logits sampled as the upsampled map has
+    them: the mean over many draws is the dense loss (one image; with several, each image's
+    mean counts equally)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4)  # upsampled x2 to the 8x8 label grid
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :3] = 1
+    masks[1, 5:, 2:6] = 1
+    valid = torch.ones(8, 8, dtype=torch.bool)
+    valid[0, :4] = False
+    target = {"labels": torch.tensor([2, 0]), "masks": masks, "valid": valid}
+    dense = pixel_text_loss(logits, [target])
+    torch.manual_seed(1)
+    estimates = torch.stack([pixel_text_loss(logits, [target], 64) for _ in range(400)])
+    assert abs(estimates.mean().item() - dense.item()) < 0.02 * dense.item()
+    assert estimates.std() > 0  # really sampled
+    # A point never lands outside the annotated pixels: with one annotated pixel every draw is
+    # that pixel's loss.
+    one = torch.zeros(1, 8, 8)
+    one[0, 6, 1] = 1
+    single = {"labels": torch.tensor([1]), "masks": one, "valid": valid}
+    torch.testing.assert_close(
+        pixel_text_loss(logits, [single], 5), pixel_text_loss(logits, [single])
+    )
+    # An image with no annotated pixel takes no part; none at all gives a zero in the graph.
+    empty = {"labels": torch.tensor([5]), "masks": masks[:1], "valid": valid}
+    torch.testing.assert_close(
+        pixel_text_loss(logits.expand(2, -1, -1, -1), [single, empty], 5),
+        pixel_text_loss(logits, [single]),
+    )
+    zero = pixel_text_loss(logits.requires_grad_(True), [empty], 5)
+    assert zero.item() == 0.0 and zero.requires_grad

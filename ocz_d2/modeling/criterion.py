@@ -634,7 +634,9 @@ def build_criterion(cfg, num_aux_outputs: int | None = None) -> SetCriterion | S
     return SplitCriterion(seen, candidate, num_queries - num_candidates)
 
 
-def pixel_text_loss(pixel_logits: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+def pixel_text_loss(
+    pixel_logits: torch.Tensor, targets: list[dict], num_points: int = 0
+) -> torch.Tensor:
     """Auxiliary per-pixel cross-entropy (``MODEL.OCZ.LOSS.PIXEL_WEIGHT``).
 
     Args:
@@ -643,10 +645,15 @@ def pixel_text_loss(pixel_logits: torch.Tensor, targets: list[dict]) -> torch.Te
         targets: B dicts with "labels" int64 [T] (vocabulary indices), "masks" [T, H, W] and
             "valid" bool [H, W]; a pixel's target is the label of the mask that covers it, and
             pixels outside every mask of a label below K, or not valid, take no part.
+        num_points: 0: every annotated pixel (the logits upsampled bilinearly to H x W); P > 0:
+            P points per image drawn uniformly (with replacement, torch's global generator) over
+            its annotated pixels, the logits sampled there bilinearly (the values the upsampled
+            map has at those pixels): an unbiased estimate of each image's mean, without the
+            full-resolution map (``MODEL.OCZ.LOSS.PIXEL_NUM_POINTS``).
 
     Returns:
-        Scalar: the mean cross-entropy over the pixels that take part (the logits upsampled
-        bilinearly to H x W); zero, in the graph, when none does.
+        Scalar: the mean cross-entropy over the pixels (or points) that take part; zero, in the
+        graph, when none does.
     """
     num_classes = pixel_logits.shape[1]
     height, width = targets[0]["valid"].shape
@@ -657,9 +664,28 @@ def pixel_text_loss(pixel_logits: torch.Tensor, targets: list[dict]) -> torch.Te
         for label, mask in zip(target["labels"].tolist(), target["masks"]):
             if 0 <= label < num_classes:
                 label_map[b][(mask > 0.5) & target["valid"]] = label
-    if not (label_map >= 0).any():
+    annotated = label_map >= 0
+    if not annotated.any():
         return pixel_logits.sum() * 0.0
-    logits = F.interpolate(
-        pixel_logits.float(), size=(height, width), mode="bilinear", align_corners=False
+    if num_points <= 0:
+        logits = F.interpolate(
+            pixel_logits.float(), size=(height, width), mode="bilinear", align_corners=False
+        )
+        return F.cross_entropy(logits, label_map, ignore_index=-100)
+    # Pixel i of image b is the flat index offsets[b] + i of the annotated pixels, row-major.
+    images, rows, cols = torch.nonzero(annotated, as_tuple=True)
+    counts = torch.bincount(images, minlength=len(targets))
+    offsets = torch.cumsum(counts, 0) - counts
+    draw = torch.rand(len(targets), num_points, device=pixel_logits.device)
+    picks = offsets[:, None] + (draw * counts[:, None]).long().clamp_max(
+        (counts - 1).clamp_min(0)[:, None]
     )
-    return F.cross_entropy(logits, label_map, ignore_index=-100)
+    picks = picks.clamp_max(len(images) - 1)
+    coords = torch.stack(
+        [(cols[picks].float() + 0.5) / width, (rows[picks].float() + 0.5) / height], dim=-1
+    )
+    labels = torch.where(
+        counts[:, None] > 0, label_map[images[picks], rows[picks], cols[picks]], -100
+    )
+    logits = point_sample(pixel_logits.float(), coords)  # [B, K, P]
+    return F.cross_entropy(logits, labels, ignore_index=-100)

@@ -158,6 +158,7 @@ class OCZeroShotSegmentor(nn.Module):
         self_training: dict | None = None,
         segment_classifier: SegmentCLIPClassifier | None = None,
         pixel_weight: float = 0.0,
+        pixel_num_points: int = 0,
         clip_tower: CLIPPromptBackbone | None = None,
     ):
         """
@@ -189,6 +190,8 @@ class OCZeroShotSegmentor(nn.Module):
                 the decoder's classes (``MODEL.OCZ.SEGMENT_CLIP``); None: off.
             pixel_weight: weight of the auxiliary pixel-text loss on the decoder's
                 "pixel_logits" (``MODEL.OCZ.LOSS.PIXEL_WEIGHT``; the decoder must output them).
+            pixel_num_points: points per image of that loss, 0 for every annotated pixel
+                (``MODEL.OCZ.LOSS.PIXEL_NUM_POINTS``).
             clip_tower: the frozen CLIP kept beside a backbone that is not CLIP (its images are
                 renormalised from ``pixel_mean``/``pixel_std`` to CLIP's for the segment
                 classifier); None when the backbone is the CLIP.
@@ -200,6 +203,11 @@ class OCZeroShotSegmentor(nn.Module):
             )
         if test_mode not in TEST_MODES:
             raise ValueError(f"MODEL.OCZ.TEST.MODE={test_mode!r}: use one of {TEST_MODES}")
+        if pixel_num_points < 0:
+            raise ValueError(
+                f"MODEL.OCZ.LOSS.PIXEL_NUM_POINTS={pixel_num_points}: use 0 (every annotated "
+                "pixel) or a number of points per image > 0"
+            )
         if clip_tower is not None and hasattr(backbone, "clip_model"):
             raise ValueError("the backbone is a CLIP already: give no clip_tower")
         self.backbone = backbone
@@ -209,6 +217,7 @@ class OCZeroShotSegmentor(nn.Module):
         self.criterion = criterion
         # The auxiliary pixel-text loss's weight; the decoder outputs "pixel_logits" when > 0.
         self.pixel_weight = pixel_weight
+        self.pixel_num_points = pixel_num_points
         self.text_embedder = text_embedder
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -310,6 +319,7 @@ class OCZeroShotSegmentor(nn.Module):
             "transformer_decoder": transformer_decoder,
             "criterion": criterion,
             "pixel_weight": cfg.MODEL.OCZ.LOSS.PIXEL_WEIGHT,
+            "pixel_num_points": cfg.MODEL.OCZ.LOSS.PIXEL_NUM_POINTS,
             "text_embedder": text_embedder,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -543,7 +553,7 @@ class OCZeroShotSegmentor(nn.Module):
         losses = {k: v * weights[k] for k, v in losses.items() if k in weights}
         if "pixel_logits" in outputs:
             losses["loss_pixel"] = self.pixel_weight * pixel_text_loss(
-                outputs["pixel_logits"], targets
+                outputs["pixel_logits"], targets, self.pixel_num_points
             )
         return losses
 
