@@ -672,20 +672,14 @@ def pixel_text_loss(
             pixel_logits.float(), size=(height, width), mode="bilinear", align_corners=False
         )
         return F.cross_entropy(logits, label_map, ignore_index=-100)
-    # Pixel i of image b is the flat index offsets[b] + i of the annotated pixels, row-major.
+    # The annotated pixels, image by image in row-major order; image b's i-th is offsets[b] + i.
+    values = label_map[annotated]
     images, rows, cols = torch.nonzero(annotated, as_tuple=True)
     counts = torch.bincount(images, minlength=len(targets))
     offsets = torch.cumsum(counts, 0) - counts
-    draw = torch.rand(len(targets), num_points, device=pixel_logits.device)
-    picks = offsets[:, None] + (draw * counts[:, None]).long().clamp_max(
-        (counts - 1).clamp_min(0)[:, None]
-    )
-    picks = picks.clamp_max(len(images) - 1)
-    coords = torch.stack(
-        [(cols[picks].float() + 0.5) / width, (rows[picks].float() + 0.5) / height], dim=-1
-    )
-    labels = torch.where(
-        counts[:, None] > 0, label_map[images[picks], rows[picks], cols[picks]], -100
-    )
+    draw = (torch.rand(len(targets), num_points, device=values.device) * counts[:, None]).long()
+    picks = (offsets[:, None] + draw.clamp_max(counts[:, None] - 1)).clamp(0, len(values) - 1)
+    coords = torch.stack([(cols[picks] + 0.5) / width, (rows[picks] + 0.5) / height], dim=-1)
+    labels = torch.where(counts[:, None] > 0, values[picks], -100)  # no pixel: no part
     logits = point_sample(pixel_logits.float(), coords)  # [B, K, P]
     return F.cross_entropy(logits, labels, ignore_index=-100)
