@@ -249,7 +249,7 @@ def test_train_checkpoint_resume_evaluate(dataset, tmp_path):
 def test_resume_with_an_optimizer_state_of_other_groups_is_a_clear_error(dataset, tmp_path):
     """A checkpoint whose optimizer had other parameter groups (an older ocz_d2 kept one group
     per tensor) cannot be resumed: a CheckpointError that says what to do, not torch's bare
-    ValueError, and never a resume with the learning rates of other groups."""
+    ValueError."""
     out = tmp_path / "out"
     trainer = Trainer(_cfg(dataset, out, max_iter=2))
     trainer.resume_or_load(resume=False)

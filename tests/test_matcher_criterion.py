@@ -13,7 +13,12 @@ from detectron2.config import get_cfg
 from ocz_d2 import add_ocz_config
 from ocz_d2.modeling.criterion import SetCriterion, dice_loss, pixel_text_loss, sigmoid_ce_loss
 from ocz_d2.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost
-from ocz_d2.modeling.point_utils import point_sample, sample_uncertain_points, sample_valid_points
+from ocz_d2.modeling.point_utils import (
+    point_sample,
+    sample_uncertain_points,
+    sample_valid_points,
+    uniform_valid_points,
+)
 
 WEIGHTS = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
@@ -630,3 +635,18 @@ def test_pixel_text_loss_on_points_estimates_the_dense_loss_without_bias():
     )
     zero = pixel_text_loss(logits.requires_grad_(True), [empty], 5)
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_uniform_valid_points_index_the_batch_valid_pixels():
+    """Hand-built: image 0 has True pixels (row 1, col 2) and (row 3, col 0) of a 4x4 grid,
+    image 1 only (row 0, col 3), image 2 none."""
+    valid = torch.zeros(3, 4, 4, dtype=torch.bool)
+    valid[0, 1, 2] = valid[0, 3, 0] = valid[1, 0, 3] = True
+    coords, index, counts = uniform_valid_points(valid, 50, torch.Generator().manual_seed(0))
+    assert counts.tolist() == [2, 1, 0] and coords.shape == (3, 50, 2)
+    assert set(index[0].tolist()) == {0, 1}  # both pixels of image 0 drawn, nothing else
+    assert index[1].tolist() == [2] * 50
+    centres = {0: (2.5 / 4, 1.5 / 4), 1: (0.5 / 4, 3.5 / 4), 2: (3.5 / 4, 0.5 / 4)}
+    for b in range(2):
+        for i, (x, y) in zip(index[b].tolist(), coords[b].tolist(), strict=True):
+            assert (x, y) == pytest.approx(centres[i])

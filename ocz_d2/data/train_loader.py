@@ -69,8 +69,8 @@ def seeded_rngs(seed: int):
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002
     # The CPU generator only: torch.manual_seed would also seed (and leave seeded) every
-    # accelerator's generator, and costs about 0.6 ms per call where CUDA is absent (it queues
-    # the seed with a captured stack), a fifth of the mapper's time on the miniature.
+    # accelerator's generator, and where CUDA is absent it queues the seed with a captured
+    # stack, a fifth of the miniature's loader time (RESULTS.md).
     torch.default_generator.manual_seed(seed)
     try:
         yield

@@ -89,7 +89,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError("the model has no trainable parameter: check MODEL.OCZ.CLIP.FROZEN")
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
-        # One fused kernel per group: about 4x cheaper than the per-tensor loop on a CPU.
+        # One fused kernel per group instead of a loop over the tensors (RESULTS.md).
         cls, kwargs = torch.optim.AdamW, {"fused": True}
     elif name == "SGD":
         cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}

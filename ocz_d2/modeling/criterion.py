@@ -10,7 +10,7 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 
 from .matcher import HungarianMatcher, check_mask_loss, embedding_class_cost
-from .point_utils import point_sample, sample_uncertain_points
+from .point_utils import point_sample, sample_uncertain_points, uniform_valid_points
 
 __all__ = [
     "CANDIDATE_PREFIX",
@@ -672,14 +672,9 @@ def pixel_text_loss(
             pixel_logits.float(), size=(height, width), mode="bilinear", align_corners=False
         )
         return F.cross_entropy(logits, label_map, ignore_index=-100)
-    # The annotated pixels, image by image in row-major order; image b's i-th is offsets[b] + i.
-    values = label_map[annotated]
-    images, rows, cols = torch.nonzero(annotated, as_tuple=True)
-    counts = torch.bincount(images, minlength=len(targets))
-    offsets = torch.cumsum(counts, 0) - counts
-    draw = (torch.rand(len(targets), num_points, device=values.device) * counts[:, None]).long()
-    picks = (offsets[:, None] + draw.clamp_max(counts[:, None] - 1)).clamp(0, len(values) - 1)
-    coords = torch.stack([(cols[picks] + 0.5) / width, (rows[picks] + 0.5) / height], dim=-1)
-    labels = torch.where(counts[:, None] > 0, values[picks], -100)  # no pixel: no part
+    coords, picks, counts = uniform_valid_points(annotated, num_points)
+    labels = torch.where(
+        counts[:, None] > 0, label_map[annotated][picks], -100
+    )  # no pixel: no part
     logits = point_sample(pixel_logits.float(), coords)  # [B, K, P]
     return F.cross_entropy(logits, labels, ignore_index=-100)

@@ -22,6 +22,7 @@ __all__ = [
     "point_sample",
     "sample_uncertain_points",
     "sample_valid_points",
+    "uniform_valid_points",
     "valid_pixel_centres",
 ]
 
@@ -92,6 +93,35 @@ def _valid_centres_per_image(valid: torch.Tensor) -> tuple[torch.Tensor, torch.T
     ys = (rows.to(torch.float32) + 0.5) / height
     counts = torch.bincount(images, minlength=valid.shape[0])
     return torch.stack([xs, ys], dim=1), counts
+
+
+def _draw_indices(
+    first: torch.Tensor, count: torch.Tensor, num: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """[N, num] indices drawn uniformly (with replacement) from ``first + 0..count - 1`` per
+    row (``first``, ``count``: int64 [N, 1]); a row with ``count`` 0 gets ``first - 1``."""
+    u = torch.rand((first.shape[0], num), generator=generator, device=first.device)
+    # floor(u * n) is uniform over 0..n-1; the minimum guards float rounding up to n.
+    return first + torch.minimum((u * count).long(), count - 1)
+
+
+def uniform_valid_points(
+    valid: torch.Tensor, num_points: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``num_points`` pixels per image uniformly (with replacement) over the True pixels of
+    ``valid`` [B, H, W], which must hold at least one.
+
+    Returns:
+        (coords float32 [B, P, 2] normalised ``(x, y)`` pixel centres; index int64 [B, P] of
+        each point among the True pixels of the batch, image by image in row-major order, as
+        ``tensor[valid]`` lists them; counts int64 [B] of True pixels per image). The rows of an
+        image without a True pixel hold arbitrary pixels of the others: mask them by ``counts``.
+    """
+    centres, counts = _valid_centres_per_image(valid)
+    first = (counts.cumsum(0) - counts)[:, None]
+    index = _draw_indices(first, counts[:, None], num_points, generator)
+    index = index.clamp(0, centres.shape[0] - 1)
+    return centres[index], index, counts
 
 
 def sample_uncertain_points(
@@ -169,10 +199,7 @@ def sample_uncertain_points(
         first = (counts.cumsum(0) - counts)[image_index][:, None]
 
         def draw(count: int) -> torch.Tensor:
-            u = torch.rand((num_masks, count), generator=generator, device=centres.device)
-            # floor(u * n) is uniform over 0..n-1; the clamp guards float rounding up to n.
-            offset = torch.minimum((u * per_mask).long(), per_mask - 1)
-            return centres[first + offset]  # [N, count, 2]
+            return centres[_draw_indices(first, per_mask, count, generator)]  # [N, count, 2]
 
         parts = []
         if num_uncertain > 0:
