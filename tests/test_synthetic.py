@@ -43,14 +43,19 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_same_seed_gives_identical_bytes(tmp_path):
-    a = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", seed=3, **TINY)
-    b = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", seed=3, **TINY)
+def test_same_seed_gives_identical_bytes_in_any_number_of_processes(tmp_path):
+    a = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", seed=3, workers=1, **TINY)
+    b = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", seed=3, workers=3, **TINY)
     files_a, files_b = _files(a.root), _files(b.root)
     # images and labels of 3 splits, 3 caption files, 16 zero-shot images + labels, embeddings,
     # 2 split files, marker (the pretraining set is rendered on first use)
     assert len(files_a) == 2 * (3 + 2 + 2) + 3 + (16 + 1) + 1 + 2 + 1
     assert files_a == files_b
+    ensure_pretraining_set(a.root, workers=1)
+    ensure_pretraining_set(b.root, workers=3)
+    pretrain_a, pretrain_b = _files(a.root / "pretrain"), _files(b.root / "pretrain")
+    assert len(pretrain_a) == TINY["num_pretrain"] + 2  # images, captions.csv, marker
+    assert pretrain_a == pretrain_b
     c = generate_synthetic_benchmark(tmp_path / "c" / "ocz_synth", seed=4, **TINY)
     files_c = _files(c.root)
     assert files_c["images/train/00000.png"] != files_a["images/train/00000.png"]

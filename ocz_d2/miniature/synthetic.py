@@ -44,6 +44,7 @@ import shutil
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -55,6 +56,7 @@ from ..constants import IGNORE_LABEL
 from ..data.object_maps import write_object_map_split_file, write_record
 from ..data.split_file import load_split_file
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, datasets_root
+from ..utils.parallel import default_workers, process_map
 
 __all__ = [
     "HUES",
@@ -465,59 +467,79 @@ class _Params:
         return {"generator_version": _GENERATOR_VERSION, **self.__dict__}
 
 
-def _write_segmentation_split(root: Path, split: str, count: int, p: _Params, progress) -> None:
-    """Images, labels and captions of one segmentation split."""
+def _render_rows(
+    item: Callable[[int], tuple[str, str]], count: int, label: str, progress, workers: int
+) -> list[tuple[str, str]]:
+    """``item(i)`` for ``i < count`` (each renders and writes image ``i``, returns its CSV row)
+    in ``workers`` processes: image ``i`` depends only on its own seed, so the files are the
+    same for any number of workers."""
     rows = []
-    for i in range(count):
-        scene = render_synthetic_sample(
-            np.random.default_rng([p.seed, _STREAMS[split], i]),
-            p.image_size,
-            p.min_objects,
-            p.max_objects,
-        )
-        name = f"{i:05d}.png"
-        _save_png(scene.image, root / "images" / split / name)
-        _save_png(scene.label, root / "labels" / split / name)
-        caption_rng = np.random.default_rng([p.seed, _STREAMS[split], i, 1])
-        rows.append(
-            (f"images/{split}/{name}", synthetic_caption(caption_rng, scene.visible_objects()))
-        )
+    for row in process_map(item, range(count), workers=workers, start_method="fork"):
+        rows.append(row)
         if progress is not None:
-            progress(split, i + 1, count)
+            progress(label, len(rows), count)
+    return rows
+
+
+def _segmentation_item(i: int, root: Path, split: str, p: _Params) -> tuple[str, str]:
+    scene = render_synthetic_sample(
+        np.random.default_rng([p.seed, _STREAMS[split], i]),
+        p.image_size,
+        p.min_objects,
+        p.max_objects,
+    )
+    name = f"{i:05d}.png"
+    _save_png(scene.image, root / "images" / split / name)
+    _save_png(scene.label, root / "labels" / split / name)
+    caption_rng = np.random.default_rng([p.seed, _STREAMS[split], i, 1])
+    return f"images/{split}/{name}", synthetic_caption(caption_rng, scene.visible_objects())
+
+
+def _write_segmentation_split(
+    root: Path, split: str, count: int, p: _Params, progress, workers: int
+) -> None:
+    """Images, labels and captions of one segmentation split."""
+    item = partial(_segmentation_item, root=root, split=split, p=p)
+    rows = _render_rows(item, count, split, progress, workers)
     _write_csv(root / "captions" / f"{split}.csv", ("filepath", "caption"), rows)
 
 
-def _write_pretraining_set(root: Path, p: _Params, progress) -> None:
+def _pretraining_item(i: int, root: Path, p: _Params) -> tuple[str, str]:
+    rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
+    kind = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+    if kind == 0:
+        scene = render_synthetic_sample(rng, p.image_size, 1, 1, object_scale=_CLOSE_UP)
+    else:
+        scene = render_synthetic_sample(rng, p.image_size, kind, kind)
+    name = f"images/{i:05d}.png"
+    _save_png(scene.image, root / "pretrain" / name)
+    caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
+    return name, synthetic_caption(caption_rng, scene.visible_objects())
+
+
+def _write_pretraining_set(root: Path, p: _Params, progress, workers: int) -> None:
     """Image-caption pairs over all 16 classes (never used as masks): single-object close-ups
     (50%), and scenes at the benchmark's scale with one (30%) or two (20%) objects."""
-    rows = []
-    for i in range(p.num_pretrain):
-        rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
-        kind = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
-        if kind == 0:
-            scene = render_synthetic_sample(rng, p.image_size, 1, 1, object_scale=_CLOSE_UP)
-        else:
-            scene = render_synthetic_sample(rng, p.image_size, kind, kind)
-        name = f"images/{i:05d}.png"
-        _save_png(scene.image, root / "pretrain" / name)
-        caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
-        rows.append((name, synthetic_caption(caption_rng, scene.visible_objects())))
-        if progress is not None:
-            progress("pretrain", i + 1, p.num_pretrain)
+    item = partial(_pretraining_item, root=root, p=p)
+    rows = _render_rows(item, p.num_pretrain, "pretrain", progress, workers)
     _write_csv(root / "pretrain" / "captions.csv", ("filepath", "caption"), rows)
 
 
-def _write_zeroshot_set(root: Path, p: _Params) -> None:
+def _zeroshot_item(i: int, root: Path, p: _Params) -> tuple[str, str]:
+    cls = i % len(SYNTHETIC_CLASSES)
+    rng = np.random.default_rng([p.seed, _STREAMS["zeroshot"], i])
+    scene = render_synthetic_sample(rng, p.image_size, classes=[cls], object_scale=_CLOSE_UP)
+    name = f"images/{i:05d}.png"
+    _save_png(scene.image, root / "zeroshot" / name)
+    return name, SYNTHETIC_CLASSES[cls]
+
+
+def _write_zeroshot_set(root: Path, p: _Params, workers: int) -> None:
     """Single-object close-ups (crops of one object, textures at the benchmark's pixel scale),
     ``num_zeroshot_per_class`` of each class, with their class name."""
-    rows = []
-    for i in range(p.num_zeroshot_per_class * len(SYNTHETIC_CLASSES)):
-        cls = i % len(SYNTHETIC_CLASSES)
-        rng = np.random.default_rng([p.seed, _STREAMS["zeroshot"], i])
-        scene = render_synthetic_sample(rng, p.image_size, classes=[cls], object_scale=_CLOSE_UP)
-        name = f"images/{i:05d}.png"
-        _save_png(scene.image, root / "zeroshot" / name)
-        rows.append((name, SYNTHETIC_CLASSES[cls]))
+    item = partial(_zeroshot_item, root=root, p=p)
+    count = p.num_zeroshot_per_class * len(SYNTHETIC_CLASSES)
+    rows = _render_rows(item, count, "zeroshot", None, workers)
     _write_csv(root / "zeroshot" / "labels.csv", ("filepath", "label"), rows)
 
 
@@ -557,6 +579,7 @@ def generate_synthetic_benchmark(
     dataset_name: str | None = None,
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    workers: int | None = None,
 ) -> SyntheticBenchmark:
     """Generate the synthetic benchmark under ``root`` (deterministic given the arguments).
 
@@ -579,6 +602,7 @@ def generate_synthetic_benchmark(
         force: regenerate even if a complete folder exists.
         progress: called as ``progress(set, done, total)`` after each image of the segmentation
             splits and the pretraining set.
+        workers: rendering processes (default: one per core); the files do not depend on it.
 
     Returns:
         A :class:`SyntheticBenchmark` describing the folder.
@@ -617,9 +641,10 @@ def generate_synthetic_benchmark(
         return dataclasses.replace(info, generated=False)
 
     _clear_generated(root)
+    workers = workers or default_workers()
     for split, count in zip(_SPLITS, (num_train, num_val, num_test)):
-        _write_segmentation_split(root, split, count, params, progress)
-    _write_zeroshot_set(root, params)
+        _write_segmentation_split(root, split, count, params, progress, workers)
+    _write_zeroshot_set(root, params, workers)
     _write_npz(info.class_embeddings, synthetic_class_embeddings(embedding_dim, seed))
     atomic_write_text(
         info.split_file, _split_yaml(params.dataset, root.name, with_embeddings=False)
@@ -651,7 +676,9 @@ def generator_marker(root: str | os.PathLike) -> dict:
 
 
 def ensure_pretraining_set(
-    root: str | os.PathLike, progress: Callable[[str, int, int], None] | None = None
+    root: str | os.PathLike,
+    progress: Callable[[str, int, int], None] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """The benchmark's image-caption pretraining set, rendered on first use.
 
@@ -663,6 +690,7 @@ def ensure_pretraining_set(
     Args:
         root: a complete synthetic benchmark folder.
         progress: called as ``progress("pretrain", done, total)`` after each image.
+        workers: rendering processes (default: one per core); the files do not depend on it.
 
     Returns:
         The set's caption CSV ``<root>/pretrain/captions.csv`` (``filepath``, ``caption``; paths
@@ -689,7 +717,7 @@ def ensure_pretraining_set(
     marker.unlink(missing_ok=True)
     shutil.rmtree(root / "pretrain" / "images", ignore_errors=True)
     (root / "pretrain" / "images").mkdir(parents=True)
-    _write_pretraining_set(root, params, progress)
+    _write_pretraining_set(root, params, progress, workers or default_workers())
     atomic_write_json(marker, record, indent=2, sort_keys=True)
     return captions
 

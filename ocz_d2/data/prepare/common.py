@@ -21,7 +21,6 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from ...constants import IGNORE_LABEL
 from ...utils.io import atomic_write, atomic_write_json, is_temporary_name
+from ...utils.parallel import process_map
 from ..split_file import load_split_file
 
 __all__ = [
@@ -323,17 +323,10 @@ def run_items(
     hist = np.zeros(256, dtype=np.int64)
     written = 0
     bar = tqdm(total=len(items), desc=f"prepare {out.name}", disable=not progress, mininterval=1)
-    if workers <= 1:
-        for h, w in map(fn, items):
-            hist += h
-            written += w
-            bar.update()
-    else:
-        with get_context("spawn").Pool(workers) as pool:
-            for h, w in pool.imap_unordered(fn, items, chunksize=16):
-                hist += h
-                written += w
-                bar.update()
+    for h, w in process_map(fn, items, workers=workers):
+        hist += h
+        written += w
+        bar.update()
     bar.close()
     result = PrepareResult(
         out=out,
