@@ -36,11 +36,10 @@ def _env(data) -> dict:
     return env
 
 
-def _run(data, out, *args, **extra):
+def _run(data, out, *args, threads: int = 1, **extra):
     cmd = [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIG), *args]
-    proc = subprocess.run(
-        cmd + _opts(data, out, **extra), env=_env(data), capture_output=True, text=True
-    )
+    env = {**_env(data), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd + _opts(data, out, **extra), env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -122,10 +121,21 @@ def test_two_process_training_matches_one_process(synthetic_benchmark, tmp_path)
     with socket.socket() as sock:  # a free port, not the launcher's fixed per-user default
         sock.bind(("127.0.0.1", 0))
         url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    two = _run(data, tmp_path / "ddp", "--num-gpus", "2", "--dist-url", url, **_DETERMINISTIC_DATA)
+    # The two processes share the run's threads (OMP_NUM_THREADS 2, which torch caps at the
+    # cores): half each, at least one.
+    probe = "import torch; print(torch.get_num_threads())"
+    env = {**_env(data), "OMP_NUM_THREADS": "2"}
+    threads = int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                                 text=True, check=True).stdout)  # fmt: skip
+    two = _run(
+        data, tmp_path / "ddp", "--num-gpus", "2", "--dist-url", url, threads=2,
+        **_DETERMINISTIC_DATA,
+    )  # fmt: skip
     assert "World size: 2" in two.stdout + two.stderr
+    assert f"CPU threads of this process: {max(1, threads // 2)}" in two.stdout + two.stderr
     assert (tmp_path / "ddp" / "model_final.pth").is_file()
-    _run(data, tmp_path / "one", **_DETERMINISTIC_DATA)
+    single = _run(data, tmp_path / "one", threads=2, **_DETERMINISTIC_DATA)
+    assert f"CPU threads of this process: {threads}" in single.stdout + single.stderr
     # Same initial weights and images, total batch 2 in both: the logged losses (averaged over
     # ranks) agree up to the random choice of loss points (mask losses, measured < 1%) and the
     # class loss and the pixel-text loss, means per rank rather than over the batch (measured

@@ -37,6 +37,7 @@ __all__ = [
     "launch_run",
     "load_run_config",
     "main_worker",
+    "share_cpu_threads",
     "run",
     "run_args",
     "run_in_new_process",
@@ -104,6 +105,7 @@ def setup(args):
     cfg = load_run_config(args)
     setup_run_logging(cfg.OUTPUT_DIR, comm.get_rank())
     default_setup(cfg, args)
+    logging.getLogger("detectron2").info("CPU threads of this process: %d", torch.get_num_threads())
     return cfg
 
 
@@ -124,10 +126,21 @@ def run(args):
     return trainer.train()
 
 
+def share_cpu_threads() -> int:
+    """Without CUDA, the processes of a run on one machine share its CPU threads: each takes
+    its share of the thread count it started with (``OMP_NUM_THREADS``, else the cores), at least
+    one. Returns this process's thread count."""
+    local = comm.get_local_size()
+    if local > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, torch.get_num_threads() // local))
+    return torch.get_num_threads()
+
+
 def main_worker(args):
     """One process of the run (Detectron2's ``launch`` calls it in each)."""
     if comm.get_world_size() == 1:
         return run(args)
+    share_cpu_threads()
     status = run_tool(run, args, debug=args.debug)
     if status:
         sys.exit(status)  # the parent reports the status; the others are stopped
