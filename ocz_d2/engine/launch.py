@@ -140,6 +140,9 @@ def main_worker(args):
     """One process of the run (Detectron2's ``launch`` calls it in each)."""
     if comm.get_world_size() == 1:
         return run(args)
+    # A process of several dies with the launcher that started it: killing a demo or a report
+    # (whose launcher dies with it, run_in_new_process) leaves no training running.
+    die_with_parent(os.getppid())
     share_cpu_threads()
     status = run_tool(run, args, debug=args.debug)
     if status:
