@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from ocz_d2.config import load_config
 from ocz_d2.data import ZeroShotSemSegDatasetMapper
 from ocz_d2.data.split_file import register_split_files_from_config
 from ocz_d2.engine.checkpoint import AtomicCheckpointer
+from ocz_d2.engine.cli import USER_ERROR_STATUS
+from ocz_d2.engine.launch import run_args, run_in_new_process
 from ocz_d2.evaluation import build_zero_shot_evaluator
 from ocz_d2.evaluation.protocol import chance_metrics, pick_calibration
 from ocz_d2.evaluation.report import (
@@ -107,6 +112,33 @@ def test_report_runs_tunes_on_val_and_is_byte_identical(env, tmp_path, capsys):
     with pytest.raises(RuntimeError, match="run of another command"):
         run_report([other], [0], tmp_path / "a")
     assert metrics_a.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_a_two_process_run_is_launched_from_this_process(env, tmp_path):
+    """run_in_new_process starts the two processes of a run itself (no process in between):
+    both write to the log, and their exit status comes back (2 after a config error)."""
+    data = env
+    with socket.socket() as sock:  # a free port, not the launcher's fixed per-user default
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    opts = data.tiny_run_overrides(
+        OUTPUT_DIR=tmp_path / "run", **{"SOLVER.MAX_ITER": 1, "SOLVER.IMS_PER_BATCH": 2}
+    )
+    args = run_args(str(CONFIG), opts, num_gpus=2)
+    args.dist_url = url
+    log = tmp_path / "run.log"
+    log.write_text("an older run's output\n")
+    assert run_in_new_process(args, log) == 0
+    text = log.read_text()
+    assert "older run" not in text and "World size: 2" in text
+    assert "CPU threads of this process: 1 (process " in text
+    assert f"started by {os.getpid()})" in text  # no process in between
+    assert (tmp_path / "run" / "model_final.pth").is_file()
+    args.opts = [*args.opts, "SOLVER.NO_SUCH_KEY", "1"]
+    assert run_in_new_process(args, log) == USER_ERROR_STATUS
+    assert "NO_SUCH_KEY" in log.read_text()
 
 
 @pytest.mark.slow

@@ -132,10 +132,10 @@ def test_two_process_training_matches_one_process(synthetic_benchmark, tmp_path)
         **_DETERMINISTIC_DATA,
     )  # fmt: skip
     assert "World size: 2" in two.stdout + two.stderr
-    assert f"CPU threads of this process: {max(1, threads // 2)}" in two.stdout + two.stderr
+    assert f"CPU threads of this process: {max(1, threads // 2)} (" in two.stdout + two.stderr
     assert (tmp_path / "ddp" / "model_final.pth").is_file()
     single = _run(data, tmp_path / "one", threads=2, **_DETERMINISTIC_DATA)
-    assert f"CPU threads of this process: {threads}" in single.stdout + single.stderr
+    assert f"CPU threads of this process: {threads} (" in single.stdout + single.stderr
     # Same initial weights and images, total batch 2 in both: the logged losses (averaged over
     # ranks) agree up to the random choice of loss points (mask losses, measured < 1%) and the
     # class loss and the pixel-text loss, means per rank rather than over the batch (measured

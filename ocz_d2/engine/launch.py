@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from detectron2.engine import default_setup, launch
@@ -105,7 +106,10 @@ def setup(args):
     cfg = load_run_config(args)
     setup_run_logging(cfg.OUTPUT_DIR, comm.get_rank())
     default_setup(cfg, args)
-    logging.getLogger("detectron2").info("CPU threads of this process: %d", torch.get_num_threads())
+    logging.getLogger("detectron2").info(
+        "CPU threads of this process: %d (process %d, started by %d)",
+        torch.get_num_threads(), os.getpid(), os.getppid(),
+    )  # fmt: skip
     return cfg
 
 
@@ -140,8 +144,8 @@ def main_worker(args):
     """One process of the run (Detectron2's ``launch`` calls it in each)."""
     if comm.get_world_size() == 1:
         return run(args)
-    # A process of several dies with the launcher that started it: killing a demo or a report
-    # (whose launcher dies with it, run_in_new_process) leaves no training running.
+    # A process of several dies with the process that launched it (train_net.py, or the demo or
+    # report that runs it, run_in_new_process): killing that leaves no training running.
     die_with_parent(os.getppid())
     share_cpu_threads()
     status = run_tool(run, args, debug=args.debug)
@@ -167,30 +171,48 @@ def launch_run(args) -> int:
 
 
 def run_in_new_process(args, log: str | os.PathLike | None = None) -> int:
-    """:func:`launch_run` in a fresh Python process, as ``tools/train_net.py`` runs it.
+    """:func:`launch_run` in fresh Python processes, as ``tools/train_net.py`` runs it: one new
+    process, or, for several on this machine, the launcher's own processes started from here
+    (they are new interpreters already; no process in between).
 
     Args:
         args: the run's arguments (:func:`run_args`).
-        log: file that takes the process's console output (stdout and stderr); None: this
+        log: file that takes the processes' console output (stdout and stderr); None: this
             process's console.
 
     Returns:
         Its exit status: 0, :data:`~ocz_d2.engine.cli.USER_ERROR_STATUS` after a config, data or
         weights error (printed), another value when it failed otherwise.
     """
+    log = None if log is None else os.fspath(log)
+    if log is not None:
+        Path(log).write_bytes(b"")  # each process appends to it
     # A spawned interpreter would make "spawn" its own default start method, and the data
     # loader's workers would then start without the datasets that the run registers from its
-    # split files: the new process starts its workers as this one would (fork on Linux).
-    # It also dies with this process: a report or demo that is killed leaves no training behind.
-    process = multiprocessing.get_context("spawn").Process(
-        target=_new_process_main,
-        args=(
-            args,
-            None if log is None else os.fspath(log),
-            multiprocessing.get_start_method(),
-            os.getpid(),
-        ),
-    )
+    # split files: the new processes start their workers as this one would (fork on Linux).
+    # They also die with this process: a report or demo that is killed leaves no training behind.
+    setting = (args, log, multiprocessing.get_start_method(), os.getpid())
+    if args.num_gpus > 1 and args.num_machines == 1:
+        try:
+            launch(
+                _new_process_main,
+                args.num_gpus,
+                dist_url=args.dist_url or default_dist_url(),
+                args=setting,
+            )
+        except torch.multiprocessing.ProcessExitedException as e:
+            return e.exit_code
+        except torch.multiprocessing.ProcessRaisedException as e:  # its traceback, where the
+            # process's output went (the launcher keeps it from the process's own stderr)
+            message = f"A training process failed:\n{e}\n"
+            if log is None:
+                print(message, file=sys.stderr, flush=True)
+            else:
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(message)
+            return 1
+        return 0
+    process = multiprocessing.get_context("spawn").Process(target=_new_process_main, args=setting)
     process.start()
     process.join()
     return process.exitcode
@@ -218,13 +240,18 @@ def die_with_parent(parent_pid: int) -> bool:
 
 
 def _new_process_main(args, log: str | None, start_method: str, parent_pid: int) -> None:
+    """A new process of the run: its console to ``log``, then the run (a launcher's process:
+    its share of the run, :func:`main_worker`)."""
     die_with_parent(parent_pid)
     multiprocessing.set_start_method(start_method, force=True)
     if log is not None:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)  # the process's stdout and stderr, Python's and any library's alike
         os.dup2(fd, 2)
         os.close(fd)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
+    if comm.get_world_size() > 1:
+        main_worker(args)
+        return
     sys.exit(run_tool(launch_run, args, debug=args.debug))
