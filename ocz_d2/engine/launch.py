@@ -38,11 +38,11 @@ __all__ = [
     "launch_run",
     "load_run_config",
     "main_worker",
-    "share_cpu_threads",
     "run",
     "run_args",
     "run_in_new_process",
     "setup",
+    "share_cpu_threads",
 ]
 
 
