@@ -157,8 +157,8 @@ def run(args) -> int:
     out = Path(args.output_dir)
     train_start = time.time()
     log(f"training and testing in {out} (a finished run there is reused; delete it to retrain)")
-    # Two CPU processes of one thread each take 0.9x the time per iteration of one process of
-    # two threads (RESULTS.md); the total batch, and the images in it, are the same. With CUDA
+    # Two CPU processes of one thread each took 0.89-0.96x the time per iteration of one process
+    # of two threads (RESULTS.md); the total batch, and the images in it, are the same. With CUDA
     # present, Detectron2's launcher would give each process a GPU: one process then.
     processes = args.num_gpus or (1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
     result = run_seed(row, args.seed, out, num_gpus=processes, console=True)
