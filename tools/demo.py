@@ -144,6 +144,7 @@ def run(args) -> int:
     from ocz_d2.engine.cli import check_overrides
     from ocz_d2.evaluation.protocol import chance_metrics
     from ocz_d2.evaluation.report import ReportRow, pin_clip_weights, run_seed
+    from ocz_d2.utils.parallel import default_workers
 
     def log(message: str) -> None:
         print(f"[demo] {message}", flush=True)
@@ -160,7 +161,7 @@ def run(args) -> int:
     # Two CPU processes of one thread each took 0.89-0.96x the time per iteration of one process
     # of two threads (RESULTS.md); the total batch, and the images in it, are the same. With CUDA
     # present, Detectron2's launcher would give each process a GPU: one process then.
-    processes = args.num_gpus or (1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
+    processes = args.num_gpus or (1 if torch.cuda.is_available() else min(2, default_workers()))
     result = run_seed(row, args.seed, out, num_gpus=processes, console=True)
     train_s = time.time() - train_start
 

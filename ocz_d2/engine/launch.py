@@ -202,14 +202,13 @@ def run_in_new_process(args, log: str | os.PathLike | None = None) -> int:
             )
         except torch.multiprocessing.ProcessExitedException as e:
             return e.exit_code
-        except torch.multiprocessing.ProcessRaisedException as e:  # its traceback, where the
-            # process's output went (the launcher keeps it from the process's own stderr)
-            message = f"A training process failed:\n{e}\n"
-            if log is None:
-                print(message, file=sys.stderr, flush=True)
-            else:
+        except torch.multiprocessing.ProcessRaisedException as e:
+            # The launcher keeps a failed process's traceback from that process's own output:
+            # it goes to this process's log, and to the run's log file.
+            logging.getLogger(__name__).error("A training process failed:\n%s", e)
+            if log is not None:
                 with open(log, "a", encoding="utf-8") as f:
-                    f.write(message)
+                    f.write(f"A training process failed:\n{e}\n")
             return 1
         return 0
     process = multiprocessing.get_context("spawn").Process(target=_new_process_main, args=setting)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 
 from ...utils.io import datasets_root
+from ...utils.parallel import default_workers
 from .common import PrepareError, PrepareResult, format_summary
 
 __all__ = ["DefaultsHelpFormatter", "base_parser", "run_cli"]
@@ -32,7 +33,7 @@ def base_parser(description: str, out_name: str) -> argparse.ArgumentParser:
         help="output folder (the split file expects $DETECTRON2_DATASETS/" + out_name + ")",
     )
     parser.add_argument(
-        "--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes"
+        "--workers", type=int, default=default_workers(), help="processes (default: the cores)"
     )
     parser.add_argument(
         "--images",
