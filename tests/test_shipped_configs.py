@@ -208,6 +208,19 @@ def test_paper_scale_configs_keep_the_miniature_options_off(config):
     assert cfg.MODEL.OCZ.LOSS.PIXEL_WEIGHT == 0.0
 
 
+def test_miniature_configs_use_the_segment_ensemble_chosen_on_val():
+    """The demo and the ladders built on it classify segments with the frozen tiny CLIP too (the
+    variant chosen on val, RESULTS.md); the supervised bound measures the segmenter alone and
+    the attribute config has no trained CLIP: both leave it off."""
+    for config in ("ocz_tiny.yaml", "ocz_tiny_oczss.yaml", "ocz_tiny_split_mfe.yaml"):
+        seg = load_config(REPO / "configs" / "synthetic" / config).MODEL.OCZ.SEGMENT_CLIP
+        assert seg.ENABLED and (seg.ROUTE, seg.STYLE) == ("crop", "mask"), config
+        assert seg.SKIP_NO_OBJECT == 0.5 and seg.SEEN_MEAN, config
+    for config in ("ocz_tiny_supervised.yaml", "ocz_tiny_attr.yaml", "zegformer_tiny.yaml"):
+        seg = load_config(REPO / "configs" / "synthetic" / config).MODEL.OCZ.SEGMENT_CLIP
+        assert not seg.ENABLED, config
+
+
 # What an ablation row may change in its protocol config: the parts it switches, the setting.
 ABLATED = ("MODEL.OCZ.OBJECTS.", "MODEL.OCZ.GUIDE.", "MODEL.OCZ.ORA.", "MODEL.OCZ.SPLIT.",
            "MODEL.OCZ.MFE.", "MODEL.OCZ.SELF_TRAINING.", "MODEL.OCZ.TEST.CALIBRATION",
