@@ -518,7 +518,11 @@ def ensure_pretrained_clip(
 
 
 #: Pretraining settings of the synthetic benchmark's tiny CLIP (``tools/prepare_synthetic.py``).
-SYNTHETIC_CLIP_PRETRAIN = ClipPretrainConfig()
+#: 800 steps rather than 1,000, for the cold demo's time; seed 2 is the best of pretraining seeds
+#: 0-2 at 800 steps on the zero-shot check of the close-ups, the tiny CLIP's own held-out images
+#: (seen / unseen 80.0 / 65.0, 84.7 / 88.0, 89.3 / 88.0 on 2 threads; RESULTS.md). The
+#: segmentation splits played no part in the choice.
+SYNTHETIC_CLIP_PRETRAIN = ClipPretrainConfig(steps=800, seed=2)
 #: File name of the tiny CLIP inside the synthetic benchmark's folder (``MODEL.OCZ.CLIP.WEIGHTS``
 #: of ``configs/synthetic/ocz_tiny.yaml`` is ``ocz_synthetic/tiny_clip.pt``).
 SYNTHETIC_CLIP_FILE = "tiny_clip.pt"
