@@ -351,6 +351,14 @@ def test_ground_truth_segment_accuracy_counts_and_a_hand_classified_image(
         assert r["unseen_segments"] == sum(t in unseen for _, t in pairs)
         right = sum(t == p for _, t, p in r["predictions"])
         assert r["all"] == pytest.approx(100.0 * right / len(pairs))
+        # Per class: the segments of that true class, and how many of them CLIP got right.
+        for k in {t for _, t in pairs}:
+            mine = [(t, p) for _, t, p in r["predictions"] if t == k]
+            entry = r["per_class"][data.classes[k]]
+            assert entry["segments"] == len(mine)
+            right = sum(t == p for t, p in mine)
+            assert entry["accuracy"] == pytest.approx(100.0 * right / len(mine))
+        assert len(r["per_class"]) == len({t for _, t in pairs})
     # Image 0 by hand, crop route with STYLE mask: CLIP-normalised pixels, each class's masked
     # whole image through the image tower, the nearest class embedding.
     d = DatasetCatalog.get(data.val_name)[0]
@@ -371,9 +379,18 @@ def test_ground_truth_segment_accuracy_counts_and_a_hand_classified_image(
     # The tool: the same table, a JSON file; a bad argument stops it before any work.
     out = tmp_path / "acc.json"
     argv = ["--config-file", str(TINY), "--dataset", data.val_name, "--max-images", "3"]
-    assert accuracy_tool.main([*argv, "--output", str(out), *data.tiny_run_overrides()]) == 0
+    tool_argv = [*argv, "--per-class", "--output", str(out), *data.tiny_run_overrides()]
+    assert accuracy_tool.main(tool_argv) == 0
     saved = json.loads(out.read_text())["variants"]
     assert saved["crop/mask"]["all"] == pytest.approx(results["crop/mask"]["all"])
-    assert "| crop/mask |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| crop/mask |" in printed
+    # --per-class: one row per class with a segment, its accuracy under each route.
+    cls = data.classes[pairs[0][1]]
+    row = next(line for line in printed.splitlines() if line.startswith(f"| {cls} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == str(results["region"]["per_class"][cls]["segments"])
+    expected = [f"{results[n]['per_class'][cls]['accuracy']:.1f}" for n in results]
+    assert cells[3:] == expected
     assert accuracy_tool.main([*argv[:4], "--max-images", "0"]) == 2
     assert "--max-images 0" in capsys.readouterr().err

@@ -2,14 +2,16 @@
 """How well the frozen CLIP classifies a split's ground-truth segments, per segment route.
 
     python tools/segment_clip_accuracy.py --config-file configs/synthetic/ocz_tiny.yaml \\
-        --dataset ocz_synthetic_val [--max-images 100] [--output acc.json] [KEY VALUE ...]
+        --dataset ocz_synthetic_val [--max-images 100] [--per-class] [--output acc.json] \\
+        [KEY VALUE ...]
 
 Before switching on the test-time segment classification (MODEL.OCZ.SEGMENT_CLIP, ZegFormer's
 ensemble), check which route and STYLE suits your data: every class present in an image (its
 pixels in the label map) is one segment, classified by the model's frozen CLIP alone (the region
 route, and the crop route with each STYLE) against the dataset's class embeddings. Prints top-1
-accuracy over all, seen and unseen segments; --output writes them, with every prediction, as
-JSON. No trained weights are needed: only the frozen CLIP and the text side are used.
+accuracy over all, seen and unseen segments (--per-class: also per class, which shows the
+classes CLIP cannot tell apart); --output writes them, with every prediction, as JSON. No
+trained weights are needed: only the frozen CLIP and the text side are used.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dataset", help="a registered split with label maps (default: the first DATASETS.VAL)"
     )
     parser.add_argument("--max-images", type=int, help="the first N images only")
+    parser.add_argument(
+        "--per-class", action="store_true", help="also print the accuracy of each class"
+    )
     parser.add_argument("--output", help="write the accuracies and predictions as JSON here")
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks of config and data errors"
@@ -75,12 +80,31 @@ def run(args) -> int:
     for name, r in results.items():
         counts = f"{r['segments']} ({r['seen_segments']} / {r['unseen_segments']})"
         print(f"| {name} | {r['all']:.1f} | {r['seen']:.1f} | {r['unseen']:.1f} | {counts} |")
+    if args.per_class:
+        print_per_class(results, dataset)
     if args.output:
         from ocz_d2.utils.io import atomic_write_json
 
         atomic_write_json(args.output, {"dataset": dataset, "variants": results}, indent=2)
         print(f"Written to {args.output}")
     return 0
+
+
+def print_per_class(results: dict, dataset: str) -> None:
+    """A class x route table of accuracies (%), each class with its group and segment count."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset)
+    unseen = {meta.stuff_classes[k] for k in meta.get("unseen_classes", [])}
+    names = list(results)
+    first = results[names[0]]["per_class"]
+    print(f"\nPer class (top-1 %, {dataset}):")
+    print("| class | group | segments | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for cls, entry in first.items():
+        cells = " | ".join(f"{results[n]['per_class'][cls]['accuracy']:.1f}" for n in names)
+        group = "unseen" if cls in unseen else "seen"
+        print(f"| {cls} | {group} | {entry['segments']} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ def ground_truth_segment_accuracy(
 
     Returns:
         ``{variant: {"all", "seen", "unseen": accuracy %, "segments", "seen_segments",
-        "unseen_segments": counts, "predictions": [(image index, true class, predicted)]}}``
-        for the variants ``region``, ``crop/cropmask``, ``crop/crop``, ``crop/mask``
-        (accuracy NaN over no segment).
+        "unseen_segments": counts, "per_class": {class name: {"accuracy", "segments"}} for the
+        classes with a segment, "predictions": [(image index, true class, predicted)]}}`` for
+        the variants ``region``, ``crop/cropmask``, ``crop/crop``, ``crop/mask`` (accuracy NaN
+        over no segment).
     """
     meta = MetadataCatalog.get(dataset_name)
     classes = list(meta.stuff_classes)
@@ -84,15 +85,16 @@ def ground_truth_segment_accuracy(
                 embeds = classifier.crop_embeddings(owner, image, masks, keep)
             predicted = (embeds[0].float() @ text.float().t()).argmax(-1).tolist()
             predictions[name] += [(index, k, p) for k, p in zip(present, predicted)]
-    return {name: _accuracy(rows, unseen) for name, rows in predictions.items()}
+    return {name: _accuracy(rows, unseen, classes) for name, rows in predictions.items()}
 
 
-def _accuracy(rows: list[tuple[int, int, int]], unseen: set[int]) -> dict:
+def _accuracy(rows: list[tuple[int, int, int]], unseen: set[int], classes: list[str]) -> dict:
     def percent(subset: list[tuple[int, int, int]]) -> float:
         return 100.0 * sum(t == p for _, t, p in subset) / len(subset) if subset else float("nan")
 
     seen_rows = [r for r in rows if r[1] not in unseen]
     unseen_rows = [r for r in rows if r[1] in unseen]
+    by_class = {k: [r for r in rows if r[1] == k] for k in sorted({r[1] for r in rows})}
     return {
         "all": percent(rows),
         "seen": percent(seen_rows),
@@ -100,5 +102,8 @@ def _accuracy(rows: list[tuple[int, int, int]], unseen: set[int]) -> dict:
         "segments": len(rows),
         "seen_segments": len(seen_rows),
         "unseen_segments": len(unseen_rows),
+        "per_class": {
+            classes[k]: {"accuracy": percent(r), "segments": len(r)} for k, r in by_class.items()
+        },
         "predictions": rows,
     }
