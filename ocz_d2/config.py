@@ -220,6 +220,9 @@ def _add_pixel_decoder_config(cfg: CN) -> None:
     # stage widths, stage i at stride 2**(i+1); its outputs at pyramid strides are added to those
     # levels. Empty: off (every paper-scale config; no reproduced method has it).
     ocz.PIXEL_DECODER.IMAGE_PATH.WIDTHS = []
+    # Stride-1 3x3 convs of each stage after its stride-2 conv (one count per WIDTHS entry, each
+    # >= 0); empty: one each.
+    ocz.PIXEL_DECODER.IMAGE_PATH.DEPTHS = []
     # MaskFormerPixelDecoder (ZegFormer's): the backbone feature the query decoder attends to
     # (MaskFormer's TRANSFORMER_IN_FEATURE, "res5"); one of MODEL.SEM_SEG_HEAD.IN_FEATURES.
     ocz.PIXEL_DECODER.TRANSFORMER_IN_FEATURE = "res5"

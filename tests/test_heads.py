@@ -177,6 +177,30 @@ def test_image_path_carries_sub_patch_detail():
         SimplePyramidPixelDecoder(shapes, conv_dim=32, mask_dim=8, image_path_widths=(32,))
 
 
+def test_image_path_depths_set_each_stages_convs():
+    """DEPTHS: the stride-1 convs after each stage's stride-2 conv (default one each); the output
+    strides and shapes do not change with them."""
+    shapes, grid = _shapes(16), (4, 6)
+    features = {**_features(shapes, 2, grid), "image": torch.randn(2, 3, 64, 96)}
+    default = SimplePyramidPixelDecoder(
+        shapes, conv_dim=32, mask_dim=8, image_path_widths=(32,) * 3
+    )
+    assert [len(stage) for stage in default.image_path.stages] == [2, 2, 2]
+    lean = SimplePyramidPixelDecoder(
+        shapes, conv_dim=32, mask_dim=8, image_path_widths=(32,) * 3, image_path_depths=(0, 2, 1)
+    )
+    assert [len(stage) for stage in lean.image_path.stages] == [1, 3, 2]
+    assert [stage[0].stride for stage in lean.image_path.stages] == [(2, 2)] * 3
+    assert all(conv.stride == (1, 1) for stage in lean.image_path.stages for conv in stage[1:])
+    out, ref = lean(features), default(features)
+    assert out[0].shape == ref[0].shape and [x.shape for x in out[1]] == [x.shape for x in ref[1]]
+    for bad in ((1, 1), (1, -1, 1)):
+        with pytest.raises(ValueError, match="depths"):
+            SimplePyramidPixelDecoder(
+                shapes, conv_dim=32, mask_dim=8, image_path_widths=(32,) * 3, image_path_depths=bad
+            )
+
+
 # ---------------------------------------------------------------- transformer decoder
 
 

@@ -43,9 +43,10 @@ def _conv(in_ch: int, out_ch: int, stride: int, norm: str) -> Conv2d:
 
 
 class ImageDetailPath(nn.Module):
-    """Stage i (of ``len(widths)``) halves the resolution: a stride-2 3x3 conv then a 3x3 conv,
-    each with norm and ReLU, to ``widths[i]`` channels; its output has stride ``2 ** (i + 1)``.
-    The outputs at ``out_strides`` are projected by a 1x1 conv to ``out_dim`` channels.
+    """Stage i (of ``len(widths)``) halves the resolution: a stride-2 3x3 conv then ``depths[i]``
+    3x3 convs (one by default), each with norm and ReLU, to ``widths[i]`` channels; its output
+    has stride ``2 ** (i + 1)``. The outputs at ``out_strides`` are projected by a 1x1 conv to
+    ``out_dim`` channels.
 
     Maps [B, 3, H, W] -> {stride: [B, out_dim, ceil(H / stride), ceil(W / stride)]}.
     """
@@ -57,10 +58,18 @@ class ImageDetailPath(nn.Module):
         out_dim: int,
         norm: str = "GN",
         in_channels: int = 3,
+        depths: Sequence[int] = (),
     ):
         super().__init__()
         if not widths:
             raise ValueError("ImageDetailPath: widths is empty (the path is off: do not build it)")
+        depths = [int(d) for d in depths] if depths else [1] * len(widths)
+        if len(depths) != len(widths) or min(depths) < 0:
+            raise ValueError(
+                f"ImageDetailPath: depths {list(depths)} must give a count >= 0 of stride-1 convs "
+                f"for each of the {len(widths)} stages of widths {list(widths)} (or be empty: "
+                "one each)."
+            )
         stage_strides = [2 ** (i + 1) for i in range(len(widths))]
         wanted = sorted(set(int(s) for s in out_strides) & set(stage_strides))
         if not wanted:
@@ -78,10 +87,10 @@ class ImageDetailPath(nn.Module):
             )
         self.stages = nn.ModuleList()
         prev = in_channels
-        for width in widths[: stage_strides.index(wanted[-1]) + 1]:
-            self.stages.append(
-                nn.Sequential(_conv(prev, width, 2, norm), _conv(width, width, 1, norm))
-            )
+        for width, depth in zip(widths[: stage_strides.index(wanted[-1]) + 1], depths):
+            convs = [_conv(prev, width, 2, norm)]
+            convs += [_conv(width, width, 1, norm) for _ in range(depth)]
+            self.stages.append(nn.Sequential(*convs))
             prev = width
         self.out_proj = nn.ModuleDict()
         for stride in wanted:

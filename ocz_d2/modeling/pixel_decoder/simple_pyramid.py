@@ -101,6 +101,7 @@ class SimplePyramidPixelDecoder(nn.Module):
         refiner: nn.Module | None = None,
         mfe_rates: tuple[int, ...] | None = None,
         image_path_widths: tuple[int, ...] = (),
+        image_path_depths: tuple[int, ...] = (),
     ):
         """
         Args:
@@ -120,6 +121,8 @@ class SimplePyramidPixelDecoder(nn.Module):
             mfe_rates: dilation rates of MFE on every output level; None: no MFE.
             image_path_widths: stage widths of the image path (stage i at stride 2**(i+1));
                 empty: no image path.
+            image_path_depths: stride-1 convs of each image-path stage after its stride-2
+                conv; empty: one each.
         """
         super().__init__()
         if not input_shape:
@@ -173,7 +176,13 @@ class SimplePyramidPixelDecoder(nn.Module):
 
         with torch.random.fork_rng(devices=[]):  # its own fork: the same with or without MFE
             self.image_path = (
-                ImageDetailPath(image_path_widths, self.level_strides, conv_dim, norm)
+                ImageDetailPath(
+                    image_path_widths,
+                    self.level_strides,
+                    conv_dim,
+                    norm,
+                    depths=image_path_depths,
+                )
                 if image_path_widths
                 else None
             )
@@ -203,6 +212,7 @@ class SimplePyramidPixelDecoder(nn.Module):
             else None,
             "mfe_rates": tuple(cfg.MODEL.OCZ.MFE.RATES) if cfg.MODEL.OCZ.MFE.ENABLED else None,
             "image_path_widths": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.IMAGE_PATH.WIDTHS),
+            "image_path_depths": tuple(cfg.MODEL.OCZ.PIXEL_DECODER.IMAGE_PATH.DEPTHS),
         }
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
