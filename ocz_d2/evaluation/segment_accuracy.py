@@ -94,7 +94,9 @@ def _accuracy(rows: list[tuple[int, int, int]], unseen: set[int], classes: list[
 
     seen_rows = [r for r in rows if r[1] not in unseen]
     unseen_rows = [r for r in rows if r[1] in unseen]
-    by_class = {k: [r for r in rows if r[1] == k] for k in sorted({r[1] for r in rows})}
+    by_class: dict[int, list[tuple[int, int, int]]] = {}
+    for row in sorted(rows, key=lambda r: r[1]):  # one pass, classes in index order
+        by_class.setdefault(row[1], []).append(row)
     return {
         "all": percent(rows),
         "seen": percent(seen_rows),
