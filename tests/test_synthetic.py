@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ocz_d2.data import load_class_embeddings
+from ocz_d2.miniature import synthetic
 from ocz_d2.miniature.synthetic import (
     HUES,
     SYNTHETIC_CLASSES,
@@ -263,6 +264,43 @@ def test_caption_files_and_pretraining_set(tmp_path):
     assert [r["label"] for r in zs] == list(SYNTHETIC_CLASSES)
     image = np.asarray(Image.open(info.zeroshot_labels.parent / zs[0]["filepath"]))
     assert image.shape == (64, 64, 3)
+
+
+def test_object_view_keeps_one_object_on_clips_mean_colour():
+    mean = np.array(synthetic._CLIP_MEAN_RGB)
+    for i in range(20):
+        scene = render_synthetic_sample(np.random.default_rng(i), 64, 2, 2)
+        view = synthetic._object_view(scene, np.random.default_rng([i, 1]))
+        if view is None:  # no object covers 1% of the image: nothing to show
+            assert not scene.visible_objects()
+            continue
+        image, named = view
+        kept = (image != mean).any(-1)
+        (k,) = np.unique(scene.instance[kept])  # the kept pixels belong to one object...
+        assert np.array_equal(image[kept], scene.image[kept])  # ...unchanged,
+        assert (kept == (scene.instance == k)).mean() > 0.99  # all of it (bar mean-coloured px)
+        cls, kind, area = scene.objects[k]
+        assert named == [(cls, kind)] and area >= 0.01 * 64 * 64
+        assert (image[scene.instance != k] == mean).all()
+
+
+def test_pretraining_set_shows_some_scenes_as_object_views(tmp_path):
+    info = generate_synthetic_benchmark(tmp_path / "s", **{**TINY, "num_pretrain": 120})
+    with ensure_pretraining_set(info.root).open() as f:
+        rows = list(csv.DictReader(f))
+    mean = np.array(synthetic._CLIP_MEAN_RGB)
+    views = 0
+    for r in rows:
+        image = np.asarray(Image.open(info.root / "pretrain" / r["filepath"]))
+        flat = (image == mean).all(-1).mean()
+        if flat > 0.3:  # an object view: only CLIP's mean colour around one object
+            views += 1
+            named = [c for c in range(16) if _names_class(r["caption"], c)]
+            assert len(named) == 1, r["caption"]
+        else:  # a rendered scene: its textured background has no flat area
+            assert flat < 0.01
+    # Half of the scenes at the benchmark's scale (half of the set): about a quarter.
+    assert 15 <= views <= 45, views
 
 
 def test_pretraining_set_is_reused_and_rendered_again_when_stale(tmp_path):

@@ -55,7 +55,7 @@ from .clip_pretrain import (
     load_labelled_images,
     save_atomic,
 )
-from .synthetic import ensure_pretraining_set, generator_marker
+from .synthetic import ensure_pretraining_set, generator_marker, pretraining_set_record
 
 __all__ = [
     "SYNTHETIC_DINO_PRETRAIN",
@@ -374,7 +374,7 @@ def ensure_synthetic_ssl_vit(
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny_ssl_vit"
     # The images are a function of the generator's record: keyed by it, the pretraining set is
     # rendered only when the weights are not cached.
-    key = _cache_key(cfg, {"generator": generator_marker(root)})
+    key = _cache_key(cfg, {"pretraining_set": pretraining_set_record(root)})
     folder = cache_root / key
     weights = folder / "weights.pt"
     try:

@@ -26,7 +26,9 @@ Layout written under ``root`` (usually ``$DETECTRON2_DATASETS/ocz_synthetic``)::
 
 The pretraining set mirrors the real premise of zero-shot segmentation: CLIP has seen every
 class, seen or unseen, in image-caption pairs; "unseen" only means that no mask was given. Its
-captions name the objects by their attributes in varied wording and order.
+captions name the objects by their attributes in varied wording and order. Half of its scenes at
+the benchmark's scale are object views: one object alone on CLIP's mean colour, the caption
+naming only it (photos of one object on a plain backdrop, in web terms).
 
 The paths in ``split.yaml`` start with the folder name of ``root``, so the file registers as is
 when ``DETECTRON2_DATASETS`` is ``root``'s parent (or with ``register_split_file(path,
@@ -70,6 +72,7 @@ __all__ = [
     "ensure_synthetic_benchmark",
     "generate_synthetic_benchmark",
     "generator_marker",
+    "pretraining_set_record",
     "SyntheticScene",
     "render_synthetic_sample",
     "synthetic_caption",
@@ -97,6 +100,9 @@ SYNTHETIC_UNSEEN: tuple[str, ...] = tuple(
 _MARKER = "generation_complete.json"
 # Bump when the rendering changes, so that folders made by an older generator are regenerated.
 _GENERATOR_VERSION = 4
+# Bump when only the pretraining set's rendering changes (2: object views): the segmentation
+# splits are kept, the pretraining set and the models pretrained on it are remade.
+_PRETRAINING_SET_VERSION = 2
 _SPLITS = ("train", "val", "test")
 # Random stream of each image set: image i of set s is drawn from default_rng([seed, stream, i]).
 _STREAMS = {"train": 0, "val": 1, "test": 2, "pretrain": 3, "zeroshot": 4}
@@ -106,6 +112,11 @@ _MIN_CAPTION_AREA = 0.01
 # Shape size of the close-ups in the CLIP pretraining and zero-shot check sets (the segmentation
 # splits use 1): a texture is learnt much faster when it fills most of the image (measured).
 _CLOSE_UP = 2.2
+# Of the pretraining set's scenes at the benchmark's scale, the fraction shown as an object view
+# (one object alone, see _write_pretraining_set); CLIP's mean colour is open_clip's
+# OPENAI_DATASET_MEAN x 255, rounded (0 after CLIP's normalisation).
+_OBJECT_VIEW_FRACTION = 0.5
+_CLIP_MEAN_RGB = (123, 117, 104)
 
 
 _SHAPE_KINDS = ("ellipse", "rectangle", "star")
@@ -504,6 +515,22 @@ def _write_segmentation_split(
     _write_csv(root / "captions" / f"{split}.csv", ("filepath", "caption"), rows)
 
 
+def _object_view(
+    scene: SyntheticScene, rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[int, str]]] | None:
+    """One object of ``scene`` alone: the image with every other pixel at CLIP's mean colour,
+    and that object's (class, shape kind); ``None`` when no object is large enough to name."""
+    visible = [k for k, (_, _, area) in enumerate(scene.objects)
+               if area >= _MIN_CAPTION_AREA * scene.label.size]  # fmt: skip
+    if not visible:
+        return None
+    k = visible[int(rng.integers(len(visible)))]
+    image = scene.image.copy()
+    image[scene.instance != k] = _CLIP_MEAN_RGB
+    cls, kind, _ = scene.objects[k]
+    return image, [(cls, kind)]
+
+
 def _pretraining_item(i: int, root: Path, p: _Params) -> tuple[str, str]:
     rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i])
     kind = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
@@ -511,15 +538,27 @@ def _pretraining_item(i: int, root: Path, p: _Params) -> tuple[str, str]:
         scene = render_synthetic_sample(rng, p.image_size, 1, 1, object_scale=_CLOSE_UP)
     else:
         scene = render_synthetic_sample(rng, p.image_size, kind, kind)
-    name = f"images/{i:05d}.png"
-    _save_png(scene.image, root / "pretrain" / name)
+    image, objects = scene.image, scene.visible_objects()
     caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 1])
-    return name, synthetic_caption(caption_rng, scene.visible_objects())
+    view_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 2])
+    if kind != 0 and view_rng.random() < _OBJECT_VIEW_FRACTION:
+        view = _object_view(scene, view_rng)
+        if view is not None:
+            image, objects = view
+            caption_rng = np.random.default_rng([p.seed, _STREAMS["pretrain"], i, 3])
+    name = f"images/{i:05d}.png"
+    _save_png(image, root / "pretrain" / name)
+    return name, synthetic_caption(caption_rng, objects)
 
 
 def _write_pretraining_set(root: Path, p: _Params, progress, workers: int) -> None:
     """Image-caption pairs over all 16 classes (never used as masks): single-object close-ups
-    (50%), and scenes at the benchmark's scale with one (30%) or two (20%) objects."""
+    (50%), and scenes at the benchmark's scale with one (30%) or two (20%) objects, half of
+    which are shown as an object view instead: one of their objects alone on CLIP's mean colour
+    (partly hidden where another object covered it), the caption naming only that object.
+    Object views are how the test-time ensemble shows CLIP a segment
+    (``MODEL.OCZ.SEGMENT_CLIP.STYLE "mask"``), as OVSeg adapts CLIP to masked images; here they
+    are ordinary image-caption pairs, like photos of one object on a plain backdrop."""
     item = partial(_pretraining_item, root=root, p=p)
     rows = _render_rows(item, p.num_pretrain, "pretrain", progress, workers)
     _write_csv(root / "pretrain" / "captions.csv", ("filepath", "caption"), rows)
@@ -675,6 +714,13 @@ def generator_marker(root: str | os.PathLike) -> dict:
         ) from e
 
 
+def pretraining_set_record(root: str | os.PathLike) -> dict:
+    """What determines the pretraining set of the benchmark in ``root``: the generator's record
+    (:func:`generator_marker`) and the pretraining set's own version. Caches of models
+    pretrained on the set are keyed by it."""
+    return {**generator_marker(root), "pretraining_set_version": _PRETRAINING_SET_VERSION}
+
+
 def ensure_pretraining_set(
     root: str | os.PathLike,
     progress: Callable[[str, int, int], None] | None = None,
@@ -697,7 +743,7 @@ def ensure_pretraining_set(
         relative to ``pretrain/``).
     """
     root = Path(root)
-    record = generator_marker(root)
+    record = pretraining_set_record(root)
     marker = root / "pretrain" / _MARKER
     captions = root / "pretrain" / "captions.csv"
     try:
@@ -711,7 +757,8 @@ def ensure_pretraining_set(
             f"({record.get('generator_version')}, this one {_GENERATOR_VERSION}): regenerate it "
             "with tools/prepare_synthetic.py --force."
         )
-    params = _Params(**{k: v for k, v in record.items() if k != "generator_version"})
+    params = _Params(**{k: v for k, v in generator_marker(root).items()
+                        if k != "generator_version"})  # fmt: skip
     logger.info("Rendering the pretraining set: %d image-caption pairs in %s.",
                 params.num_pretrain, root / "pretrain")  # fmt: skip
     marker.unlink(missing_ok=True)
