@@ -555,8 +555,8 @@ def ensure_synthetic_clip(
         with the zero-shot check).
     """
     root = Path(benchmark.root)
-    # The pretraining set is a function of the generator's settings: keyed by them, its 6,000
-    # images are rendered only when the weights are not cached.
+    # The pretraining set is a function of its record (the generator's settings and the set's
+    # version): keyed by it, its 6,000 images are rendered only when the weights are not cached.
     cached, record = ensure_pretrained_clip(
         lambda: ensure_pretraining_set(root),
         cfg,

@@ -372,7 +372,7 @@ def ensure_synthetic_ssl_vit(
     """
     root = Path(benchmark.root)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny_ssl_vit"
-    # The images are a function of the generator's record: keyed by it, the pretraining set is
+    # The images are a function of the pretraining set's record: keyed by it, the set is
     # rendered only when the weights are not cached.
     key = _cache_key(cfg, {"pretraining_set": pretraining_set_record(root)})
     folder = cache_root / key

@@ -167,10 +167,15 @@ class SyntheticScene:
             lut[k] = number
         return lut[self.instance]
 
+    def visible_indices(self, min_fraction: float = _MIN_CAPTION_AREA) -> list[int]:
+        """Indices (in ``objects``) of the objects covering at least ``min_fraction`` of the
+        image."""
+        min_pixels = min_fraction * self.label.size
+        return [k for k, (_, _, area) in enumerate(self.objects) if area >= min_pixels]
+
     def visible_objects(self, min_fraction: float = _MIN_CAPTION_AREA) -> list[tuple[int, str]]:
         """(class, shape kind) of the objects covering at least ``min_fraction`` of the image."""
-        min_pixels = min_fraction * self.label.size
-        return [(c, kind) for c, kind, area in self.objects if area >= min_pixels]
+        return [self.objects[k][:2] for k in self.visible_indices(min_fraction)]
 
 
 def synthetic_split_config(
@@ -520,8 +525,7 @@ def _object_view(
 ) -> tuple[np.ndarray, list[tuple[int, str]]] | None:
     """One object of ``scene`` alone: the image with every other pixel at CLIP's mean colour,
     and that object's (class, shape kind); ``None`` when no object is large enough to name."""
-    visible = [k for k, (_, _, area) in enumerate(scene.objects)
-               if area >= _MIN_CAPTION_AREA * scene.label.size]  # fmt: skip
+    visible = scene.visible_indices()
     if not visible:
         return None
     k = visible[int(rng.integers(len(visible)))]
@@ -757,8 +761,8 @@ def ensure_pretraining_set(
             f"({record.get('generator_version')}, this one {_GENERATOR_VERSION}): regenerate it "
             "with tools/prepare_synthetic.py --force."
         )
-    params = _Params(**{k: v for k, v in generator_marker(root).items()
-                        if k != "generator_version"})  # fmt: skip
+    versions = ("generator_version", "pretraining_set_version")
+    params = _Params(**{k: v for k, v in record.items() if k not in versions})
     logger.info("Rendering the pretraining set: %d image-caption pairs in %s.",
                 params.num_pretrain, root / "pretrain")  # fmt: skip
     marker.unlink(missing_ok=True)
