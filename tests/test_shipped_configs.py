@@ -219,9 +219,9 @@ def test_miniature_configs_use_the_segment_ensemble_chosen_on_val():
         assert seg.SKIP_NO_OBJECT == 0.5 and seg.SEEN_MEAN, config
     # Not the transductive configs: after self-training the decoder knows the unseen classes,
     # and val hIoU was higher without the ensemble (RESULTS.md).
-    off = ("ocz_tiny_supervised.yaml", "ocz_tiny_attr.yaml", "zegformer_tiny.yaml")
-    off += ("ocz_tiny_transductive.yaml", "ocz_tiny_split_mfe_transductive.yaml")
-    off += ("ocz_tiny_oczss_split_mfe_transductive.yaml",)
+    off = ("ocz_tiny_supervised.yaml", "ocz_tiny_attr.yaml", "zegformer_tiny.yaml",
+           "ocz_tiny_transductive.yaml", "ocz_tiny_split_mfe_transductive.yaml",
+           "ocz_tiny_oczss_split_mfe_transductive.yaml")  # fmt: skip
     for config in off:
         seg = load_config(REPO / "configs" / "synthetic" / config).MODEL.OCZ.SEGMENT_CLIP
         assert not seg.ENABLED, config
