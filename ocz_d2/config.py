@@ -31,7 +31,11 @@ def add_ocz_config(cfg: CN) -> None:
 
 
 def _add_test_vis_config(cfg: CN) -> None:
-    """TEST extras: predictions in TensorBoard during training."""
+    """TEST extras: the test batch, predictions in TensorBoard during training."""
+    # Images per model call in evaluation, per process (Detectron2 evaluates one at a time). The
+    # model runs the images of one size in one forward, each at its own size (no padding), so
+    # a metric does not depend on it beyond float rounding; more is faster where memory allows.
+    cfg.TEST.IMS_PER_BATCH = 1
     # Every VIS_PERIOD-th evaluation in training (TEST.EVAL_PERIOD, and the final one) writes
     # pictures (input | ground truth | prediction, unseen classes outlined) of the first
     # VIS_NUM_IMAGES images of each DATASETS.TEST split to the event storage (TensorBoard,

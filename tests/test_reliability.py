@@ -83,6 +83,17 @@ def test_eval_only_without_weights_stops(synthetic_benchmark, tmp_path, capsys, 
     assert not (tmp_path / "eval").exists()  # stopped before anything was written
 
 
+def test_tuned_test_without_a_val_split_stops_before_training(
+    synthetic_benchmark, tmp_path, capsys, monkeypatch
+):
+    opts = synthetic_benchmark.tiny_run_overrides(OUTPUT_DIR=tmp_path / "run")
+    argv = ("--config-file", CONFIG, "--tuned-test", *opts, "DATASETS.VAL", "()")
+    status, err = _in_process(capsys, monkeypatch, synthetic_benchmark, *argv)
+    assert status == 2 and "Traceback" not in err
+    assert err.startswith("error: DATASETS.VAL must name exactly one split to tune the calibration")
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
 def test_eval_only_weight_rules(synthetic_benchmark, spread_checkpoint, tmp_path, monkeypatch):
     """--allow-untrained, or --resume with a checkpoint in OUTPUT_DIR, replace MODEL.WEIGHTS;
     a MODEL.WEIGHTS that does not exist is named before any model is built."""

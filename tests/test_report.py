@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
@@ -22,7 +23,12 @@ from ocz_d2.engine.checkpoint import AtomicCheckpointer
 from ocz_d2.engine.cli import USER_ERROR_STATUS
 from ocz_d2.engine.launch import run_args, run_in_new_process
 from ocz_d2.evaluation import build_zero_shot_evaluator
-from ocz_d2.evaluation.protocol import chance_metrics, pick_calibration
+from ocz_d2.evaluation.protocol import (
+    chance_metrics,
+    pick_calibration,
+    read_tuned_results,
+    tuned_test,
+)
 from ocz_d2.evaluation.report import (
     ReportRow,
     format_markdown,
@@ -37,6 +43,7 @@ from tools import report as report_tool
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic" / "ocz_tiny_attr.yaml"
 METRICS = "zero_shot_sem_seg_metrics.json"
+CONFUSION = "zero_shot_sem_seg_confusion.npy"
 
 
 def _row(data, name="tiny", **extra) -> ReportRow:
@@ -142,6 +149,47 @@ def test_a_two_process_run_is_launched_from_this_process(env, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_two_processes_train_then_tune_and_test_as_one_process_does(env, tmp_path):
+    """train_net --tuned-test in two processes: each evaluates its share of the images after
+    training, the main process gathers them; the result is one process's on the same weights."""
+    data = env
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    # One test image per model call: the same computation per image in either run (a random
+    # tiny model's near-tied scores would otherwise flip with a batch's float rounding).
+    extra = {"SOLVER.IMS_PER_BATCH": 2, "TEST.IMS_PER_BATCH": 1}
+    row = _row(data, **{"DATASETS.TEST": f"('{data.test_name}',)", **extra})
+    two = tmp_path / "two"
+    args = run_args(row.config_file, [*row.opts, "OUTPUT_DIR", str(two)], tuned_test=True,
+                    num_gpus=2)  # fmt: skip
+    args.dist_url = url
+    assert run_in_new_process(args, tmp_path / "two.log") == 0
+    assert "World size: 2" in (tmp_path / "two.log").read_text()
+    by_two = read_tuned_results(two)
+    # No evaluation of the training's own: only the tuned protocol's folders.
+    assert {p.name for p in (two / "inference").iterdir()} == {data.test_name}
+
+    cfg = load_config(row.config_file, [*row.opts, "OUTPUT_DIR", str(tmp_path / "one")])
+    register_split_files_from_config(cfg)
+    model = build_model(cfg)
+    AtomicCheckpointer(model).load(str(two / "model_final.pth"))
+    by_one = tuned_test(cfg, model, tmp_path / "one")
+    assert by_two["calibration"] == by_one["calibration"]
+    for gamma, metrics in by_one["val"][data.val_name].items():
+        for key, value in metrics.items():
+            assert by_two["val"][data.val_name][str(gamma)][key] == pytest.approx(
+                value, nan_ok=True
+            )
+    # Every test pixel counted once, with the same prediction.
+    matrices = [
+        np.load(d / "inference" / data.test_name / CONFUSION) for d in (two, tmp_path / "one")
+    ]
+    assert matrices[0].sum() > 0 and np.array_equal(*matrices)
+
+
+@pytest.mark.slow
 def test_test_time_row_evaluates_the_base_rows_checkpoint_without_training(env, tmp_path):
     data = env
     # A data-loader worker: the training process (a new interpreter) starts it as a shell's
@@ -157,6 +205,7 @@ def test_test_time_row_evaluates_the_base_rows_checkpoint_without_training(env, 
     assert [e["row"] for e in table] == ["region", "base"]
     base_dir, own = tmp_path / "base" / "seed0", tmp_path / "region" / "seed0"
     assert not list(own.glob("*.pth")) and not (own / "train_stdout.log").exists()
+    assert "Calibration gamma 2.00 chosen" in (own / "test_stdout.log").read_text()
     assert {p.name for p in base_dir.glob("model_final.pth")} == {"model_final.pth"}
     result = json.loads((own / "result.json").read_text())
     base_result = json.loads((base_dir / "result.json").read_text())
@@ -335,8 +384,10 @@ def test_pin_clip_weights_only_where_the_config_loads_a_file():
 
 
 def test_results_recorded_with_the_tool_path_are_reused(tmp_path):
-    """A result written while the report started tools/train_net.py by its absolute path names
-    the same run as the report's command now: it is reused, nothing is trained."""
+    """A result written while the report started tools/train_net.py by its absolute path, or
+    while it tuned and tested in its own process (training with DATASETS.TEST (), no
+    --tuned-test), names the same run as the report's command now: it is reused, nothing is
+    trained or evaluated."""
     row = ReportRow("tiny", str(CONFIG), ("SOLVER.MAX_ITER", "2"))
     out = tmp_path / "tiny" / "seed3"
     out.mkdir(parents=True)
@@ -345,6 +396,17 @@ def test_results_recorded_with_the_tool_path_are_reused(tmp_path):
     old = {"row": "tiny", "seed": 3, "command": ["/old/checkout/tools/train_net.py", *argv]}
     (out / "result.json").write_text(json.dumps(old))
     assert run_seed(row, 3, out) == old
+    # A test-time row's record of that time: the base's training command, then its overrides.
+    test_row = row.at_test_time("route", ("MODEL.OCZ.TEST.CALIBRATION_GRID", "[1.0]"))
+    own = tmp_path / "route" / "seed3"
+    own.mkdir(parents=True)
+    recorded = {**old, "command": [*old["command"], "--test-opts", *test_row.test_opts]}
+    (own / "result.json").write_text(json.dumps(recorded))
+    assert run_seed(test_row, 3, own, train_dir=out) == recorded
+    # Today's record of the same run.
+    now = ["tools/train_net.py", *argv[:3], "--tuned-test", *argv[3:-2]]
+    (out / "result.json").write_text(json.dumps({**old, "command": now}))
+    assert run_seed(row, 3, out)["command"] == now
     old["command"] = ["/old/checkout/tools/other.py", *argv]  # another program: another run
     (out / "result.json").write_text(json.dumps(old))
     (out / "command.json").write_text(json.dumps(old["command"]))

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from detectron2.modeling import build_model
 from PIL import Image
 
 from ocz_d2.config import load_config
 from ocz_d2.data import register_split_file
-from ocz_d2.engine import ZeroShotPredictor
+from ocz_d2.engine import AtomicCheckpointer, ZeroShotPredictor
 from ocz_d2.evaluation.protocol import tuned_test
+from ocz_d2.miniature.synthetic import ensure_pretraining_set
 from ocz_d2.utils.errors import ArgumentError
 from tools import segment
 
@@ -34,9 +36,11 @@ def simzss_run(synthetic_benchmark, tmp_path_factory):
     data = synthetic_benchmark
     folder = tmp_path_factory.mktemp("simzss")
     captions = folder / "captions.yaml"
+    # Rendered on first use (here, unless a test before rendered it in this process).
+    pairs = ensure_pretraining_set(data.root, workers=1)
     captions.write_text(
         f"kind: captions\ndataset: test_simzss_caps\nconcept_bank: {BANK}\n"
-        f"splits:\n  pretrain:\n    csv: {data.root / 'pretrain' / 'captions.csv'}\n"
+        f"splits:\n  pretrain:\n    csv: {pairs}\n"
     )
     segmentation = data.root / "split.yaml"  # class names through the text tower
     register_split_file(segmentation, root=data.root.parent)
@@ -115,7 +119,9 @@ def test_tuned_protocol_evaluates_simzss_without_calibration(simzss_run, tmp_pat
     opts, out, _, _ = simzss_run
     cfg = load_config(CONFIG, opts + ["DATALOADER.NUM_WORKERS", "0"])
     cfg.freeze()
-    result = tuned_test(cfg, str(out / "model_final.pth"), tmp_path)
+    model = build_model(cfg)
+    AtomicCheckpointer(model).load(str(out / "model_final.pth"))
+    result = tuned_test(cfg, model, tmp_path)
     assert result["calibration"] == 0.0 and list(result["val"]["ocz_test_synthetic_val"]) == ["0.0"]
     assert "background_threshold" not in result  # no background class: nothing to tune
     assert set(result["test"]) == {"ocz_test_synthetic_val"}

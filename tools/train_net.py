@@ -4,12 +4,15 @@
     python tools/train_net.py --config-file configs/synthetic/ocz_tiny.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS path/model_final.pth
     python tools/train_net.py --config-file ... --resume          # continue from last_checkpoint
+    python tools/train_net.py --config-file ... --tuned-test      # gamma chosen on DATASETS.VAL
     python tools/train_net.py --config-file ... --num-gpus 8      # one process per GPU
 
 Flags come first, config overrides (KEY VALUE pairs) last. Training writes checkpoints, logs and
 the evaluation of DATASETS.TEST to OUTPUT_DIR; --resume continues from its last checkpoint with
 the batches an uninterrupted run would see (without a checkpoint it starts from scratch, with a
-warning). --num-gpus N starts N processes, one per GPU; on a machine without GPU they run on the
+warning). --tuned-test evaluates as tools/report.py does instead: the calibration gamma chosen on
+DATASETS.VAL, then DATASETS.TEST evaluated once with it (OUTPUT_DIR/tuned_results.json).
+--num-gpus N starts N processes, one per GPU; on a machine without GPU they run on the
 CPU and talk through gloo (SOLVER.IMS_PER_BATCH is the total over them). A problem with the
 config, data or weights stops the tool with status 2 and one message (--debug or OCZ_D2_DEBUG=1
 shows the traceback).
@@ -42,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-only",
         action="store_true",
         help="evaluate DATASETS.TEST with MODEL.WEIGHTS (or, with --resume, the last checkpoint)",
+    )
+    parser.add_argument(
+        "--tuned-test",
+        action="store_true",
+        help="after training (or with --eval-only), choose the calibration gamma on DATASETS.VAL "
+        "(MODEL.OCZ.TEST.CALIBRATION_GRID) and evaluate DATASETS.TEST with it, in the run's "
+        "processes; writes OUTPUT_DIR/tuned_results.json. Training then runs no evaluation "
+        "of its own",
     )
     parser.add_argument(
         "--allow-untrained",

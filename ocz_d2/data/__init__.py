@@ -1,5 +1,6 @@
 """Zero-shot data: split registration, split files, the dataset mapper, the resumable training
-loader, object maps. (The synthetic benchmark's generator is :mod:`ocz_d2.miniature`.)
+loader, the batched test loader, object maps. (The synthetic benchmark's generator is
+:mod:`ocz_d2.miniature`.)
 
 Importing this package registers the builtin splits (``ocz_synthetic_{train,val,test}`` and
 ``ocz_synthetic_attr_{train,val,test}``) and the real benchmarks (``ocz_voc_*``,
@@ -34,6 +35,7 @@ from .register_zero_shot import (
     unregister_zero_shot_split,
 )
 from .split_file import load_split_file, register_split_file, register_split_files_from_config
+from .test_loader import build_zero_shot_test_loader
 from .train_loader import ResumableTrainLoader, build_resumable_train_loader
 
 _builtin.register_all_synthetic()
@@ -55,6 +57,7 @@ __all__ = [
     "ZERO_SHOT_SETTINGS",
     "ZeroShotSemSegDatasetMapper",
     "build_resumable_train_loader",
+    "build_zero_shot_test_loader",
     "build_zero_shot_augmentations",
     "check_datasets",
     "datasets_root",

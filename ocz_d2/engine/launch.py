@@ -5,8 +5,9 @@ The tool parses its command line (``--help`` without importing torch) and calls
 :func:`launch_run` with the parsed arguments; :func:`run_in_new_process` starts the same run in a
 fresh interpreter (the multi-seed report trains each (row, seed) so, with its console output in a
 log file). The arguments are ``tools/train_net.py``'s: ``config_file``, ``opts``, ``resume``,
-``eval_only``, ``allow_untrained``, ``num_gpus``, ``num_machines``, ``machine_rank``,
-``dist_url`` (None: :func:`default_dist_url`) and ``debug`` (:func:`run_args` makes them).
+``eval_only``, ``tuned_test``, ``allow_untrained``, ``num_gpus``, ``num_machines``,
+``machine_rank``, ``dist_url`` (None: :func:`default_dist_url`) and ``debug`` (:func:`run_args`
+makes them).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import load_config
 from ..data.split_file import register_split_files_from_config
+from ..evaluation.protocol import check_tuned_protocol, tuned_test
 from ..utils.errors import ArgumentError
 from .checkpoint import AtomicCheckpointer
 from .cli import DEBUG_ENV, check_overrides, check_run_inputs, run_tool, setup_run_logging
@@ -59,16 +62,18 @@ def run_args(
     *,
     resume: bool = False,
     eval_only: bool = False,
+    tuned_test: bool = False,
     allow_untrained: bool = False,
     num_gpus: int = 1,
 ) -> argparse.Namespace:
     """The arguments of a run on this machine, as ``tools/train_net.py`` parses them from
-    ``--config-file CONFIG_FILE [--resume] [--eval-only] [--allow-untrained] --num-gpus N
-    OPTS``."""
+    ``--config-file CONFIG_FILE [--resume] [--eval-only] [--tuned-test] [--allow-untrained]
+    --num-gpus N OPTS``."""
     return argparse.Namespace(
         config_file=str(config_file),
         resume=resume,
         eval_only=eval_only,
+        tuned_test=tuned_test,
         allow_untrained=allow_untrained,
         num_gpus=num_gpus,
         num_machines=1,
@@ -94,6 +99,8 @@ def load_run_config(args):
         resume=args.resume,
         allow_untrained=args.allow_untrained,
     )
+    if args.tuned_test:
+        check_tuned_protocol(cfg)  # before hours of training, not after
     if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
         logging.getLogger("ocz_d2").warning("no CUDA device: running on CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
@@ -114,20 +121,39 @@ def setup(args):
 
 
 def run(args):
-    """Train (or, with ``eval_only``, evaluate) in this process."""
+    """Train (or, with ``eval_only``, evaluate) in this process; with ``tuned_test``, the tuned
+    protocol (:func:`~ocz_d2.evaluation.protocol.tuned_test`) instead of the plain evaluation of
+    ``DATASETS.TEST``: after training, or instead of it with ``eval_only``."""
     cfg = setup(args)
     if args.eval_only:
         model = ZeroShotTrainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        if args.tuned_test:
+            return tuned_test(cfg, model, cfg.OUTPUT_DIR)
         res = ZeroShotTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = ZeroShotTrainer(cfg)
+    # With the tuned protocol the trainer evaluates nothing itself (no periodic evaluation).
+    trainer = ZeroShotTrainer(_without_test(cfg) if args.tuned_test else cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    res = trainer.train()
+    if args.tuned_test:
+        model = trainer.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        return tuned_test(cfg, model, cfg.OUTPUT_DIR)
+    return res
+
+
+def _without_test(cfg):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    cfg.freeze()
+    return cfg
 
 
 def share_cpu_threads() -> int:

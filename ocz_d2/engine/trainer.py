@@ -9,7 +9,6 @@ import re
 import weakref
 
 from detectron2.data import (
-    build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
@@ -26,7 +25,12 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import CaptionDatasetMapper, ZeroShotSemSegDatasetMapper, is_caption_split
+from ..data import (
+    CaptionDatasetMapper,
+    ZeroShotSemSegDatasetMapper,
+    build_zero_shot_test_loader,
+    is_caption_split,
+)
 from ..data.train_loader import (
     ResumableTrainLoader,
     build_resumable_train_loader,
@@ -298,8 +302,7 @@ class ZeroShotTrainer(ZeroShotTrainerBase):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        mapper = ZeroShotSemSegDatasetMapper(cfg, False)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        return build_zero_shot_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

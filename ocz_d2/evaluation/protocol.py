@@ -6,6 +6,10 @@ the best value differs between models. :func:`tuned_test` picks it on ``DATASETS
 ``DATASETS.TEST`` once with it, through the same evaluator as ``train_net.py --eval-only``. A
 transductive model is evaluated without calibration (gamma 0, nothing tuned).
 
+It runs in the processes of a run (``train_net.py --tuned-test``, after training or with
+``--eval-only``): with several, each evaluates its share of the images and the main process
+gathers the counts, chooses, and tells the others.
+
 A SimZSS model has no calibration (its training saw no mask, seen or unseen: gamma stays 0); with
 the background rule "threshold" (``MODEL.SIMZSS.TEST.BACKGROUND``) and a validation split that
 has the background class, its threshold is chosen on val instead, from
@@ -14,19 +18,21 @@ has the background class, its threshold is chosen on val instead, from
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import time
 from contextlib import contextmanager
 
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_context, inference_on_dataset
-from detectron2.modeling import build_model
+from detectron2.utils import comm
 
-from ..data.dataset_mapper import ZeroShotSemSegDatasetMapper
-from ..engine.checkpoint import AtomicCheckpointer
+from ..data.test_loader import build_zero_shot_test_loader
 from ..modeling.meta_arch.zero_shot_segmentor import calibrate
+from ..utils.errors import ArgumentError
 from ..utils.io import atomic_write_json
 from .zero_shot_evaluation import ZeroShotSemSegEvaluator, build_zero_shot_evaluator
 
@@ -34,7 +40,9 @@ __all__ = [
     "TUNED_RESULTS_FILE",
     "calibration_sweep",
     "chance_metrics",
+    "check_tuned_protocol",
     "pick_calibration",
+    "read_tuned_results",
     "tune_background_threshold",
     "tuned_test",
 ]
@@ -43,12 +51,6 @@ logger = logging.getLogger(__name__)
 
 #: Written by :func:`tuned_test` into its output folder.
 TUNED_RESULTS_FILE = "tuned_results.json"
-
-
-def _test_loader(cfg, dataset_name: str):
-    return build_detection_test_loader(
-        cfg, dataset_name, mapper=ZeroShotSemSegDatasetMapper(cfg, False)
-    )
 
 
 @contextmanager
@@ -63,13 +65,37 @@ def _quiet_evaluator():
         log.setLevel(level)
 
 
+def _shared(value):
+    """``value`` of the main process, in every process of the run."""
+    return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
+
+
+def _evaluators(dataset_name: str, keys) -> dict:
+    """One reset evaluator per key, gathering over the run's processes."""
+    distributed = comm.get_world_size() > 1
+    evaluators = {k: ZeroShotSemSegEvaluator(dataset_name, distributed=distributed) for k in keys}
+    for evaluator in evaluators.values():
+        evaluator.reset()
+    return evaluators
+
+
+def _metrics(evaluators: dict) -> dict:
+    """``{key: metrics}`` of every evaluator, in every process."""
+    with _quiet_evaluator():
+        results = {k: e.evaluate() for k, e in evaluators.items()}
+    return _shared(
+        {k: dict(r["sem_seg"]) for k, r in results.items()} if comm.is_main_process() else None
+    )
+
+
 @torch.no_grad()
 def calibration_sweep(cfg, model, dataset_name: str, grid) -> dict[float, dict]:
     """Metrics of ``dataset_name`` for every calibration gamma in ``grid``, from one forward pass.
 
     The model runs once per image with calibration 0; each gamma is then subtracted from the
     seen-class scores (:func:`calibrate`, the model's own step: a constant shift commutes with
-    the bilinear resize that follows it) and scored by its own evaluator.
+    the bilinear resize that follows it) and scored by its own evaluator. In a run of several
+    processes each takes its share of the images, and every process gets the gathered metrics.
 
     Args:
         cfg: the config (test loader settings).
@@ -84,14 +110,12 @@ def calibration_sweep(cfg, model, dataset_name: str, grid) -> dict[float, dict]:
     if not grid:
         raise ValueError("MODEL.OCZ.TEST.CALIBRATION_GRID is empty: give at least one gamma.")
     seen = torch.as_tensor(MetadataCatalog.get(dataset_name).seen_classes, dtype=torch.long)
-    evaluators = {g: ZeroShotSemSegEvaluator(dataset_name, distributed=False) for g in grid}
-    for evaluator in evaluators.values():
-        evaluator.reset()
+    evaluators = _evaluators(dataset_name, grid)
     saved = model.calibration
     model.calibration = 0.0
     try:
         with inference_context(model):
-            for inputs in _test_loader(cfg, dataset_name):
+            for inputs in build_zero_shot_test_loader(cfg, dataset_name):
                 outputs = model(inputs)
                 for gamma, evaluator in evaluators.items():
                     shifted = [
@@ -101,8 +125,7 @@ def calibration_sweep(cfg, model, dataset_name: str, grid) -> dict[float, dict]:
                     evaluator.process(inputs, shifted)
     finally:
         model.calibration = saved
-    with _quiet_evaluator():
-        return {g: dict(e.evaluate()["sem_seg"]) for g, e in evaluators.items()}
+    return _metrics(evaluators)
 
 
 def pick_calibration(sweep: dict[float, dict]) -> float:
@@ -115,27 +138,40 @@ def pick_calibration(sweep: dict[float, dict]) -> float:
     return max(sweep, key=score)
 
 
-def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
-    """Tune the calibration on ``cfg.DATASETS.VAL``, then evaluate ``cfg.DATASETS.TEST``.
+def check_tuned_protocol(cfg) -> None:
+    """Raise unless ``cfg`` names the splits of :func:`tuned_test`: one ``DATASETS.VAL`` to tune
+    on, at least one ``DATASETS.TEST`` to report.
 
-    Args:
-        cfg: a frozen config with ``DATASETS.VAL`` (exactly one split) and ``DATASETS.TEST``.
-        weights: the trained model's checkpoint.
-        output_dir: test metrics go to ``<output_dir>/inference/<test>/`` (as with
-            ``train_net.py --eval-only``), the summary to ``<output_dir>/tuned_results.json``.
-
-    Returns:
-        ``{"calibration": gamma, "val": {dataset: {gamma: metrics}}, "test": {dataset: metrics}}``.
+    Raises:
+        ArgumentError: what is missing, with an example.
     """
     if len(cfg.DATASETS.VAL) != 1:
-        raise ValueError(
+        raise ArgumentError(
             f"DATASETS.VAL must name exactly one split to tune the calibration on, got "
             f"{tuple(cfg.DATASETS.VAL)}: set it, e.g. DATASETS.VAL \"('ocz_synthetic_val',)\"."
         )
     if not cfg.DATASETS.TEST:
-        raise ValueError("DATASETS.TEST is empty: name the split(s) to report.")
-    model = build_model(cfg)
-    AtomicCheckpointer(model).load(weights)
+        raise ArgumentError("DATASETS.TEST is empty: name the split(s) to report.")
+
+
+def tuned_test(cfg, model, output_dir: str | os.PathLike) -> dict:
+    """Tune the calibration on ``cfg.DATASETS.VAL``, then evaluate ``cfg.DATASETS.TEST``.
+
+    Called in every process of a run of several (each evaluates its share of the images); all
+    get the same result, and the main process writes the files.
+
+    Args:
+        cfg: a config with ``DATASETS.VAL`` (exactly one split) and ``DATASETS.TEST``.
+        model: the trained model (not wrapped in DistributedDataParallel).
+        output_dir: test metrics go to ``<output_dir>/inference/<test>/`` (as with
+            ``train_net.py --eval-only``), the summary to ``<output_dir>/tuned_results.json``.
+
+    Returns:
+        ``{"calibration": gamma, "val": {dataset: {gamma: metrics}}, "test": {dataset: metrics},
+        "seconds": wall-clock seconds}``; and ``"background_threshold"`` where one was tuned.
+    """
+    check_tuned_protocol(cfg)
+    start = time.perf_counter()
     val = cfg.DATASETS.VAL[0]
     # The transductive setting has no calibration at test time (docs/PROTOCOLS.md): no tuning.
     grid = cfg.MODEL.OCZ.TEST.CALIBRATION_GRID
@@ -154,19 +190,38 @@ def tuned_test(cfg, weights: str, output_dir: str | os.PathLike) -> dict:
     model.calibration = gamma
     test = {}
     for name in cfg.DATASETS.TEST:
-        evaluator = build_zero_shot_evaluator(name, os.path.join(output_dir, "inference", name))
-        test[name] = dict(
-            inference_on_dataset(model, _test_loader(cfg, name), evaluator)["sem_seg"]
-        )
+        folder = os.path.join(output_dir, "inference", name)
+        evaluator = build_zero_shot_evaluator(name, folder)
+        loader = build_zero_shot_test_loader(cfg, name)
+        metrics = inference_on_dataset(model, loader, evaluator).get("sem_seg")
+        test[name] = _shared(dict(metrics) if comm.is_main_process() else None)
     result = {
         "calibration": gamma,
         "val": {val: {str(g): m for g, m in sweep.items()}},
         "test": test,
+        "seconds": time.perf_counter() - start,
     }
     if threshold is not None:
         result["background_threshold"] = threshold
+    if comm.is_main_process():
+        path = os.path.join(output_dir, TUNED_RESULTS_FILE)
+        atomic_write_json(path, _finite(result), indent=2, allow_nan=False)  # evaluator order
+    comm.synchronize()  # the file exists when any process returns
+    return result
+
+
+def read_tuned_results(output_dir: str | os.PathLike) -> dict:
+    """The :func:`tuned_test` result written in ``output_dir``, with NaN for the metrics that
+    JSON holds as null (a mean over no class)."""
     path = os.path.join(output_dir, TUNED_RESULTS_FILE)
-    atomic_write_json(path, _finite(result), indent=2, sort_keys=True, allow_nan=False)
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+
+    def nan(metrics: dict) -> dict:
+        return {k: float("nan") if v is None else v for k, v in metrics.items()}
+
+    result["val"] = {d: {g: nan(m) for g, m in s.items()} for d, s in result["val"].items()}
+    result["test"] = {d: nan(m) for d, m in result["test"].items()}
     return result
 
 
@@ -189,11 +244,9 @@ def tune_background_threshold(cfg, model, dataset_name: str) -> float | None:
     if not grid:
         raise ValueError("MODEL.SIMZSS.TEST.BACKGROUND_THRESHOLD_GRID is empty: give thresholds.")
     k = classes.index(model.background_class)
-    evaluators = {t: ZeroShotSemSegEvaluator(dataset_name, distributed=False) for t in grid}
-    for evaluator in evaluators.values():
-        evaluator.reset()
+    evaluators = _evaluators(dataset_name, grid)
     with inference_context(model):
-        for inputs in _test_loader(cfg, dataset_name):
+        for inputs in build_zero_shot_test_loader(cfg, dataset_name):
             outputs = model(inputs)
             for t, evaluator in evaluators.items():
                 shifted = []
@@ -202,8 +255,7 @@ def tune_background_threshold(cfg, model, dataset_name: str) -> float | None:
                     scores[k] = t
                     shifted.append({"sem_seg": scores})
                 evaluator.process(inputs, shifted)
-    with _quiet_evaluator():
-        sweep = {t: dict(e.evaluate()["sem_seg"]) for t, e in evaluators.items()}
+    sweep = _metrics(evaluators)
     best = max(grid, key=lambda t: (_or_low(sweep[t].get("mIoU")), -t))
     for t, m in sweep.items():
         logger.info("%s background threshold %.2f: mIoU %.1f", dataset_name, t, m["mIoU"])

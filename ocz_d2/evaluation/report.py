@@ -4,19 +4,20 @@ paired differences to a reference row.
 Transfer to unseen classes varies a lot between runs, so one run proves nothing. A report row is
 a config file plus config overrides; each row runs once per seed:
 
-1. training, as ``tools/train_net.py --resume`` does it, in a new process
+1. training, as ``tools/train_net.py --resume --tuned-test`` does it, in new processes
    (:func:`~ocz_d2.engine.launch.run_in_new_process`) in ``<output>/<row>/seed<k>/`` (an
    interrupted run resumes from its last checkpoint);
-2. :func:`~ocz_d2.evaluation.protocol.tuned_test`: calibration chosen on ``DATASETS.VAL``,
-   metrics on ``DATASETS.TEST``;
+2. in the same processes, :func:`~ocz_d2.evaluation.protocol.tuned_test`: calibration chosen on
+   ``DATASETS.VAL``, metrics on ``DATASETS.TEST``;
 3. ``result.json``, written last (test metrics, per-class test IoU, gamma, seconds per
    iteration): a (row, seed) with a result that matches its command is reused (a result written
    before per-class IoU was recorded lacks ``per_class_iou``).
 
 A *test-time row* (:meth:`ReportRow.at_test_time`) trains nothing: it evaluates another row's
 checkpoints with overrides that act only at test time (a test-time module switched on, another
-inference mode), tuning and testing in its own folder. Paired with its base row, the difference
-then measures the test-time change alone, on the very same weights.
+inference mode), tuning and testing in its own folder (``train_net.py --eval-only
+--tuned-test``). Paired with its base row, the difference then measures the test-time change
+alone, on the very same weights.
 
 The table (seen / unseen / hIoU on test as mean ± std, the minimum over seeds, seconds per
 training iteration) is printed and written as ``report.json`` and ``report.md``.
@@ -42,15 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import load_config
-from ..data.split_file import register_split_files_from_config
 from ..engine.cli import USER_ERROR_STATUS
 from ..engine.launch import run_args, run_in_new_process
 from ..utils.errors import UserError
 from ..utils.io import atomic_write_json
-from .protocol import tuned_test
+from .protocol import read_tuned_results
 
 __all__ = [
     "ReportRow",
@@ -151,8 +150,9 @@ def run_seed(
     Args:
         row, seed: what to run.
         out_dir: the run's folder.
-        num_gpus: processes of the training run (CPU: gloo).
-        console: show the training log on the console instead of ``train_stdout.log``.
+        num_gpus: processes of the run (CPU: gloo); they train, tune and test.
+        console: show the run's log on the console instead of ``train_stdout.log`` (a test-time
+            row's: ``test_stdout.log``).
         train_dir: for a test-time row, the base row's folder of the same seed, whose finished
             training (``model_final.pth``) is evaluated; nothing is trained.
 
@@ -166,15 +166,22 @@ def run_seed(
         raise ValueError(f"Row {row.name!r}: a test-time row, and only one, needs a train_dir.")
     out_dir.mkdir(parents=True, exist_ok=True)
     train_dir = out_dir if train_dir is None else train_dir
-    # Training runs without evaluation; the tuned protocol below evaluates.
-    opts = [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(train_dir), "DATASETS.TEST", "()"]
-    args = run_args(row.config_file, opts, resume=True, num_gpus=num_gpus)
-    # The command line of the same training, which names the run: a result is reused, and a
-    # folder resumed, only for the same command (a test-time row's: plus its test overrides).
-    command = [_TRAIN_TOOL, "--config-file", row.config_file, "--resume"]
-    command += ["--num-gpus", str(num_gpus), *opts]
-    if row.base is not None:
+    # The training's command line names the run: a result is reused, and a folder resumed,
+    # only for the same command (a test-time row's: plus its test overrides).
+    train_opts = [*row.opts, "SEED", str(seed), "OUTPUT_DIR", str(train_dir)]
+    command = [_TRAIN_TOOL, "--config-file", row.config_file, "--resume", "--tuned-test"]
+    command += ["--num-gpus", str(num_gpus), *train_opts]
+    weights = train_dir / "model_final.pth"
+    if row.base is None:
+        # The run trains, then tunes and tests in its own processes.
+        args = run_args(
+            row.config_file, train_opts, resume=True, tuned_test=True, num_gpus=num_gpus
+        )
+    else:
         command += [_TEST_OPTS, *row.test_opts]
+        opts = [*row.opts, *row.test_opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)]
+        opts += ["MODEL.WEIGHTS", str(weights)]
+        args = run_args(row.config_file, opts, eval_only=True, tuned_test=True, num_gpus=num_gpus)
     result_path = out_dir / _RESULT
     if result_path.is_file():
         previous = json.loads(result_path.read_text())
@@ -182,30 +189,22 @@ def run_seed(
             logger.info("Reusing %s", result_path)
             return previous
     _claim(out_dir, command)
-    weights = train_dir / "model_final.pth"
-    train_seconds = 0.0
-    if row.base is None:
-        logger.info("Training: %s", " ".join(command))
-        log = out_dir / "train_stdout.log"
-        start = time.perf_counter()
-        status = run_in_new_process(args, None if console else log)
-        train_seconds = time.perf_counter() - start
-        if status != 0:
-            where = "the output above" if console else str(log)
-            if status == USER_ERROR_STATUS:  # a user error (config, data, weights), printed
-                raise UserError(
-                    f"training stopped on a config, data or weights error; see {where}."
-                )
-            raise RuntimeError(f"Training failed (exit {status}); see {where}.")
-    elif not weights.is_file():
+    if row.base is not None and not weights.is_file():
         raise FileNotFoundError(
             f"Row {row.name!r} evaluates row {row.base!r}'s training, but {weights} does not "
             "exist: run the base row first (run_report does)."
         )
-    cfg = _config(row, seed, out_dir)
+    logger.info("Running: %s", " ".join(command))
+    log = out_dir / ("train_stdout.log" if row.base is None else "test_stdout.log")
     start = time.perf_counter()
-    tuned = tuned_test(cfg, str(weights), out_dir)
-    protocol_seconds = time.perf_counter() - start
+    status = run_in_new_process(args, None if console else log)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        where = "the output above" if console else str(log)
+        if status == USER_ERROR_STATUS:  # a user error (config, data, weights), printed
+            raise UserError(f"the run stopped on a config, data or weights error; see {where}.")
+        raise RuntimeError(f"The run failed (exit {status}); see {where}.")
+    tuned = read_tuned_results(out_dir)
     (test_name,) = list(tuned["test"])[:1]
     result = {
         "row": row.name,
@@ -216,7 +215,10 @@ def run_seed(
         "test": {k: tuned["test"][test_name][k] for k in _METRICS},
         "per_class_iou": _per_class_iou(tuned["test"][test_name]),
         "sec_per_iter": _seconds_per_iter(train_dir / "metrics.json"),
-        "seconds": {"training": train_seconds, "tuning_and_testing": protocol_seconds},
+        "seconds": {
+            "training": seconds - tuned["seconds"] if row.base is None else 0.0,
+            "tuning_and_testing": tuned["seconds"],
+        },
     }
     atomic_write_json(result_path, result, indent=2)
     return result
@@ -238,11 +240,30 @@ def _per_class_iou(metrics: dict) -> dict[str, float]:
 
 def _same_command(recorded, command: list[str]) -> bool:
     """Whether a recorded command is ``command``. Records written while the report started
-    ``tools/train_net.py`` itself name the tool by its absolute path: the same run."""
-    if not isinstance(recorded, list) or len(recorded) != len(command) or not recorded:
+    ``tools/train_net.py`` itself name the tool by its absolute path, and records written while
+    it tuned and tested in its own process (training with ``DATASETS.TEST ()``, no
+    ``--tuned-test``) name the same run too."""
+    if not isinstance(recorded, list) or not recorded:
+        return False
+    recorded = _with_tuned_test(recorded)
+    if len(recorded) != len(command):
         return False
     tool = recorded[0] == command[0] or str(recorded[0]).endswith("/" + _TRAIN_TOOL)
     return tool and recorded[1:] == command[1:]
+
+
+def _with_tuned_test(recorded: list) -> list:
+    """A command recorded before the run tuned and tested in its own processes, in today's
+    form: ``--tuned-test`` after ``--resume``, without the ``DATASETS.TEST ()`` that kept its
+    training from evaluating."""
+    if "--tuned-test" in recorded or "--resume" not in recorded:
+        return recorded
+    cut = recorded.index(_TEST_OPTS) if _TEST_OPTS in recorded else len(recorded)
+    head, tail = recorded[:cut], recorded[cut:]
+    if head[-2:] != ["DATASETS.TEST", "()"]:
+        return recorded
+    i = head.index("--resume") + 1
+    return [*head[:i], "--tuned-test", *head[i:-2], *tail]
 
 
 def _claim(out_dir: Path, command: list[str]) -> None:
@@ -261,19 +282,6 @@ def _claim(out_dir: Path, command: list[str]) -> None:
             f"{out_dir} holds checkpoints of an unknown run: delete them or choose another folder."
         )
     record.write_text(json.dumps(command) + "\n")
-
-
-def _config(row: ReportRow, seed: int, out_dir: Path):
-    opts = [*row.opts, *row.test_opts, "SEED", str(seed), "OUTPUT_DIR", str(out_dir)]
-    cfg = load_config(row.config_file, opts)
-    cfg.MODEL.DEVICE = "cpu" if not _cuda() else cfg.MODEL.DEVICE
-    cfg.freeze()
-    register_split_files_from_config(cfg)
-    return cfg
-
-
-def _cuda() -> bool:
-    return torch.cuda.is_available()
 
 
 def paired_interval(
