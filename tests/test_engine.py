@@ -1,6 +1,8 @@
 """Atomic checkpoints, LR multipliers and the warmup + poly schedule."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +125,21 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
     ckpt = AtomicCheckpointer(_Toy(), save_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS"):
         ckpt.load(str(tmp_path / "nope.pth"))
+
+
+def test_exit_process_runs_the_exit_handlers_and_keeps_the_output(tmp_path):
+    """exit_process skips the interpreter's teardown, not the exit handlers (log files) nor the
+    buffered output; the status comes back."""
+    marker = tmp_path / "handler_ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from ocz_d2.utils.parallel import exit_process\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "sys.stdout.write('no newline, still buffered')\n"
+        "exit_process(3)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "no newline, still buffered"
+    assert marker.read_text() == "yes"

@@ -194,4 +194,7 @@ def run(args) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    sys.exit(main())
+    status = main()
+    from ocz_d2.utils.parallel import exit_process
+
+    exit_process(status)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 # Heavy imports (torch, Detectron2) happen after the arguments are parsed: --help is instant.
 # The run itself is ocz_d2.engine.launch's.
@@ -112,7 +111,10 @@ def __getattr__(name: str):
 
 
 def invoke_main() -> None:
-    sys.exit(main())
+    status = main()
+    from ocz_d2.utils.parallel import exit_process
+
+    exit_process(status)  # without the 1.3 s of tearing down torch's modules
 
 
 if __name__ == "__main__":

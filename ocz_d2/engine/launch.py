@@ -32,6 +32,7 @@ from ..config import load_config
 from ..data.split_file import register_split_files_from_config
 from ..evaluation.protocol import check_tuned_protocol, tuned_test
 from ..utils.errors import ArgumentError
+from ..utils.parallel import exit_process
 from .checkpoint import AtomicCheckpointer
 from .cli import DEBUG_ENV, check_overrides, check_run_inputs, run_tool, setup_run_logging
 from .trainer import ZeroShotTrainer
@@ -167,7 +168,8 @@ def share_cpu_threads() -> int:
 
 
 def main_worker(args):
-    """One process of the run (Detectron2's ``launch`` calls it in each)."""
+    """One process of the run (Detectron2's ``launch`` calls it in each); a process of several
+    ends here (:func:`~ocz_d2.utils.parallel.exit_process`)."""
     if comm.get_world_size() == 1:
         return run(args)
     # A process of several dies with the process that launched it (train_net.py, or the demo or
@@ -181,6 +183,7 @@ def main_worker(args):
     # can abort ("terminate called without an active exception").
     comm.synchronize()
     torch.distributed.destroy_process_group()
+    exit_process(0)  # a launched process: its run is done, its files closed
 
 
 def launch_run(args) -> int:
@@ -277,6 +280,5 @@ def _new_process_main(args, log: str | None, start_method: str, parent_pid: int)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
     if comm.get_world_size() > 1:
-        main_worker(args)
-        return
-    sys.exit(run_tool(launch_run, args, debug=args.debug))
+        main_worker(args)  # ends the process
+    exit_process(run_tool(launch_run, args, debug=args.debug))

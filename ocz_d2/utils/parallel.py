@@ -1,14 +1,16 @@
-"""A function over a list of items in worker processes, results in the items' order."""
+"""A function over a list of items in worker processes, results in the items' order; the end
+of a process that has loaded torch."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import get_context
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
-__all__ = ["default_workers", "process_map"]
+__all__ = ["default_workers", "exit_process", "process_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -20,6 +22,23 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def exit_process(status: int = 0) -> NoReturn:
+    """End this process with ``status``, skipping the interpreter's teardown.
+
+    The exit handlers run (log files are flushed and closed, the children of ``multiprocessing``
+    joined), then the process leaves without freeing every module's objects one by one: with
+    torch, Detectron2 and open_clip loaded that teardown takes 1.2-1.4 s of one core, a
+    noticeable part of a short run. Only for the end of a process that has closed its own
+    files (a tool's ``main``, a run's worker process), never from a library call.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def process_map(
