@@ -48,15 +48,18 @@ def test_same_seed_gives_identical_bytes_in_any_number_of_processes(tmp_path):
     a = generate_synthetic_benchmark(tmp_path / "a" / "ocz_synth", seed=3, workers=1, **TINY)
     b = generate_synthetic_benchmark(tmp_path / "b" / "ocz_synth", seed=3, workers=3, **TINY)
     files_a, files_b = _files(a.root), _files(b.root)
-    # images and labels of 3 splits, 3 caption files, 16 zero-shot images + labels, embeddings,
-    # 2 split files, marker (the pretraining set is rendered on first use)
-    assert len(files_a) == 2 * (3 + 2 + 2) + 3 + (16 + 1) + 1 + 2 + 1
+    # images and labels of 3 splits, 3 caption files, embeddings, 2 split files, marker (the
+    # pretraining set and the zero-shot images are rendered on first use)
+    assert len(files_a) == 2 * (3 + 2 + 2) + 3 + 1 + 2 + 1
     assert files_a == files_b
     ensure_pretraining_set(a.root, workers=1)
     ensure_pretraining_set(b.root, workers=3)
     pretrain_a, pretrain_b = _files(a.root / "pretrain"), _files(b.root / "pretrain")
     assert len(pretrain_a) == TINY["num_pretrain"] + 2  # images, captions.csv, marker
     assert pretrain_a == pretrain_b
+    zeroshot_a = _files(a.root / "zeroshot")
+    assert len(zeroshot_a) == 16 + 1  # one image per class, labels.csv
+    assert zeroshot_a == _files(b.root / "zeroshot")
     c = generate_synthetic_benchmark(tmp_path / "c" / "ocz_synth", seed=4, **TINY)
     files_c = _files(c.root)
     assert files_c["images/train/00000.png"] != files_a["images/train/00000.png"]
@@ -243,7 +246,8 @@ def test_caption_files_and_pretraining_set(tmp_path):
     info = generate_synthetic_benchmark(
         tmp_path / "ocz_synth", **{**TINY, "num_pretrain": 120, "image_size": 64}
     )
-    assert not any((info.root / "pretrain" / "images").iterdir())  # rendered on first use only
+    for folder in ("pretrain", "zeroshot"):  # rendered on first use only
+        assert not any((info.root / folder / "images").iterdir())
     assert ensure_pretraining_set(info.root) == info.pretrain_captions
     with info.pretrain_captions.open() as f:
         rows = list(csv.DictReader(f))

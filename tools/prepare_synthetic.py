@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--pretraining-set",
         action="store_true",
-        help="render the image-caption pretraining set (pretrain/) now, e.g. for "
-        "tools/pretrain_clip.py; otherwise it is rendered only when a pretraining needs it",
+        help="render the image-caption pretraining set (pretrain/) and the zero-shot check's "
+        "images (zeroshot/) now, e.g. for tools/pretrain_clip.py; otherwise they are rendered "
+        "only when a pretraining needs them",
     )
     parser.add_argument(
         "--object-maps", action="store_true", help="also write the ladder configs' object maps"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain both towers of a (tiny) open_clip model contrastively on an image-caption CSV, on CPU.
 
-    python tools/prepare_synthetic.py --no-clip --pretraining-set   # writes the CSV below
+    python tools/prepare_synthetic.py --no-clip --pretraining-set   # writes the CSVs below
     python tools/pretrain_clip.py --csv datasets/ocz_synthetic/pretrain/captions.csv \\
         --output output/tiny_clip/weights.pt \\
         --eval-csv datasets/ocz_synthetic/zeroshot/labels.csv \\

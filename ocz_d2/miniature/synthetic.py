@@ -16,9 +16,9 @@ Layout written under ``root`` (usually ``$DETECTRON2_DATASETS/ocz_synthetic``)::
                                         train the segmentation model)
     pretrain/images/NNNNN.png           image-caption pretraining set for the tiny CLIP: another
     pretrain/captions.csv               random stream, all 16 classes (unseen ones included);
-    pretrain/generation_complete.json   written on first use (:func:`ensure_pretraining_set`)
-    zeroshot/images/NNNNN.png           single-object images, balanced over the classes, for
-    zeroshot/labels.csv                 CLIP's zero-shot classification check (filepath,label)
+    pretrain/generation_complete.json   written on first use (:func:`ensure_pretraining_set`),
+    zeroshot/images/NNNNN.png           with single-object images, balanced over the classes,
+    zeroshot/labels.csv                 for the zero-shot classification check (filepath,label)
     class_embeddings.npz                classes [16], embeddings float32 [16, D] (+ attributes)
     split.yaml                          split file (class names only); relative to root's parent
     split_embeddings.yaml               the same splits with class_embeddings.npz as text side
@@ -687,7 +687,6 @@ def generate_synthetic_benchmark(
     workers = workers or default_workers()
     for split, count in zip(_SPLITS, (num_train, num_val, num_test)):
         _write_segmentation_split(root, split, count, params, progress, workers)
-    _write_zeroshot_set(root, params, workers)
     _write_npz(info.class_embeddings, synthetic_class_embeddings(embedding_dim, seed))
     atomic_write_text(
         info.split_file, _split_yaml(params.dataset, root.name, with_embeddings=False)
@@ -699,7 +698,8 @@ def generate_synthetic_benchmark(
     atomic_write_json(marker, params.marker(), indent=2, sort_keys=True)
     logger.info(
         "Generated the synthetic benchmark in %s: %d train / %d val / %d test images of %d px "
-        "(its %d image-caption pairs are rendered when first needed).",
+        "(its %d image-caption pairs and zero-shot check images are rendered when first "
+        "needed).",
         root, num_train, num_val, num_test, image_size, num_pretrain,
     )  # fmt: skip
     return info
@@ -730,9 +730,10 @@ def ensure_pretraining_set(
     progress: Callable[[str, int, int], None] | None = None,
     workers: int | None = None,
 ) -> Path:
-    """The benchmark's image-caption pretraining set, rendered on first use.
+    """The benchmark's image-caption pretraining set, and the single-object images of the
+    zero-shot check (``zeroshot/labels.csv``), rendered on first use.
 
-    Only pretraining (the tiny CLIP's or the SSL ViT's, when their cache misses) reads its
+    Only pretraining (the tiny CLIP's or the SSL ViT's, when their cache misses) reads their
     images, so :func:`generate_synthetic_benchmark` leaves them out: with the caches warm the
     data stage renders the segmentation splits only. The set depends only on the generator's
     record, so it is reused while its own copy of that record (in ``pretrain/``) matches.
@@ -766,9 +767,12 @@ def ensure_pretraining_set(
     logger.info("Rendering the pretraining set: %d image-caption pairs in %s.",
                 params.num_pretrain, root / "pretrain")  # fmt: skip
     marker.unlink(missing_ok=True)
-    shutil.rmtree(root / "pretrain" / "images", ignore_errors=True)
-    (root / "pretrain" / "images").mkdir(parents=True)
-    _write_pretraining_set(root, params, progress, workers or default_workers())
+    for folder in ("pretrain", "zeroshot"):
+        shutil.rmtree(root / folder / "images", ignore_errors=True)
+        (root / folder / "images").mkdir(parents=True)
+    workers = workers or default_workers()
+    _write_pretraining_set(root, params, progress, workers)
+    _write_zeroshot_set(root, params, workers)
     atomic_write_json(marker, record, indent=2, sort_keys=True)
     return captions
 
