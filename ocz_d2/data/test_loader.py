@@ -2,8 +2,8 @@
 
 Detectron2 v0.6 evaluates one image per call. The zero-shot models run the images of one size in
 one forward, each at its own size (no padding to a common size), so a batch changes a prediction
-only by float rounding. On a CPU a batch pays: the miniature's 128-px images take 0.75x the time
-per image in batches of ten with one thread, 0.6x with two.
+only by float rounding. On a CPU a batch pays: the miniature's tuned protocol took 0.76x the time
+in batches of ten with one thread, 0.64x with two (RESULTS.md).
 """
 
 from __future__ import annotations

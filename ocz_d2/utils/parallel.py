@@ -29,7 +29,7 @@ def exit_process(status: int = 0) -> NoReturn:
 
     The exit handlers run (log files are flushed and closed, the children of ``multiprocessing``
     joined), then the process leaves without freeing every module's objects one by one: with
-    torch, Detectron2 and open_clip loaded that teardown takes 1.2-1.4 s of one core, a
+    torch, Detectron2 and open_clip loaded that teardown takes 1.1-1.3 s of one core (RESULTS.md), a
     noticeable part of a short run. Only for the end of a process that has closed its own
     files (a tool's ``main``, a run's worker process), never from a library call.
     """
